@@ -1,0 +1,35 @@
+"""The `tessera` command: `tessera <verb> --config X.yaml [--set key=value ...]`.
+
+Only dispatches: each verb is `tessera.jobs.<verb>.main(argv)`, also runnable as
+`python -m tessera.jobs.<verb>` (which is what `ray job submit` runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "synth": "write the built-in shapes world in real source formats",
+    "prepare": "sources -> interleaved sample parquet shards (Ray Data)",
+    "run": "the whole graph, skipping complete stages",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: tessera <verb> --config X.yaml [--set key=value ...]\n\nverbs:")
+        for verb, text in VERBS.items():
+            print(f"  {verb:<10} {text}")
+        return 0 if argv else 2
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"tessera: unknown verb {verb!r}; expected one of {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    importlib.import_module(f"tessera.jobs.{verb.replace('-', '_')}").main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,375 @@
+"""Typed, validated configuration.
+
+One dataclass per concern, composed into `TesseraConfig`. YAML is loaded into the
+dataclasses by `load_config`, which rejects unknown keys and wrong types *before any
+work starts* and names the offending key (`prepare.sources[1].kind`) and what was
+expected. `__post_init__` methods check values and derive the rest. `--set a.b=v`
+overrides are parsed as YAML scalars and must keep the field's type.
+
+Locations are URIs resolved through `pyarrow.fs` (see `tessera.storage`); the
+placeholder `{root}` in any location expands to `run.root`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key has a bad name, type or value. The message names the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}")
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    """Run name: names the output directory and the Ray Train run."""
+    root: str = ""
+    """Where every job of this run writes; default `runs/<name>`. A local path or a
+    `s3://`/`gs://` URI that every node of the cluster can reach."""
+    seed: int = 0
+    """Global seed; every job derives its own from it."""
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, "run.name", f"a non-empty name without '/', got {self.name!r}")
+        if not self.root:
+            self.root = f"runs/{self.name}"
+
+
+@dataclass
+class RayConfig:
+    address: str = ""
+    """Ray cluster to join; empty = `RAY_ADDRESS` if set, else start an embedded local Ray."""
+    num_cpus: Optional[int] = None
+    """CPUs of the embedded Ray (None = all cores)."""
+    object_store_memory_mb: int = 1024
+    """Object store of the embedded Ray; small machines need it bounded."""
+    include_dashboard: bool = False
+    """Start the dashboard of the embedded Ray (bound to 127.0.0.1 only)."""
+
+    def __post_init__(self):
+        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", f"None or >= 1, got {self.num_cpus}")
+        _check(self.object_store_memory_mb >= 128, "ray.object_store_memory_mb", f">= 128, got {self.object_store_memory_mb}")
+
+
+@dataclass
+class SynthConfig:
+    """The built-in shapes world (`tessera synth`)."""
+
+    output: str = "{root}/synth"
+    resolution: int = 64
+    """Side of the square images and video frames, in pixels."""
+    num_image_text: int = 256
+    """Image-caption pairs, written both as webdataset shards and as an HF dataset (half each)."""
+    samples_per_shard: int = 64
+    """Image-caption pairs per webdataset tar shard."""
+    num_videos: int = 8
+    video_seconds: float = 3.0
+    video_fps: int = 8
+    num_documents: int = 24
+    """Interleaved web documents (2-4 images each)."""
+    num_heldout: int = 48
+    """Held-out scenes; each gets attribute, count and POPE-style existence questions."""
+    inject_faults: bool = True
+    """Also write bad inputs (corrupt, truncated, missing captions, decompression bombs,
+    unsafe paths, duplicates) so the rejects path is always exercised."""
+
+    def __post_init__(self):
+        _check(16 <= self.resolution <= 1024, "synth.resolution", f"16..1024, got {self.resolution}")
+        for key in ("num_image_text", "num_videos", "num_documents", "num_heldout"):
+            _check(getattr(self, key) >= 0, f"synth.{key}", f">= 0, got {getattr(self, key)}")
+        _check(self.samples_per_shard >= 1, "synth.samples_per_shard", f">= 1, got {self.samples_per_shard}")
+        _check(self.video_seconds > 0, "synth.video_seconds", f"> 0, got {self.video_seconds}")
+        _check(1 <= self.video_fps <= 60, "synth.video_fps", f"1..60, got {self.video_fps}")
+
+
+SourceKind = Literal["webdataset", "hf_dataset", "video", "web"]
+
+
+@dataclass
+class SourceConfig:
+    """One input of `prepare`."""
+
+    name: str
+    """Source name recorded in every sample (`source` column) and in sample ids."""
+    kind: SourceKind
+    uri: str
+    """webdataset: a directory of .tar shards; hf_dataset: a `save_to_disk` directory;
+    video: a directory of .mp4 files with `<stem>.json` subtitle sidecars;
+    web: a directory of .jsonl documents (image paths relative to the file)."""
+    caption_key: str = "txt"
+    """webdataset: extension holding the caption (`txt`, or `json` with a `caption` field);
+    hf_dataset: the caption column."""
+    image_key: str = "jpg"
+    """webdataset: image extension; hf_dataset: the image column."""
+    id_key: str = ""
+    """hf_dataset: column with a stable row key (empty = row index)."""
+
+
+@dataclass
+class ImageConfig:
+    resolution: int = 64
+    """Output side: images are resized so the short side equals it, then `fit` applies."""
+    fit: Literal["crop", "pad", "stretch"] = "crop"
+    """crop = center crop to a square; pad = letterbox; stretch = ignore aspect."""
+    min_side: int = 16
+    """Reject images whose short side (before resizing) is smaller."""
+    max_aspect_ratio: float = 3.0
+    """Reject images whose long/short side ratio is larger."""
+    max_pixels: int = 40_000_000
+    """Reject images declaring more pixels than this (decompression bombs), from the header, before decoding."""
+
+    def __post_init__(self):
+        _check(8 <= self.resolution <= 4096, "prepare.image.resolution", f"8..4096, got {self.resolution}")
+        _check(self.min_side >= 1, "prepare.image.min_side", f">= 1, got {self.min_side}")
+        _check(self.max_aspect_ratio >= 1.0, "prepare.image.max_aspect_ratio", f">= 1.0, got {self.max_aspect_ratio}")
+        _check(self.max_pixels >= self.resolution**2, "prepare.image.max_pixels", f">= resolution**2, got {self.max_pixels}")
+
+
+@dataclass
+class VideoConfig:
+    target_fps: float = 2.0
+    """Frames sampled per second of video."""
+    max_frames: int = 8
+    """Cap on frames per clip."""
+    require_text: bool = True
+    """Reject videos without any subtitle (as `missing_caption`)."""
+
+    def __post_init__(self):
+        _check(self.target_fps > 0, "prepare.video.target_fps", f"> 0, got {self.target_fps}")
+        _check(self.max_frames >= 1, "prepare.video.max_frames", f">= 1, got {self.max_frames}")
+
+
+@dataclass
+class TextFilterConfig:
+    min_chars: int = 3
+    """Reject captions (and documents whose texts together are) shorter than this."""
+    max_chars: int = 4000
+
+    def __post_init__(self):
+        _check(0 <= self.min_chars <= self.max_chars, "prepare.text", f"0 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
+
+
+@dataclass
+class CurriculumConfig:
+    """How `difficulty` tags are derived (used by training-stage mixtures)."""
+
+    easy_max_objects: int = 1
+    """image_text samples with at most this many objects (or caption words <= easy_max_words) are easy."""
+    easy_max_words: int = 8
+    hard_min_words: int = 20
+    """Captions with at least this many words, and all web/video samples with several images, are hard."""
+
+
+@dataclass
+class PrepareConfig:
+    output: str = "{root}/prepare"
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Inputs; empty = the shapes world written by `tessera synth` (all four kinds)."""
+    image: ImageConfig = field(default_factory=ImageConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    text: TextFilterConfig = field(default_factory=TextFilterConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    dedup: bool = True
+    """Drop exact duplicates by content hash; the copy with the smallest sample_id survives."""
+    rows_per_shard: int = 256
+    """Target rows per output parquet shard."""
+    batch_size: int = 16
+    """Rows per `map_batches` call of the normalisation stage."""
+    num_cpus_per_task: float = 0.5
+    """CPU reservation of each normalisation task (fractional so reads are not starved on small machines)."""
+
+    def __post_init__(self):
+        _check(self.rows_per_shard >= 1, "prepare.rows_per_shard", f">= 1, got {self.rows_per_shard}")
+        _check(self.batch_size >= 1, "prepare.batch_size", f">= 1, got {self.batch_size}")
+        _check(0 < self.num_cpus_per_task <= 64, "prepare.num_cpus_per_task", f"0 < x <= 64, got {self.num_cpus_per_task}")
+        names = [s.name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        _check(not dupes, "prepare.sources", f"unique source names, got duplicates {dupes}")
+
+
+@dataclass
+class TesseraConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def __post_init__(self):
+        if not self.prepare.sources:
+            self.prepare.sources = default_sources(self.synth.output)
+
+    def resolve(self, location: str) -> str:
+        """Expand `{root}` in a location."""
+        return location.replace("{root}", self.run.root)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (plus run.root), for skip/resume decisions."""
+        payload = {s: dataclasses.asdict(getattr(self, s)) for s in sections}
+        payload["root"] = self.run.root
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_sources(synth_output: str) -> list[SourceConfig]:
+    """The four source kinds of the shapes world, as written by `tessera synth`."""
+    return [
+        SourceConfig(name="shapes_wds", kind="webdataset", uri=f"{synth_output}/wds", caption_key="txt", image_key="jpg"),
+        SourceConfig(name="shapes_hf", kind="hf_dataset", uri=f"{synth_output}/hf", caption_key="caption", image_key="image", id_key="id"),
+        SourceConfig(name="shapes_video", kind="video", uri=f"{synth_output}/video"),
+        SourceConfig(name="shapes_web", kind="web", uri=f"{synth_output}/web"),
+    ]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and build dataclasses; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(key, f"expected a list of {len(args)} items, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_convert(k, k_tp, key): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        # bool is an int in Python; refuse it where an int is expected and vice versa.
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(where, f"unknown key; expected one of {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}.{missing[0]}" if prefix else missing[0], "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(prefix or cls.__name__, str(e)) from e
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "override must look like key.path=value")
+        path, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = path.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(path, f"'{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict) -> TesseraConfig:
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"expected a mapping at the top of the config, got {type(data).__name__}")
+    return _build(TesseraConfig, data, "")
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TesseraConfig:
+    """Read YAML (or defaults when `path` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("--config", f"file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"{p} is not valid YAML: {e}") from e
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)

@@ -1,0 +1,1 @@
+"""One entrypoint per verb: `python -m tessera.jobs.<verb> --config X.yaml`."""

@@ -1,0 +1,135 @@
+"""What every job shares: argument parsing, joining or starting Ray, and the commit protocol.
+
+Commit protocol (exactly-once outputs without Ray Data checkpointing): a job works in
+`<output>/_work/`, marks each finished step there (`<step>.done`, holding the config
+fingerprint), writes its final tables, then their `manifest.json` files, and last of all
+`report.json`. `report.json` with the current fingerprint means "complete": a re-run
+does nothing. Without it, finished steps are kept and unfinished ones are cleared and
+redone, so a run killed anywhere completes on the next try with no row lost or
+duplicated. Final tables are cleared before they are written, so a half-written table
+from a killed attempt never survives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import Iterator
+
+from tessera import storage
+from tessera.config import ConfigError, RayConfig, TesseraConfig, load_config
+
+
+def parse_args(verb: str, argv: list[str] | None, description: str) -> tuple[TesseraConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog=f"tessera {verb}", description=description)
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set prepare.rows_per_shard=128 (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"tessera {verb}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    return cfg, args
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig) -> Iterator[None]:
+    """Join `cfg.address` or `RAY_ADDRESS` if set, else start an embedded local Ray.
+    A Ray already initialised in this process (tests, `tessera run`) is reused and left running."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host="127.0.0.1",  # never expose the embedded dashboard beyond this machine
+            object_store_memory=cfg.object_store_memory_mb * 1024 * 1024,
+            log_to_driver=True,
+        )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class JobState:
+    """Step markers and completion of one job's output directory (see module docstring)."""
+
+    def __init__(self, output: str, fingerprint: str):
+        self.output = output
+        self.fingerprint = fingerprint
+        self.work = storage.join(output, "_work")
+
+    @property
+    def report_uri(self) -> str:
+        return storage.join(self.output, "report.json")
+
+    def is_complete(self) -> bool:
+        if not storage.exists(self.report_uri):
+            return False
+        try:
+            return storage.read_json(self.report_uri).get("fingerprint") == self.fingerprint
+        except ValueError:
+            return False
+
+    def begin(self) -> None:
+        """Start or resume: drop a stale report, and work from a different config."""
+        if storage.exists(self.report_uri):
+            storage.remove_tree(self.report_uri)  # outputs of another config: not complete any more
+        marker = storage.join(self.work, "fingerprint.json")
+        if storage.exists(marker) and storage.read_json(marker).get("fingerprint") != self.fingerprint:
+            storage.remove_tree(self.work)
+        storage.write_json(marker, {"fingerprint": self.fingerprint})
+
+    def step_done(self, step: str) -> bool:
+        return storage.exists(storage.join(self.work, f"{step}.done"))
+
+    def step_info(self, step: str) -> dict:
+        return storage.read_json(storage.join(self.work, f"{step}.done"))
+
+    def mark_done(self, step: str, info: dict | None = None) -> None:
+        storage.write_json(storage.join(self.work, f"{step}.done"), info or {})
+
+    def step_dir(self, step: str, fresh: bool) -> str:
+        """Directory of a step's intermediate output; `fresh` clears leftovers of a killed attempt."""
+        uri = storage.join(self.work, step)
+        if fresh:
+            storage.remove_tree(uri)
+        return uri
+
+    def finish(self, report: dict) -> None:
+        storage.write_json(self.report_uri, {**report, "fingerprint": self.fingerprint})
+        storage.remove_tree(self.work)
+
+
+class Timer:
+    """Named wall-clock phases: `with timer("normalize"): ...`; `timer.seconds` maps name -> s."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        print(f"[tessera] {name} ...", flush=True)
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            print(f"[tessera] {name} done in {self.seconds[name]:.1f}s", flush=True)
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.start, 3)

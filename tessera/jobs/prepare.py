@@ -1,0 +1,145 @@
+"""`tessera prepare`: every configured source -> interleaved sample shards + rejects (Ray Data).
+
+    sources --read--> map_batches(normalise per row) --> _work/normalized/*.parquet
+    normalized.(sample_id, content_hash) --> duplicate losers (smallest id survives)
+    normalized --split--> samples/*.parquet, rejects/*.parquet --> manifests --> report.json
+
+Steps are resumable and the outputs exactly-once (see `tessera.jobs.common`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+from tessera import storage
+from tessera.config import TesseraConfig
+from tessera.faults import fault_point
+from tessera.jobs.common import JobState, Timer, parse_args, ray_session
+from tessera.manifest import write_manifest
+from tessera.pipelines import samples
+from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validate
+
+
+def _input_listing(cfg: TesseraConfig) -> list:
+    """Names and sizes of every input file: a changed input invalidates completed outputs."""
+    listing = []
+    for s in cfg.prepare.sources:
+        uri = cfg.resolve(s.uri)
+        files = storage.list_files(uri, "", recursive=True)
+        listing.append([s.name, [(f.rsplit("/", 1)[-1], storage.file_size(f)) for f in files]])
+    return listing
+
+
+def fingerprint(cfg: TesseraConfig) -> str:
+    import hashlib
+
+    base = cfg.section_fingerprint("prepare")
+    return hashlib.sha256((base + json.dumps(_input_listing(cfg))).encode()).hexdigest()[:16]
+
+
+def _validated(fn, schema):
+    def wrapped(batch, **kw):
+        return validate(fn(batch, **kw), schema)
+
+    return wrapped
+
+
+def prepare(cfg: TesseraConfig) -> dict:
+    """Run (or resume, or skip) the prepare job; returns its report. Ray must be initialised."""
+    import ray.data
+
+    from tessera.pipelines.readers import read_source
+
+    pc = cfg.prepare
+    out = cfg.resolve(pc.output)
+    state = JobState(out, fingerprint(cfg))
+    if state.is_complete():
+        print(f"[tessera] prepare: complete, nothing to do ({state.report_uri})")
+        return storage.read_json(state.report_uri) | {"skipped": True}
+    state.begin()
+    timer = Timer()
+
+    # ---- normalise: read every source, decode/resize/filter per row
+    normalized = storage.join(state.work, "normalized")
+    if not state.step_done("normalize"):
+        target = state.step_dir("normalized", fresh=True)
+        with timer("normalize"):
+            datasets = [read_source(s, cfg.resolve(s.uri), pc) for s in pc.sources]
+            ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+            ds.write_parquet(target, min_rows_per_file=pc.rows_per_shard)
+        state.mark_done("normalize", {"seconds": timer.seconds["normalize"]})
+        fault_point("prepare:after_normalize")
+    normalize_s = state.step_info("normalize")["seconds"]
+
+    # ---- dedup + counts from the small columns only
+    with timer("dedup"):
+        small = ray.data.read_parquet(normalized, columns=["sample_id", "source", "content_hash", "reject_reason"])
+        cols = {k: [] for k in ("sample_id", "source", "content_hash", "reject_reason")}
+        for batch in small.iter_batches(batch_format="pyarrow", batch_size=None):
+            for k in cols:
+                cols[k] += batch.column(k).to_pylist()
+        losers = samples.duplicate_losers(cols["sample_id"], cols["content_hash"]) if pc.dedup else {}
+
+    # ---- split into the committed tables (cleared first: a killed attempt may have left files)
+    samples_dir = storage.join(out, "samples")
+    rejects_dir = storage.join(out, "rejects")
+    with timer("write"):
+        storage.remove_tree(samples_dir)
+        storage.remove_tree(rejects_dir)
+        src = ray.data.read_parquet(normalized)
+        src.map_batches(_validated(samples.split_samples, SAMPLE_SCHEMA), fn_kwargs={"losers": losers},
+                        batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(samples_dir, min_rows_per_file=pc.rows_per_shard)
+        fault_point("prepare:after_samples")
+        src.map_batches(_validated(samples.split_rejects, REJECT_SCHEMA), fn_kwargs={"losers": losers},
+                        batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(rejects_dir, min_rows_per_file=pc.rows_per_shard)
+
+    # ---- manifests, then the report (the completion mark)
+    config = dataclasses.asdict(pc)
+    m_samples = write_manifest(samples_dir, "sample", "tessera prepare", config)
+    m_rejects = write_manifest(rejects_dir, "reject", "tessera prepare", config)
+
+    per_source: dict = collections.defaultdict(lambda: {"rows_in": 0, "rows_out": 0, "rejects": collections.Counter()})
+    for sid, source, reason in zip(cols["sample_id"], cols["source"], cols["reject_reason"]):
+        entry = per_source[source]
+        entry["rows_in"] += 1
+        if reason is not None:
+            entry["rejects"][reason] += 1
+        elif sid in losers:
+            entry["rejects"]["duplicate"] += 1
+        else:
+            entry["rows_out"] += 1
+    rejects_by_reason = collections.Counter()
+    for entry in per_source.values():
+        rejects_by_reason.update(entry["rejects"])
+    rows_in = len(cols["sample_id"])
+    report = {
+        "job": "prepare",
+        "rows_in": rows_in,
+        "rows_out": m_samples["num_rows"],
+        "rejects": m_rejects["num_rows"],
+        "rejects_by_reason": dict(sorted(rejects_by_reason.items())),
+        "per_source": {k: {**v, "rejects": dict(sorted(v["rejects"].items()))} for k, v in sorted(per_source.items())},
+        "seconds": {"normalize": normalize_s, **timer.seconds},
+        "wall_time_s": round(normalize_s + timer.total, 3),
+        "throughput_rows_per_s": round(rows_in / max(normalize_s, 1e-9), 2),
+        "outputs": {"samples": samples_dir, "rejects": rejects_dir},
+        "config": cfg.to_dict(),
+    }
+    assert report["rows_out"] + report["rejects"] == rows_in, "every input row is either a sample or a reject"
+    state.finish(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_args("prepare", argv, "Sources -> interleaved sample parquet shards (+ rejects) on Ray Data.")
+    with ray_session(cfg.ray):
+        report = prepare(cfg)
+    print(f"[tessera] prepare: {report['rows_out']} samples, {report['rejects']} rejects {report['rejects_by_reason']}")
+    print(f"[tessera] report: {cfg.resolve(cfg.prepare.output)}/report.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

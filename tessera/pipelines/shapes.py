@@ -1,0 +1,195 @@
+"""The shapes world: scenes of 1-3 coloured shapes, their pictures, captions and questions.
+
+A scene is a list of objects, each with a shape, colour, size and a cell of a 3x3 grid
+(distinct cells, so objects never overlap and positions have one right name). Pictures
+are rendered with 4x supersampling on varied backgrounds (flat or gradient, light or
+dark) with mild noise and a random jitter inside the cell, so a tokenizer must learn
+real shapes rather than a lookup table. Everything is a pure function of a
+`numpy.random.Generator`, so the world is deterministic given the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
+SIZES = ("small", "large")
+# 3x3 grid cells, raster order; names are what captions and questions use.
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBER_WORDS = ("zero", "one", "two", "three")
+
+_SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+    def phrase(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]
+    background: tuple[int, int, int]
+    background2: tuple[int, int, int]
+    gradient: bool
+    noise_seed: int
+
+    def to_dict(self) -> dict:
+        return {"objects": [asdict(o) for o in self.objects], "background": list(self.background),
+                "background2": list(self.background2), "gradient": self.gradient, "noise_seed": self.noise_seed}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Scene":
+        return Scene(tuple(ShapeObject(**o) for o in d["objects"]), tuple(d["background"]), tuple(d["background2"]),
+                     bool(d["gradient"]), int(d["noise_seed"]))
+
+
+def sample_background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """Muted greys/tints, light or dark, far from the saturated object colours."""
+    base = int(rng.choice([35, 60, 170, 200, 225]))
+    tint = rng.integers(-15, 16, size=3)
+    return tuple(int(np.clip(base + t, 0, 255)) for t in tint)
+
+
+def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
+    n = int(num_objects if num_objects is not None else rng.integers(1, 4))
+    cells = rng.choice(len(POSITIONS), size=n, replace=False)
+    objects = tuple(
+        ShapeObject(
+            shape=str(rng.choice(SHAPES)),
+            colour=str(rng.choice(list(COLOURS))),
+            size=str(rng.choice(SIZES)),
+            position=POSITIONS[int(c)],
+        )
+        for c in sorted(cells)
+    )
+    return Scene(objects, sample_background(rng), sample_background(rng), bool(rng.random() < 0.5), int(rng.integers(0, 2**31)))
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + r * 0.85), (cx - r, cy + r * 0.85)]
+    if shape == "diamond":
+        return [(cx, cy - r * 1.15), (cx + r, cy), (cx, cy + r * 1.15), (cx - r, cy)]
+    return None
+
+
+def object_box(obj: ShapeObject, resolution: int, jitter: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float, float]:
+    """Center (x, y) and radius in pixels of an object at `resolution`."""
+    cell = resolution / 3.0
+    idx = POSITIONS.index(obj.position)
+    row, col = divmod(idx, 3)
+    r = cell * (0.40 if obj.size == "large" else 0.22)
+    slack = max(cell / 2 - r * 1.15, 0.0)
+    cx = (col + 0.5) * cell + jitter[0] * slack
+    cy = (row + 0.5) * cell + jitter[1] * slack
+    return cx, cy, r
+
+
+def render_scene(scene: Scene, resolution: int, offsets: list[tuple[float, float]] | None = None) -> np.ndarray:
+    """Scene -> uint8 RGB image (resolution, resolution, 3).
+
+    `offsets` (one per object, in cells) moves objects off their cell centre; videos use it.
+    """
+    rng = np.random.default_rng(scene.noise_seed)
+    size = resolution * _SUPERSAMPLE
+    if scene.gradient:
+        t = np.linspace(0.0, 1.0, size)[None, :, None]
+        bg = (1 - t) * np.array(scene.background)[None, None] + t * np.array(scene.background2)[None, None]
+        bg = np.broadcast_to(bg, (size, size, 3))
+    else:
+        bg = np.broadcast_to(np.array(scene.background, dtype=np.float64), (size, size, 3))
+    canvas = Image.fromarray(np.ascontiguousarray(bg).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    for i, obj in enumerate(scene.objects):
+        jitter = tuple(rng.uniform(-1, 1, size=2))
+        cx, cy, r = object_box(obj, size, jitter)
+        if offsets is not None:
+            cx += offsets[i][0] * size / 3.0
+            cy += offsets[i][1] * size / 3.0
+        colour = COLOURS[obj.colour]
+        poly = _shape_polygon(obj.shape, cx, cy, r)
+        if poly is None:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        else:
+            draw.polygon(poly, fill=colour)
+    img = canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
+    arr = np.asarray(img).astype(np.int16)
+    arr += rng.normal(0, 4.0, size=arr.shape).round().astype(np.int16)  # mild sensor-like noise
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- language
+
+_CAPTION_OPENERS = ("", "there is ", "an image of ", "a picture showing ")
+
+
+def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Canonical caption, objects in raster order of their cells. With `rng`, the opener varies."""
+    parts = [f"{o.phrase()} at the {o.position}" if o.position != "center" else f"{o.phrase()} in the center"
+             for o in scene.objects]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    opener = _CAPTION_OPENERS[int(rng.integers(len(_CAPTION_OPENERS)))] if rng is not None else ""
+    return (opener + text).capitalize() + "."
+
+
+def parse_caption(text: str) -> list[ShapeObject]:
+    """Inverse of `caption`: objects named in a caption (unparseable parts are skipped)."""
+    text = text.lower().rstrip(".")
+    for opener in _CAPTION_OPENERS[1:]:
+        if text.startswith(opener):
+            text = text[len(opener):]
+    chunks = [c.strip() for part in text.split(", ") for c in part.split(" and ")]
+    objects = []
+    for chunk in chunks:
+        words = chunk.split()
+        if len(words) < 4 or words[0] not in ("a", "an"):
+            continue
+        size, colour, shape = words[1], words[2], words[3]
+        rest = " ".join(words[4:])
+        position = "center" if rest == "in the center" else rest.removeprefix("at the ").strip()
+        if size in SIZES and colour in COLOURS and shape in SHAPES and position in POSITIONS:
+            objects.append(ShapeObject(shape, colour, size, position))
+    return objects
+
+
+def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
+    """Held-out questions about one scene: attributes, a count, and POPE-style existence
+    probes (half present, half absent objects)."""
+    out = []
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    where = "in the center" if obj.position == "center" else f"at the {obj.position}"
+    out.append({"type": "colour", "question": f"What colour is the {obj.shape} {where}?", "answer": obj.colour})
+    out.append({"type": "shape", "question": f"What shape is {where}?", "answer": obj.shape})
+    out.append({"type": "size", "question": f"What size is the {obj.shape} {where}?", "answer": obj.size})
+    if sum((o.size, o.colour, o.shape) == (obj.size, obj.colour, obj.shape) for o in scene.objects) == 1:
+        out.append({"type": "position", "question": f"Where is the {obj.size} {obj.colour} {obj.shape}?", "answer": obj.position})
+    out.append({"type": "count", "question": "How many objects are there?", "answer": NUMBER_WORDS[len(scene.objects)]})
+    present = {(o.colour, o.shape) for o in scene.objects}
+    probe = scene.objects[int(rng.integers(len(scene.objects)))]
+    out.append({"type": "exists", "question": f"Is there a {probe.colour} {probe.shape} in the image?", "answer": "yes"})
+    while True:
+        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        if (colour, shape) not in present:
+            break
+    out.append({"type": "exists", "question": f"Is there a {colour} {shape} in the image?", "answer": "no"})
+    return out

@@ -1,0 +1,98 @@
+"""Every input and output location is a URI resolved through `pyarrow.fs`.
+
+A local path for the demo; `s3://`, `gs://` or a shared mount on a cluster, so all
+nodes see the same data. Small JSON artifacts are written atomically: to a
+temporary name then moved (local) or as one object PUT (object stores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """URI or local path -> (filesystem, path inside it). Local paths become absolute."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def remove_tree(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]:
+    """Files directly under (or below, if recursive) `uri` ending in `suffix`, sorted, as URIs/paths
+    in the same form as `uri` (so they can be handed to Ray readers)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File and info.base_name.endswith(suffix) and not info.base_name.startswith((".", "_")):
+            out.append(info.path if "://" not in uri else f"{uri.split('://')[0]}://{info.path}")
+    return sorted(out)
+
+
+def file_size(uri: str) -> int:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).size or 0
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: readers never see a partial file."""
+    fs, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # one object PUT is atomic on object stores
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri).decode())
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
