@@ -14,3 +14,19 @@ def fault_point(name: str) -> None:
     if os.environ.get("TESSERA_FAULT") == name:
         print(f"[tessera] injected fault at {name}: exiting", flush=True)
         os._exit(FAULT_EXIT_CODE)
+
+
+def fault_when(name: str, condition, poll_s: float = 0.05) -> None:
+    """If `TESSERA_FAULT` names this point, die as soon as `condition()` is true, from a
+    background thread, so the crash lands in the middle of whatever the job is doing."""
+    if os.environ.get("TESSERA_FAULT") != name:
+        return
+    import threading
+    import time
+
+    def watch():
+        while not condition():
+            time.sleep(poll_s)
+        fault_point(name)
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -15,7 +15,7 @@ import json
 
 from tessera import storage
 from tessera.config import TesseraConfig
-from tessera.faults import fault_point
+from tessera.faults import fault_point, fault_when
 from tessera.jobs.common import JobState, Timer, parse_args, ray_session
 from tessera.manifest import write_manifest
 from tessera.pipelines import samples
@@ -65,6 +65,7 @@ def prepare(cfg: TesseraConfig) -> dict:
     normalized = storage.join(state.work, "normalized")
     if not state.step_done("normalize"):
         target = state.step_dir("normalized", fresh=True)
+        fault_when("prepare:during_normalize", lambda: bool(storage.list_files(target, ".parquet")))
         with timer("normalize"):
             datasets = [read_source(s, cfg.resolve(s.uri), pc) for s in pc.sources]
             ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -75,7 +76,7 @@ def prepare(cfg: TesseraConfig) -> dict:
 
     # ---- dedup + counts from the small columns only
     with timer("dedup"):
-        small = ray.data.read_parquet(normalized, columns=["sample_id", "source", "content_hash", "reject_reason"])
+        small = ray.data.read_parquet(normalized).select_columns(["sample_id", "source", "content_hash", "reject_reason"])
         cols = {k: [] for k in ("sample_id", "source", "content_hash", "reject_reason")}
         for batch in small.iter_batches(batch_format="pyarrow", batch_size=None):
             for k in cols:

@@ -10,11 +10,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import posixpath
 
 from tessera import storage
 from tessera.pipelines.images import Rejected
+
+
+def document_key(line: str) -> str:
+    """The document's `id`, or a hash of the raw line when it has none (or is not JSON)."""
+    try:
+        doc = json.loads(line)
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str):
+            return doc["id"]
+    except json.JSONDecodeError:
+        pass
+    return "line-" + hashlib.sha1(line.encode()).hexdigest()[:16]
 
 
 def parse_document(line: str) -> dict:

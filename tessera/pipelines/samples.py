@@ -120,8 +120,15 @@ def _as_text(value: Any) -> str | None:
     return str(value)
 
 
+def _missing(value: Any) -> bool:
+    # Ray's webdataset reader fills a field absent from some samples with NaN, not None.
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _column(batch: pa.Table, name: str) -> list:
-    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+    if name not in batch.column_names:
+        return [None] * batch.num_rows
+    return [None if _missing(v) else v for v in batch.column(name).to_pylist()]
 
 
 # ----------------------------------------------------------------------------- per source kind
@@ -234,15 +241,6 @@ def web_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.T
     lines = _column(batch, "text")
     paths = _column(batch, "path")
 
-    def key_of(line: str) -> str:
-        try:
-            doc = json.loads(line)
-            if isinstance(doc, dict) and isinstance(doc.get("id"), str):
-                return doc["id"]
-        except json.JSONDecodeError:
-            pass
-        return "line-" + hashlib.sha1(line.encode()).hexdigest()[:16]
-
     def one(line, path, key):
         doc = documents.parse_document(line)
         root = path.rsplit("/", 1)[0]
@@ -258,7 +256,7 @@ def web_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.T
         meta = {"key": key, "url": doc.get("url")}
         return build_sample(source.name, "web", key, positions, meta, cfg)
 
-    keys = [key_of(line) for line in lines]
+    keys = [documents.document_key(line) for line in lines]
     return to_table(_guarded(source.name, "web", k, lambda ln=ln, p=p, k=k: one(ln, p, k)) for ln, p, k in zip(lines, paths, keys))
 
 

@@ -1,0 +1,66 @@
+"""Shared fixtures: one small Ray per session, one tiny shapes world, one prepared run.
+
+Environment first: no usage stats, no hub, no token auth (subprocess drivers join the
+session's cluster), and a short no-progress timeout so a deadlocked pipeline fails fast.
+"""
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tessera.config import load_config  # noqa: E402
+
+# A world small enough for seconds, with every fault injected.
+TINY = [
+    "synth.resolution=32",
+    "synth.num_image_text=24",
+    "synth.samples_per_shard=8",
+    "synth.num_videos=3",
+    "synth.video_seconds=2.0",
+    "synth.num_documents=5",
+    "synth.num_heldout=6",
+    "synth.inject_faults=true",
+    "prepare.image.resolution=32",
+    "prepare.rows_per_shard=16",
+    "prepare.batch_size=8",
+    "ray.num_cpus=2",
+]
+
+
+def tiny_config(root, *extra):
+    return load_config(None, [f"run.root={root}", *TINY, *extra])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1024 * 1024 * 1024,
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world_root(tmp_path_factory):
+    """A run root whose synth/ holds the tiny world (shared read-only by tests)."""
+    from tessera.jobs.synth import run_synth
+
+    root = tmp_path_factory.mktemp("world")
+    run_synth(tiny_config(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(world_root, ray_cluster):
+    """(config, report) of one uninterrupted prepare run on the tiny world."""
+    from tessera.jobs.prepare import prepare
+
+    cfg = tiny_config(world_root)
+    return cfg, prepare(cfg)

@@ -1,0 +1,48 @@
+import numpy as np
+
+from tessera.pipelines import shapes
+
+
+def test_scenes_are_deterministic_and_objects_in_distinct_cells():
+    for i in range(50):
+        a = shapes.sample_scene(np.random.default_rng(i))
+        b = shapes.sample_scene(np.random.default_rng(i))
+        assert a == b
+        assert 1 <= len(a.objects) <= 3
+        assert len({o.position for o in a.objects}) == len(a.objects)
+        assert np.array_equal(shapes.render_scene(a, 32), shapes.render_scene(b, 32))
+
+
+def test_caption_parses_back_to_the_scene():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        scene = shapes.sample_scene(rng)
+        assert shapes.parse_caption(shapes.caption(scene, rng)) == list(scene.objects)
+
+
+def test_questions_cover_attributes_counts_and_absent_objects():
+    rng = np.random.default_rng(1)
+    exists = []
+    for _ in range(60):
+        scene = shapes.sample_scene(rng)
+        qs = shapes.questions(scene, rng)
+        types = {q["type"] for q in qs}
+        assert {"colour", "shape", "size", "count", "exists"} <= types
+        count = next(q for q in qs if q["type"] == "count")
+        assert count["answer"] == shapes.NUMBER_WORDS[len(scene.objects)]
+        for q in qs:
+            if q["type"] == "exists":
+                colour, shape = q["question"].split()[3:5]
+                present = any(o.colour == colour and o.shape == shape for o in scene.objects)
+                assert q["answer"] == ("yes" if present else "no")
+                exists.append(q["answer"])
+    assert exists.count("yes") == exists.count("no"), "POPE-style probes are half absent objects"
+
+
+def test_render_puts_the_object_colour_in_its_cell():
+    scene = shapes.Scene((shapes.ShapeObject("square", "red", "large", "top left"),), (200, 200, 200), (200, 200, 200), False, 3)
+    img = shapes.render_scene(scene, 48).astype(int)
+    cell = img[:16, :16].reshape(-1, 3)
+    red = (cell[:, 0] > 150) & (cell[:, 1] < 90) & (cell[:, 2] < 90)
+    assert red.mean() > 0.3
+    assert ((img[32:, 32:, 0] > 150) & (img[32:, 32:, 1] < 90)).mean() == 0

@@ -1,0 +1,71 @@
+import subprocess
+import sys
+
+import pytest
+
+from tessera.config import ConfigError, load_config
+
+
+def test_defaults_and_demo_config_load():
+    cfg = load_config()
+    assert cfg.run.root == "runs/demo"
+    assert [s.kind for s in cfg.prepare.sources] == ["webdataset", "hf_dataset", "video", "web"]
+    demo = load_config("configs/demo.yaml")
+    assert demo.synth.num_image_text == 512
+    assert demo.resolve(demo.prepare.sources[0].uri) == "runs/demo/synth/wds"
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("prepare.imagee.resolution=3", "prepare.imagee", "unknown key"),
+        ("synth.resolution=big", "synth.resolution", "expected int"),
+        ("synth.resolution=8", "synth.resolution", "16..1024"),
+        ("synth.inject_faults=3", "synth.inject_faults", "expected bool"),
+        ("prepare.image.fit=zoom", "prepare.image.fit", "one of 'crop', 'pad', 'stretch'"),
+        ("prepare.rows_per_shard=0", "prepare.rows_per_shard", ">= 1"),
+        ("prepare.video.target_fps=-1", "prepare.video.target_fps", "> 0"),
+        ("ray.num_cpus=1.5", "ray.num_cpus", "expected int or null"),
+        ("run.name=a/b", "run.name", "without '/'"),
+    ],
+)
+def test_bad_values_name_the_key(override, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert e.value.key == key
+    assert expected in str(e.value)
+
+
+def test_bad_source_entry_names_its_index(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prepare:\n  sources:\n    - {name: a, kind: webdataset, uri: x}\n    - {name: b, kind: tiff, uri: y}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.key == "prepare.sources[1].kind"
+    path.write_text("prepare:\n  sources:\n    - {name: a, uri: x}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.key == "prepare.sources[0].kind" and "required" in str(e.value)
+    path.write_text("prepare:\n  sources:\n    - {name: a, kind: web, uri: x}\n    - {name: a, kind: web, uri: y}\n")
+    with pytest.raises(ConfigError, match="duplicates"):
+        load_config(path)
+
+
+def test_override_keeps_types():
+    cfg = load_config(None, ["prepare.image.max_aspect_ratio=2", "run.seed=7"])
+    assert cfg.prepare.image.max_aspect_ratio == 2.0 and isinstance(cfg.prepare.image.max_aspect_ratio, float)
+    assert cfg.run.seed == 7
+
+
+def test_cli_rejects_bad_config_before_any_work(tmp_path):
+    root = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tessera.jobs.prepare", "--set", f"run.root={root}", "--set", "prepare.image.fit=zoom"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "prepare.image.fit" in proc.stderr and "'crop'" in proc.stderr
+    assert not root.exists(), "no work may start on a bad config"
+    missing = subprocess.run([sys.executable, "-m", "tessera.cli", "prepare", "--config", str(tmp_path / "nope.yaml")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "file not found" in missing.stderr
