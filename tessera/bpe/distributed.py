@@ -1,0 +1,60 @@
+"""Ray actors holding BPE shards: the only module of `tessera.bpe` that imports Ray.
+
+Each actor owns one `_core.Shard` (its grids and position index never leave it); per merge
+the driver sends (a, b, d, new id, shape) and receives only the count deltas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from tessera.bpe.fit import Corpus, make_shard
+
+
+@ray.remote(num_cpus=0.5)
+class ShardActor:
+    def __init__(self, corpus: Corpus, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int]):
+        self.shard = make_shard(corpus, tiles, shape_h, shape_w)
+
+    def count(self):
+        return self.shard.count()
+
+    def apply(self, a, b, d, new_id, h, w):
+        return self.shard.apply(a, b, d, new_id, h, w)
+
+    def tiles(self):
+        return self.shard.tiles()
+
+    def stats(self):
+        return {"cells": self.shard.num_cells(), "tiles": self.shard.num_tiles(), "index_entries": self.shard.index_entries()}
+
+
+class RayShards:
+    """The `ShardSet` of `tessera.bpe.fit`, one Ray actor per shard (Ray must be initialised,
+    or an embedded one is started)."""
+
+    def __init__(self, corpora: list[Corpus], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int]):
+        if not ray.is_initialized():
+            ray.init()
+        self.actors = [ShardActor.remote(c, None if tiles is None else tiles[i], shape_h, shape_w) for i, c in enumerate(corpora)]
+
+    def count(self):
+        return ray.get([a.count.remote() for a in self.actors])
+
+    def apply(self, a, b, d, new_id, h, w):
+        return ray.get([x.apply.remote(a, b, d, new_id, h, w) for x in self.actors])
+
+    def tiles(self):
+        return ray.get([a.tiles.remote() for a in self.actors])
+
+    def stats(self):
+        parts = ray.get([a.stats.remote() for a in self.actors])
+        return {k: sum(p[k] for p in parts) for k in parts[0]}
+
+    def __del__(self):
+        for a in getattr(self, "actors", []):
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
