@@ -12,6 +12,7 @@ import sys
 VERBS = {
     "synth": "write the built-in shapes world in real source formats",
     "prepare": "sources -> interleaved sample parquet shards (Ray Data)",
+    "train-tokenizer": "train the visual tokenizer (vq / dual) on Ray Train",
     "run": "the whole graph, skipping complete stages",
 }
 

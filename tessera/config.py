@@ -209,11 +209,144 @@ class PrepareConfig:
 
 
 @dataclass
+class RVQConfig:
+    dim: int = 32
+    """Code dimension (inputs are projected to it)."""
+    codebook_size: int = 256
+    depth: int = 1
+    """Residual depth D (DualToken uses 8; 1 = plain VQ)."""
+    decay: float = 0.99
+    """EMA decay of codebook statistics."""
+    eps: float = 1e-5
+    """Laplace smoothing of EMA cluster sizes."""
+    dead_threshold: float = 0.1
+    """Restart codes whose EMA usage falls below this fraction of the mean usage."""
+    kmeans_init: bool = True
+    """Initialise each depth's codebook by k-means on the first batch."""
+    kmeans_iters: int = 10
+
+    def __post_init__(self):
+        _check(self.dim >= 1, "rvq.dim", f">= 1, got {self.dim}")
+        _check(2 <= self.codebook_size <= 65536, "rvq.codebook_size", f"2..65536, got {self.codebook_size}")
+        _check(1 <= self.depth <= 32, "rvq.depth", f"1..32, got {self.depth}")
+        _check(0.0 < self.decay < 1.0, "rvq.decay", f"in (0, 1), got {self.decay}")
+
+
+@dataclass
+class VQConfig:
+    channels: int = 64
+    """Width of the conv trunk."""
+    num_down: int = 2
+    """Downsampling steps: a 64x64 image becomes a 16x16 code grid with 2."""
+    res_blocks: int = 1
+    """Residual blocks per resolution."""
+    rvq: RVQConfig = field(default_factory=RVQConfig)
+
+    def __post_init__(self):
+        _check(self.channels % 8 == 0 and self.channels >= 8, "tokenizer.vq.channels", f"a multiple of 8, got {self.channels}")
+        _check(1 <= self.num_down <= 5, "tokenizer.vq.num_down", f"1..5, got {self.num_down}")
+
+
+@dataclass
+class DualConfig:
+    """DualToken: a SigLIP ViT with a pixel branch (shallow layer) and a semantic branch (deep layer)."""
+
+    siglip_path: str = ""
+    """`from_pretrained` path of real SigLIP weights; empty = build from the sizes below and run `align`."""
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    patch_size: int = 8
+    pixel_layer: int = 2
+    """Hidden state feeding the pixel branch (DualToken: 6 of 27)."""
+    shortcut_layer: int = 1
+    """Earlier hidden state added to the pixel features (0 = none)."""
+    semantic_layer: int = 4
+    """Hidden state feeding the semantic branch (DualToken: 26)."""
+    decoder_channels: int = 64
+    pixel_rvq: RVQConfig = field(default_factory=lambda: RVQConfig(dim=32, codebook_size=256, depth=4))
+    semantic_rvq: RVQConfig = field(default_factory=lambda: RVQConfig(dim=32, codebook_size=256, depth=4))
+    align_steps: int = 300
+    """SigLIP sigmoid-loss pre-training steps of the ViT on image-text pairs (skipped with real weights)."""
+    align_lr: float = 1e-3
+
+    def __post_init__(self):
+        _check(self.hidden_size % self.num_heads == 0, "tokenizer.dual.hidden_size", f"divisible by num_heads={self.num_heads}, got {self.hidden_size}")
+        _check(1 <= self.pixel_layer <= self.num_layers, "tokenizer.dual.pixel_layer", f"1..num_layers={self.num_layers}, got {self.pixel_layer}")
+        _check(0 <= self.shortcut_layer < self.pixel_layer, "tokenizer.dual.shortcut_layer", f"0..pixel_layer-1, got {self.shortcut_layer}")
+        _check(1 <= self.semantic_layer <= self.num_layers, "tokenizer.dual.semantic_layer", f"1..num_layers={self.num_layers}, got {self.semantic_layer}")
+        _check(self.patch_size in (2, 4, 8, 16, 32), "tokenizer.dual.patch_size", f"a power of two 2..32, got {self.patch_size}")
+
+
+@dataclass
+class LossConfig:
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    lpips_weight: float = 1.0
+    """DualToken: 1."""
+    commitment_weight: float = 5.0
+    """DualToken: 5 (on the RVQ commitment loss)."""
+    semantic_mse_weight: float = 5.0
+    """DualToken: 5 (semantic branch, dual preset only)."""
+    semantic_cos_weight: float = 1.0
+    gan_weight: float = 0.75
+    """Scale of the adaptive adversarial weight (DualToken: 0.75)."""
+    gan_weight_min: float = 0.3
+    gan_weight_max: float = 10.0
+    disc_start: int = 2000
+    """Steps before the discriminator and adversarial loss start (warm-up)."""
+    disc_channels: int = 32
+    disc_layers: int = 2
+
+
+@dataclass
+class TokenizerTrainConfig:
+    steps: int = 1500
+    batch_size: int = 32
+    """Global batch, split across Ray Train workers."""
+    lr: float = 2e-3
+    disc_lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    num_workers: int = 1
+    """Ray Train workers (DDP)."""
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    """One GPU per worker, bf16 autocast."""
+    checkpoint_every: int = 250
+    max_failures: int = 1
+    heldout_images: int = 48
+    """Held-out images for PSNR/SSIM/LPIPS and the reconstruction PNG."""
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "tokenizer.train.steps", f">= 1, got {self.steps}")
+        _check(self.batch_size >= self.num_workers, "tokenizer.train.batch_size", f">= num_workers, got {self.batch_size}")
+        _check(self.num_workers >= 1, "tokenizer.train.num_workers", f">= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "tokenizer.train.cpus_per_worker", f"> 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class TokenizerConfig:
+    preset: Literal["vq", "dual"] = "vq"
+    output: str = "{root}/tokenizer"
+    image_size: int = 64
+    vq: VQConfig = field(default_factory=VQConfig)
+    dual: DualConfig = field(default_factory=DualConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
+
+    def __post_init__(self):
+        _check(self.image_size % (2 ** self.vq.num_down) == 0, "tokenizer.image_size", f"divisible by 2**vq.num_down, got {self.image_size}")
+        _check(self.image_size % self.dual.patch_size == 0, "tokenizer.image_size", f"divisible by dual.patch_size, got {self.image_size}")
+
+
+@dataclass
 class TesseraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
     def __post_init__(self):
         if not self.prepare.sources:
@@ -313,6 +446,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(key, f"unsupported annotation {tp!r}")
 
 
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -322,6 +462,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         raise ConfigError(where, f"unknown key; expected one of {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
+        f = fields[name]
+        if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+            if dataclasses.is_dataclass(default):
+                # a partial section overrides the field's own defaults (e.g. dual.pixel_rvq depth 4), not the class's
+                value = _deep_merge(dataclasses.asdict(default), value)
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     missing = [
         n for n, f in fields.items()

@@ -69,3 +69,12 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "tessera.cli", "prepare", "--config", str(tmp_path / "nope.yaml")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "file not found" in missing.stderr
+
+
+def test_partial_sections_keep_the_fields_own_defaults():
+    cfg = load_config(None, ["tokenizer.dual.pixel_rvq.codebook_size=32"])
+    assert cfg.tokenizer.dual.pixel_rvq.codebook_size == 32
+    assert cfg.tokenizer.dual.pixel_rvq.depth == 4, "dual's pixel RVQ default depth survives a partial override"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["tokenizer.dual.pixel_rvq.depthh=2"])
+    assert e.value.key == "tokenizer.dual.pixel_rvq.depthh"

@@ -1,0 +1,266 @@
+"""`tessera train-tokenizer`: train the visual tokenizer on the images of prepared samples (Ray Train).
+
+    samples/*.parquet --Ray Data: one row per image (held-out split removed)--> TorchTrainer (DDP)
+    [dual: align the ViT first, SigLIP sigmoid loss on image-text pairs, on the driver]
+    -> <output>/model.safetensors + config.json, report.json, reconstructions.png, codebook_usage.png
+
+Re-running the same command resumes from the latest Ray Train checkpoint (same
+`RunConfig(storage_path, name)`); a complete output (report.json with this config's
+fingerprint) is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from tessera import storage
+from tessera.config import TesseraConfig, config_from_dict
+from tessera.faults import fault_point
+from tessera.jobs.common import JobState, parse_args, ray_session
+from tessera.manifest import dataset_files
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from tessera.tokenize.data import to_tensor
+    from tessera.tokenize.tokenizer import build_tokenizer
+    from tessera.tokenize.train import TokenizerTrainer
+
+    cfg = config_from_dict({"tokenizer": config["tokenizer"]}).tokenizer
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"] + rank)
+    # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved
+    torch.set_num_threads(max(1, math.ceil(config["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    model = build_tokenizer(cfg).to(device)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else model
+    trainer = TokenizerTrainer(model, cfg, device)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False))
+        if rank == 0:
+            print(f"[train-tokenizer] resumed at step {trainer.step}")
+    per_worker = cfg.train.batch_size // world
+    shard = ray.train.get_dataset_shard("train")
+    t0, last = time.perf_counter(), {}
+    while trainer.step < cfg.train.steps:
+        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, dtypes=torch.uint8):
+            if trainer.step >= cfg.train.steps:
+                break
+            last = trainer.train_step(to_tensor(batch["image"]).to(device))
+            step = trainer.step
+            save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+            if step % config["log_every"] == 0 or save:
+                metrics = {**last, "images_per_s": round(step * cfg.train.batch_size / (time.perf_counter() - t0), 2)}
+                if save and rank == 0:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        torch.save(trainer.state_dict(), os.path.join(tmp, "state.pt"))
+                        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+                else:
+                    ray.train.report(metrics)
+                if rank == 0:
+                    print(f"[train-tokenizer] step {step}/{cfg.train.steps} loss {last['loss']:.4f} "
+                          f"({metrics['images_per_s']} img/s)", flush=True)
+
+
+def _image_dataset(files: list[str], image_size: int, split: str):
+    import ray.data
+
+    from tessera.tokenize.data import explode_images
+
+    return ray.data.read_parquet(files).map_batches(explode_images, fn_kwargs={"image_size": image_size, "split": split},
+                                                    batch_format="pyarrow", num_cpus=0.5)
+
+
+def _align(cfg: TesseraConfig, files: list[str], out: str) -> str:
+    """SigLIP sigmoid-loss alignment of the dual ViT on image-text pairs; returns the vision weights dir."""
+    import torch
+
+    from tessera.tokenize.align import align_vision_encoder
+    from tessera.tokenize.data import to_tensor
+
+    tc = cfg.tokenizer
+    target = os.path.join(out, "align")
+    if os.path.exists(os.path.join(target, "vision", "config.json")):
+        return os.path.join(target, "vision")
+    ds = _image_dataset(files, tc.image_size, "train").filter(lambda r: r["caption"] != "").materialize()
+
+    def batches():
+        epoch = 0
+        while True:
+            for b in ds.random_shuffle(seed=cfg.run.seed + epoch).iter_batches(batch_size=32, drop_last=True):
+                yield to_tensor(b["image"]), list(b["caption"])
+            epoch += 1
+
+    torch.manual_seed(cfg.run.seed)
+    model, losses = align_vision_encoder(tc.dual, tc.image_size, batches(), tc.dual.align_steps, tc.dual.align_lr)
+    model.save_pretrained(os.path.join(target, "siglip"))
+    model.vision_model.save_pretrained(os.path.join(target, "vision"))
+    storage.write_json(os.path.join(target, "losses.json"), losses)
+    return os.path.join(target, "vision")
+
+
+def _plots(out: str, images, recs, ev: dict) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(8, len(images))
+    to_img = lambda t: ((t.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)  # noqa: E731
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4))
+    for i in range(n):
+        for row, src in enumerate((images, recs)):
+            axes[row, i].imshow(to_img(src[i]))
+            axes[row, i].axis("off")
+    axes[0, 0].set_title("original", fontsize=8, loc="left")
+    axes[1, 0].set_title(f"reconstruction (PSNR {ev['psnr']:.1f} dB)", fontsize=8, loc="left")
+    rec_png = os.path.join(out, "reconstructions.png")
+    fig.tight_layout()
+    fig.savefig(rec_png, dpi=100)
+    plt.close(fig)
+    usage_keys = [k for k in ev if k.endswith("_usage")]
+    fig, axes = plt.subplots(1, len(usage_keys), figsize=(4 * len(usage_keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], usage_keys):
+        ax.bar(range(len(ev[key])), ev[key])
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("RVQ depth")
+        ax.set_ylabel("fraction of codes used")
+        ax.set_title(key.replace("_usage", " codebook"))
+    usage_png = os.path.join(out, "codebook_usage.png")
+    fig.tight_layout()
+    fig.savefig(usage_png, dpi=100)
+    plt.close(fig)
+    return {"reconstructions": rec_png, "codebook_usage": usage_png}
+
+
+def train_tokenizer(cfg: TesseraConfig) -> dict:
+    """Run (or resume, or skip) tokenizer training; returns its report. Ray must be initialised."""
+    import ray.train
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tessera.tokenize.data import to_tensor
+    from tessera.tokenize.tokenizer import build_tokenizer, save_tokenizer
+    from tessera.tokenize.train import evaluate
+
+    tc = cfg.tokenizer
+    out = os.path.abspath(cfg.resolve(tc.output))
+    samples_dir = storage.join(cfg.resolve(cfg.prepare.output), "samples")
+    files = dataset_files(samples_dir)
+    # complete = same tokenizer config trained on the same committed sample files
+    inputs = storage.read_json(storage.join(samples_dir, "manifest.json"))["files"]
+    fingerprint = hashlib.sha256((cfg.section_fingerprint("tokenizer", "run") + json.dumps(inputs)).encode()).hexdigest()[:16]
+    state = JobState(out, fingerprint)
+    if state.is_complete():
+        print(f"[tessera] train-tokenizer: complete, nothing to do ({state.report_uri})")
+        return storage.read_json(state.report_uri) | {"skipped": True}
+    state.begin()
+    t0 = time.perf_counter()
+    seconds = {}
+    tok_cfg = dataclasses.asdict(tc)
+    if tc.preset == "dual" and not tc.dual.siglip_path:
+        t = time.perf_counter()
+        tok_cfg["dual"]["siglip_path"] = _align(cfg, files, out)
+        seconds["align"] = round(time.perf_counter() - t, 2)
+
+    t = time.perf_counter()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"tokenizer": tok_cfg, "seed": cfg.run.seed, "log_every": 25, "cpus_per_worker": tc.train.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=tc.train.num_workers, use_gpu=tc.train.use_gpu,
+                                     resources_per_worker={"CPU": tc.train.cpus_per_worker}),
+        run_config=RunConfig(name=f"{cfg.run.name}-tokenizer", storage_path=os.path.join(out, "ray_train"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=tc.train.max_failures)),
+        # decoded once and cached in the object store: small corpora then cost no decode per epoch
+        datasets={"train": _image_dataset(files, tc.image_size, "train").select_columns(["image"]).materialize()},
+    )
+    result = trainer.fit()
+    seconds["train"] = round(time.perf_counter() - t, 2)
+    fault_point("train-tokenizer:after_fit")
+
+    # ---- final weights -> tokenizer directory
+    run_cfg = config_from_dict({"tokenizer": tok_cfg}).tokenizer
+    model = build_tokenizer(run_cfg)
+    with result.checkpoint.as_directory() as d:
+        train_state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(train_state["model"])
+    model.eval()
+    weights_hash = save_tokenizer(model, run_cfg, out, {"trained_steps": train_state["step"]})
+
+    # ---- held-out evaluation
+    t = time.perf_counter()
+    held_rows = _image_dataset(files, tc.image_size, "heldout").take(tc.train.heldout_images)
+    truly_heldout = bool(held_rows)
+    if not held_rows:  # a tiny corpus may have no sample in the held-out split: say so, evaluate on training images
+        held_rows = _image_dataset(files, tc.image_size, "train").take(tc.train.heldout_images)
+    held = {k: np.stack([r[k] for r in held_rows]) if k == "image" else np.array([r[k] for r in held_rows], dtype=object)
+            for k in ("image", "caption")}
+    images = to_tensor(held["image"])
+    ev = evaluate(model, images)
+    recs = ev.pop("reconstructions")
+    if tc.preset == "dual":
+        ev["semantic_retrieval_r1"], ev["retrieval_chance"] = _retrieval(model, held, out)
+    seconds["eval"] = round(time.perf_counter() - t, 2)
+    pngs = _plots(out, images, recs, ev)
+    h, w = model.grid_shape(tc.image_size)
+    report = {
+        "job": "train-tokenizer", "preset": tc.preset, "steps": train_state["step"], "grid": [h, w],
+        "heldout_images": len(images), "heldout_is_disjoint": truly_heldout, "tokenizer": {"path": out, "hash": weights_hash},
+        "metrics": ev, "final_train_metrics": result.metrics, "seconds": seconds,
+        "wall_time_s": round(time.perf_counter() - t0, 2), "pngs": pngs, "config": cfg.to_dict(),
+    }
+    state.finish(report)
+    return report
+
+
+def _retrieval(model, held: dict, out: str) -> tuple[float, float]:
+    """Image->text R@1 of the semantic branch on held-out captioned images."""
+    import torch
+    from transformers import SiglipModel
+
+    from tessera.tokenize.align import retrieval_r1, text_embeddings
+    from tessera.tokenize.data import to_tensor
+
+    keep = [i for i, c in enumerate(held["caption"]) if c]
+    if len(keep) < 2 or not os.path.exists(os.path.join(out, "align", "siglip")):
+        return float("nan"), float("nan")
+    siglip = SiglipModel.from_pretrained(os.path.join(out, "align", "siglip")).eval()
+    images = to_tensor(held["image"][keep])
+    with torch.no_grad():
+        codes = model.encode(images)["semantic"]
+        img = model.semantic_embedding(codes)
+        txt = text_embeddings(siglip, [held["caption"][i] for i in keep])
+    return retrieval_r1(img, txt), 1.0 / len(keep)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_args("train-tokenizer", argv, "Train the visual tokenizer (vq or dual preset) on Ray Train.")
+    with ray_session(cfg.ray):
+        report = train_tokenizer(cfg)
+    m = report["metrics"]
+    print(f"[tessera] tokenizer ({report['preset']}): held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, "
+          f"LPIPS {m['lpips']:.3f}, pixel codebook usage {m['pixel_usage']}")
+    print(f"[tessera] reconstructions: {report['pngs']['reconstructions']}")
+    print(f"[tessera] report: {cfg.resolve(cfg.tokenizer.output)}/report.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

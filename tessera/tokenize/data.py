@@ -1,0 +1,49 @@
+"""Images of prepared samples as training/eval arrays (pure functions over pyarrow batches)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+
+def is_heldout(sample_id: str, every: int = 25) -> bool:
+    """A stable ~1/every split by sample id, so held-out images never reach tokenizer training."""
+    return int(hashlib.md5(sample_id.encode()).hexdigest()[:8], 16) % every == 0
+
+
+def decode_rgb(png: bytes, size: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
+def explode_images(batch: pa.Table, image_size: int, split: str = "train") -> dict[str, np.ndarray]:
+    """Sample rows -> one row per image: {"image": (N, S, S, 3) uint8, "sample_id": (N,), "caption": (N,)}.
+    `split` = "train" | "heldout" | "all"; captions are set for image_text samples ("" otherwise)."""
+    images, ids, captions = [], [], []
+    for sid, kind, texts, imgs in zip(*(batch.column(c).to_pylist() for c in ("sample_id", "kind", "texts", "images"))):
+        held = is_heldout(sid)
+        if (split == "train" and held) or (split == "heldout" and not held):
+            continue
+        caption = next((t for t in texts if t), "") if kind == "image_text" else ""
+        for png in imgs:
+            if png is not None:
+                images.append(decode_rgb(png, image_size))
+                ids.append(sid)
+                captions.append(caption)
+    empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+    return {"image": np.stack(images) if images else empty, "sample_id": np.array(ids, dtype=object),
+            "caption": np.array(captions, dtype=object)}
+
+
+def to_tensor(images: np.ndarray):
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    import torch
+
+    x = torch.as_tensor(images)
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -1,0 +1,48 @@
+"""`tessera train-tokenizer` end to end on the tiny prepared world (Ray Train, 1 CPU worker)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tessera.tokenize.tokenizer import load_tokenizer
+from tests.conftest import TINY, tiny_config
+from tests.tokenize.test_tokenizers import TINY as TINY_TOKENIZER
+
+JOB = [*TINY_TOKENIZER, "tokenizer.train.steps=12", "tokenizer.train.checkpoint_every=6", "tokenizer.train.batch_size=8",
+       "tokenizer.train.cpus_per_worker=1.0", "tokenizer.train.heldout_images=8"]
+
+
+def _run(root, ray_address, fault=None):
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    env.pop("TESSERA_FAULT", None)
+    if fault:
+        env["TESSERA_FAULT"] = fault
+    args = [sys.executable, "-m", "tessera.jobs.train_tokenizer", *[a for o in TINY + JOB for a in ("--set", o)], "--set", f"run.root={root}"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_train_tokenizer_job_writes_a_loadable_tokenizer_and_resumes(prepared, world_root, ray_cluster, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    os.symlink(world_root / "synth", root / "synth")
+    os.symlink(world_root / "prepare", root / "prepare")
+    code, out = _run(root, ray_cluster, fault="train-tokenizer:after_fit")
+    assert code == 86, out
+    assert not (root / "tokenizer" / "report.json").exists()
+    code, out = _run(root, ray_cluster)  # the same command again: resumes from the last checkpoint
+    assert code == 0, out
+    assert "resumed at step 12" in out
+    report = json.loads((root / "tokenizer" / "report.json").read_text())
+    assert report["steps"] == 12 and report["grid"] == [8, 8]
+    m = report["metrics"]
+    assert {"psnr", "ssim", "lpips", "pixel_usage", "pixel_perplexity", "pixel_restarts"} <= set(m)
+    assert 0 < m["psnr"] < 100 and len(m["pixel_usage"]) == 1
+    for png in report["pngs"].values():
+        assert os.path.getsize(png) > 1000
+    model, cfg, meta = load_tokenizer(str(root / "tokenizer"))
+    assert cfg.preset == "vq" and meta["weights_sha256"] == report["tokenizer"]["hash"]
+    # complete: a third run does nothing
+    code, out = _run(root, ray_cluster)
+    assert code == 0 and "nothing to do" in out, out
