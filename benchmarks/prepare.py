@@ -97,7 +97,7 @@ def main() -> None:
         run_synth(cfg)
 
         bare = bench_bare_loop(cfg)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, object_store_memory=1024**3)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, object_store_memory=1024**3)
         report = prepare(cfg)
         ray.shutdown()
         pipe_s = report["seconds"]["normalize"]

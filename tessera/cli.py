@@ -13,6 +13,8 @@ VERBS = {
     "synth": "write the built-in shapes world in real source formats",
     "prepare": "sources -> interleaved sample parquet shards (Ray Data)",
     "train-tokenizer": "train the visual tokenizer (vq / dual) on Ray Train",
+    "tokenize": "samples -> token shards (visual tokenizer in an actor pool, text tokenizer)",
+    "fit-bpe": "fit the 2-D visual BPE on token shards",
     "run": "the whole graph, skipping complete stages",
 }
 
@@ -22,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: tessera <verb> --config X.yaml [--set key=value ...]\n\nverbs:")
         for verb, text in VERBS.items():
-            print(f"  {verb:<10} {text}")
+            print(f"  {verb:<16} {text}")
         return 0 if argv else 2
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:

@@ -341,12 +341,77 @@ class TokenizerConfig:
 
 
 @dataclass
+class TokenizeConfig:
+    output: str = "{root}/tokens"
+    tokenizer: str = "{root}/tokenizer"
+    """Directory of the trained visual tokenizer (output of train-tokenizer)."""
+    text_tokenizer: str = ""
+    """`from_pretrained` path of the base LLM's tokenizer; empty = train a byte-level BPE on the prepared texts."""
+    text_vocab_size: int = 2048
+    """Vocabulary of the trained text tokenizer (ignored with `text_tokenizer`)."""
+    num_actors: int = 1
+    """Size of the tokenizer actor pool (one GPU each on a cluster)."""
+    num_gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 32
+    """Samples per actor call."""
+    encode_batch: int = 16
+    """Images per forward pass; the last chunk is padded, so every image meets the same kernels
+    whatever the pool size (tokens identical for 1 or N actors)."""
+    rows_per_shard: int = 256
+    fault_marker: str = ""
+    """Test hook: a path; the first actor call that finds it missing creates it and kills its process."""
+
+    def __post_init__(self):
+        _check(self.num_actors >= 1, "tokenize.num_actors", f">= 1, got {self.num_actors}")
+        _check(self.batch_size >= 1 and self.encode_batch >= 1, "tokenize.batch_size", "batch_size and encode_batch >= 1")
+        _check(self.text_vocab_size >= 300, "tokenize.text_vocab_size", f">= 300 (bytes + merges), got {self.text_vocab_size}")
+        _check(self.cpus_per_actor > 0, "tokenize.cpus_per_actor", f"> 0, got {self.cpus_per_actor}")
+
+
+@dataclass
+class BPEConfig:
+    output: str = "{root}/bpe"
+    tokens: str = "{root}/tokens"
+    """Output directory of `tokenize` (its `tokens/` table is read)."""
+    tokenizer: str = "{root}/tokenizer"
+    """Visual tokenizer used to render the frequent-tiles PNG (empty = no PNG)."""
+    codebook: Literal["pixel", "semantic"] = "pixel"
+    depth: int = 0
+    """Which RVQ depth's codes the BPE runs on."""
+    num_merges: int = 1024
+    alpha: float = 0.0
+    """Weight of spatial consistency in the merge priority (0 = pure frequency)."""
+    top_k: int = 32
+    min_frequency: int = 2
+    max_tile: tuple[int, int] = (4, 4)
+    num_workers: int = 1
+    """Ray actors holding corpus shards (1 = in-process)."""
+    checkpoint_every: int = 256
+    heldout_every: int = 10
+    """Every n-th sample (by a stable hash of its id) is held out to measure vocabulary usage."""
+    png_tiles: int = 32
+
+    def __post_init__(self):
+        _check(self.num_merges >= 0, "bpe.num_merges", f">= 0, got {self.num_merges}")
+        _check(self.alpha >= 0, "bpe.alpha", f">= 0, got {self.alpha}")
+        _check(self.top_k >= 1, "bpe.top_k", f">= 1, got {self.top_k}")
+        _check(self.min_frequency >= 1, "bpe.min_frequency", f">= 1, got {self.min_frequency}")
+        _check(min(self.max_tile) >= 1, "bpe.max_tile", f"(h, w) >= 1, got {self.max_tile}")
+        _check(self.depth >= 0, "bpe.depth", f">= 0, got {self.depth}")
+        _check(self.num_workers >= 1, "bpe.num_workers", f">= 1, got {self.num_workers}")
+        _check(self.heldout_every >= 2, "bpe.heldout_every", f">= 2, got {self.heldout_every}")
+
+
+@dataclass
 class TesseraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    bpe: BPEConfig = field(default_factory=BPEConfig)
 
     def __post_init__(self):
         if not self.prepare.sources:
@@ -489,7 +554,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(item, "override must look like key.path=value")
         path, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw  # e.g. "{root}/x": not YAML, a plain string
         node = data
         parts = path.strip().split(".")
         for part in parts[:-1]:

@@ -44,6 +44,29 @@ REJECT_SCHEMA = pa.schema(
     metadata={"tessera.schema": "reject", "tessera.schema_version": SCHEMA_VERSION},
 )
 
+# Token shard: one row per sample, positions aligned as in the sample. At a text position
+# `text_ids` holds the text tokenizer's ids and the code lists are empty; at an image position
+# `pixel_codes` (and `semantic_codes` for the dual tokenizer) hold the flattened [H, W, D] grid
+# whose shape is `grid_shapes`. The tokenizer identities are repeated per row for self-description.
+TOKEN_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("is_image", pa.list_(pa.bool_()), nullable=False),
+        pa.field("text_ids", pa.list_(pa.list_(pa.int32())), nullable=False),
+        pa.field("pixel_codes", pa.list_(pa.list_(pa.int32())), nullable=False),
+        pa.field("semantic_codes", pa.list_(pa.list_(pa.int32())), nullable=False),
+        pa.field("grid_shapes", pa.list_(pa.list_(pa.int32())), nullable=False),
+        pa.field("timestamps", pa.list_(pa.float64()), nullable=True),
+        pa.field("curriculum", pa.list_(pa.string()), nullable=False),
+        pa.field("meta", pa.string(), nullable=False),
+        pa.field("tokenizer_hash", pa.string(), nullable=False),
+        pa.field("text_tokenizer_hash", pa.string(), nullable=False),
+    ],
+    metadata={"tessera.schema": "token", "tessera.schema_version": SCHEMA_VERSION},
+)
+
 # Stable reject reasons. Reports count by these; tests assert them.
 REASONS = (
     "empty_file",
@@ -59,6 +82,7 @@ REASONS = (
     "unsafe_path",
     "missing_file",
     "duplicate",
+    "untokenizable_image",
     "internal_error",
 )
 

@@ -41,7 +41,7 @@ def tiny_config(root, *extra):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1024 * 1024 * 1024,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1024 * 1024 * 1024,
              log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -64,3 +64,42 @@ def prepared(world_root, ray_cluster):
 
     cfg = tiny_config(world_root)
     return cfg, prepare(cfg)
+
+
+# A tiny vq tokenizer, trained in-process (no Ray Train) for the tokenize/BPE tests.
+TINY_TOKENIZER = ["tokenizer.image_size=32", "tokenizer.vq.channels=16", "tokenizer.vq.rvq.codebook_size=32",
+                  "tokenizer.losses.lpips_weight=0.0", "tokenizer.train.warmup_steps=2", "tokenizer.train.steps=30",
+                  "tokenize.text_vocab_size=400", "tokenize.batch_size=8", "tokenize.encode_batch=4", "tokenize.rows_per_shard=16",
+                  "tokenize.cpus_per_actor=0.5"]
+
+
+def train_tiny_tokenizer(cfg, directory):
+    import glob
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    import torch
+
+    from tessera.tokenize.data import decode_rgb, to_tensor
+    from tessera.tokenize.tokenizer import build_tokenizer, save_tokenizer
+    from tessera.tokenize.train import TokenizerTrainer
+
+    torch.manual_seed(0)
+    pngs = [p for f in sorted(glob.glob(f"{cfg.run.root}/prepare/samples/*.parquet"))
+            for row in pq.read_table(f).column("images").to_pylist() for p in row if p]
+    x = to_tensor(np.stack([decode_rgb(p, 32) for p in pngs]))
+    model = build_tokenizer(cfg.tokenizer)
+    trainer = TokenizerTrainer(model, cfg.tokenizer, torch.device("cpu"))
+    for step in range(cfg.tokenizer.train.steps):
+        trainer.train_step(x[torch.randint(len(x), (16,), generator=torch.Generator().manual_seed(step))])
+    save_tokenizer(model.eval(), cfg.tokenizer, directory)
+
+
+@pytest.fixture(scope="session")
+def tokenized(prepared, world_root):
+    """(config, report) of one tokenize run on the tiny world with a tiny tokenizer."""
+    from tessera.jobs.tokenize import tokenize
+
+    cfg = tiny_config(world_root, *TINY_TOKENIZER)
+    train_tiny_tokenizer(cfg, str(world_root / "tokenizer"))
+    return cfg, tokenize(cfg)

@@ -51,6 +51,7 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a new embedded Ray, never some other cluster found on this machine
             num_cpus=cfg.num_cpus,
             include_dashboard=cfg.include_dashboard,
             dashboard_host="127.0.0.1",  # never expose the embedded dashboard beyond this machine
