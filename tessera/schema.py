@@ -127,3 +127,12 @@ def check_sample_row(row: dict) -> None:
         raise SchemaError(f"sample {row['sample_id']}: timestamps ({len(ts)}) not aligned with positions ({len(texts)})")
     if row["kind"] not in KINDS:
         raise SchemaError(f"sample {row['sample_id']}: kind {row['kind']!r} not in {KINDS}")
+
+
+def validated(fn, schema: pa.Schema):
+    """Wrap a batch function so every table it returns is checked against `schema` (writers use this)."""
+
+    def wrapped(batch, **kwargs):
+        return validate(fn(batch, **kwargs), schema)
+
+    return wrapped

@@ -19,7 +19,7 @@ from tessera.faults import fault_point, fault_when
 from tessera.jobs.common import JobState, Timer, parse_args, ray_session
 from tessera.manifest import write_manifest
 from tessera.pipelines import samples
-from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validate
+from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validated
 
 
 def _input_listing(cfg: TesseraConfig) -> list:
@@ -37,13 +37,6 @@ def fingerprint(cfg: TesseraConfig) -> str:
 
     base = cfg.section_fingerprint("prepare")
     return hashlib.sha256((base + json.dumps(_input_listing(cfg))).encode()).hexdigest()[:16]
-
-
-def _validated(fn, schema):
-    def wrapped(batch, **kw):
-        return validate(fn(batch, **kw), schema)
-
-    return wrapped
 
 
 def prepare(cfg: TesseraConfig) -> dict:
@@ -90,10 +83,10 @@ def prepare(cfg: TesseraConfig) -> dict:
         storage.remove_tree(samples_dir)
         storage.remove_tree(rejects_dir)
         src = ray.data.read_parquet(normalized)
-        src.map_batches(_validated(samples.split_samples, SAMPLE_SCHEMA), fn_kwargs={"losers": losers},
+        src.map_batches(validated(samples.split_samples, SAMPLE_SCHEMA), fn_kwargs={"losers": losers},
                         batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(samples_dir, min_rows_per_file=pc.rows_per_shard)
         fault_point("prepare:after_samples")
-        src.map_batches(_validated(samples.split_rejects, REJECT_SCHEMA), fn_kwargs={"losers": losers},
+        src.map_batches(validated(samples.split_rejects, REJECT_SCHEMA), fn_kwargs={"losers": losers},
                         batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(rejects_dir, min_rows_per_file=pc.rows_per_shard)
 
     # ---- manifests, then the report (the completion mark)

@@ -20,14 +20,7 @@ from tessera import storage
 from tessera.config import TesseraConfig
 from tessera.jobs.common import JobState, Timer, parse_args, ray_session
 from tessera.manifest import dataset_files, write_manifest
-from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validate
-
-
-def _validated(fn, schema):
-    def wrapped(batch):
-        return validate(fn(batch), schema)
-
-    return wrapped
+from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
 
 
 def tokenize(cfg: TesseraConfig) -> dict:
@@ -92,9 +85,9 @@ def tokenize(cfg: TesseraConfig) -> dict:
         storage.remove_tree(tokens_dir)
         storage.remove_tree(rejects_dir)
         src = ray.data.read_parquet(encoded)
-        src.map_batches(_validated(tokens.split_tokens, TOKEN_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
+        src.map_batches(validated(tokens.split_tokens, TOKEN_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
            .write_parquet(tokens_dir, min_rows_per_file=kc.rows_per_shard)
-        src.map_batches(_validated(tokens.split_rejects, REJECT_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
+        src.map_batches(validated(tokens.split_rejects, REJECT_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
            .write_parquet(rejects_dir, min_rows_per_file=kc.rows_per_shard)
         stats = src.select_columns(["is_image", "text_ids", "pixel_codes", "reject_reason", "busy_s", "idle_s", "actor", "kind"])
         rows = [r for b in stats.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]

@@ -19,11 +19,12 @@ PAD, BOS, EOS = 256, 257, 258
 
 
 def byte_tokenize(texts: list[str], length: int = TEXT_LEN) -> torch.Tensor:
-    """texts -> (B, length) int64: BOS, UTF-8 bytes, EOS, padding. Truncated to length."""
+    """texts -> (B, length) int64: padding, BOS, UTF-8 bytes, EOS. Left-padded: SigLIP's text
+    tower pools the *last* position, which is then the EOS of the text, not a pad token."""
     out = np.full((len(texts), length), PAD, dtype=np.int64)
     for i, t in enumerate(texts):
         ids = [BOS, *t.lower().encode("utf-8")[: length - 2], EOS]
-        out[i, : len(ids)] = ids
+        out[i, length - len(ids):] = ids
     return torch.from_numpy(out)
 
 
