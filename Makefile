@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 # torch first, from the pinned build, then the project under a constraint file so no
 # dependency can swap torch/torchvision for another build (see README "Environment").
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py tessera/bpe/_core.cpp
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
