@@ -24,7 +24,7 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
-	$(BIN)/python benchmarks/prepare.py
+	$(BIN)/python benchmarks/bench_prepare.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -45,6 +45,11 @@ def tokenize(cfg: TesseraConfig) -> dict:
     if state.is_complete():
         print(f"[tessera] tokenize: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}
+    total_cpus = ray.cluster_resources().get("CPU", 0)
+    if kc.num_actors * kc.cpus_per_actor > total_cpus - 1:
+        # the actor pool would hold every CPU and Ray Data's read tasks could never run: a silent hang
+        raise ValueError(f"tokenize.num_actors x tokenize.cpus_per_actor = {kc.num_actors * kc.cpus_per_actor:g} CPUs leaves less "
+                         f"than one of the cluster's {total_cpus:g} CPUs for reading; lower either (fractional CPUs are fine)")
     state.begin()
     timer = Timer()
 
@@ -67,9 +72,12 @@ def tokenize(cfg: TesseraConfig) -> dict:
             ds = ray.data.read_parquet(files)
             ds = ds.map_batches(tokens.decode_stage, fn_kwargs={"image_size": image_size}, batch_format="pyarrow",
                                 batch_size=kc.batch_size, num_cpus=0.5)
+            # blocks of one actor batch, streamed (no shuffle), so work spreads over the whole pool
+            ds = ds.repartition(target_num_rows_per_block=kc.batch_size)
             ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_dir": tok_dir, "image_size": image_size,
                                                                       "chunk": kc.encode_batch, "fault_marker": kc.fault_marker},
-                                compute=ray.data.ActorPoolStrategy(size=kc.num_actors), batch_size=kc.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=kc.num_actors, max_tasks_in_flight_per_actor=2),
+                                batch_size=kc.batch_size,
                                 batch_format="pyarrow", num_cpus=kc.cpus_per_actor, num_gpus=kc.num_gpus_per_actor or None,
                                 max_restarts=-1, max_task_retries=-1)
             ds = ds.map_batches(tokens.text_stage, fn_kwargs={"text_tokenizer": text_dir, "tokenizer_hash": tok_id["hash"],

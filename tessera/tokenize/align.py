@@ -8,6 +8,8 @@ teacher's deep features carry the captions' semantics. With real weights it is s
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -28,7 +30,7 @@ def byte_tokenize(texts: list[str], length: int = TEXT_LEN) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def build_siglip(cfg: DualConfig, image_size: int):
+def build_siglip(cfg: DualConfig, image_size: int, batch_size: int = 32):
     from transformers import SiglipConfig, SiglipModel, SiglipTextConfig
 
     from tessera.tokenize.dual import siglip_vision_config
@@ -37,7 +39,12 @@ def build_siglip(cfg: DualConfig, image_size: int):
                             num_hidden_layers=2, num_attention_heads=cfg.num_heads, max_position_embeddings=TEXT_LEN,
                             pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, projection_size=cfg.hidden_size)
     vision = siglip_vision_config(cfg, image_size)
-    return SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    model = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    # SigLIP's bias init (-10) suits batches of 32k; at batch B the loss is balanced at -log(B).
+    # Left at -10, a small run spends thousands of steps moving one scalar instead of the towers.
+    with torch.no_grad():
+        model.logit_bias.fill_(-math.log(max(batch_size, 2)))
+    return model
 
 
 def align_step(model, optimizer, images: torch.Tensor, texts: list[str]) -> float:
@@ -68,10 +75,14 @@ def align_vision_encoder(cfg: DualConfig, image_size: int, batches, steps: int, 
     """Train a SiglipModel on (images, texts) batches for `steps`; returns (model, losses).
     `batches` yields (images (B, 3, H, W) in [-1, 1], list[str])."""
     torch.manual_seed(0)
-    model = build_siglip(cfg, image_size)
+    batches = iter(batches)
+    first = next(batches)
+    model = build_siglip(cfg, image_size, batch_size=len(first[1]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
-    for step, (images, texts) in enumerate(batches):
+    import itertools
+
+    for step, (images, texts) in enumerate(itertools.chain([first], batches)):
         if step >= steps:
             break
         losses.append(align_step(model, optimizer, images, texts))

@@ -103,21 +103,28 @@ class ResidualVQ(nn.Module):
                 self.initialized.fill_(True)
         residual = flat
         quantized = torch.zeros_like(flat)
-        codes, commit, norms = [], flat.new_zeros(()), [flat.detach().pow(2).sum(-1).mean()]
+        # inference (eval, no grad) needs only the codes: skip the loss and diagnostics
+        stats = self.training or torch.is_grad_enabled()
+        # depth d's norms stay valid until depth d's own EMA update, which comes after its search
+        code_norms = self.codebooks.pow(2).sum(-1)  # (D, K)
+        codes, commit, norms = [], flat.new_zeros(()), [flat.detach().pow(2).sum(-1).mean()] if stats else []
         for d in range(cfg.depth):
             cb = self.codebooks[d]
-            idx = self.nearest(residual.detach(), cb)
+            idx = self.nearest(residual.detach(), cb, code_norms[d])
             q = cb[idx]
-            commit = commit + F.mse_loss(residual, q.detach())
+            if stats:
+                commit = commit + F.mse_loss(residual, q.detach())
             if self.training:
                 self._ema_update(d, residual.detach(), idx)
             quantized = quantized + q
             residual = residual - q.detach()
             codes.append(idx)
-            norms.append(residual.detach().pow(2).sum(-1).mean())
+            if stats:
+                norms.append(residual.detach().pow(2).sum(-1).mean())
         out = flat + (quantized - flat).detach()  # straight-through
         codes_t = torch.stack(codes, dim=-1).reshape(*shape[:-1], cfg.depth)
-        return out.reshape(shape).to(x.dtype), codes_t, {"commitment": commit / cfg.depth, "residual_norms": torch.stack(norms)}
+        info = {"commitment": commit / cfg.depth, "residual_norms": torch.stack(norms) if norms else flat.new_zeros(0)}
+        return out.reshape(shape).to(x.dtype), codes_t, info
 
     @torch.no_grad()
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:

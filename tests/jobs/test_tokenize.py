@@ -146,3 +146,13 @@ def test_untokenizable_images_are_rejected_and_counted(tokenized, world_root, ra
     assert report["rows_out"] == table.num_rows and report["rows_in"] == table.num_rows + 1
     rejects = read(root / "tokens" / "rejects").to_pylist()
     assert rejects[0]["sample_id"] == "bad-image-row" and rejects[0]["stage"] == "tokenize"
+
+
+def test_an_actor_pool_holding_every_cpu_is_refused_before_work(tokenized, world_root, ray_cluster, tmp_path):
+    from tessera.jobs.tokenize import tokenize
+
+    root = linked_root(tmp_path, world_root, "synth", "prepare", "tokenizer")
+    cfg = tiny_config(root, *TINY_TOKENIZER, "tokenize.num_actors=2", "tokenize.cpus_per_actor=1.0")
+    with pytest.raises(ValueError, match="tokenize.num_actors x tokenize.cpus_per_actor"):
+        tokenize(cfg)
+    assert not (root / "tokens").exists()

@@ -8,7 +8,7 @@
    and its split between count, choose and apply;
 3. encode: grids/s/core at 32x32 with that vocabulary, against the reference encoder.
 
-    .venv/bin/python benchmarks/bpe.py [--big-grids 100000] [--big-merges 8192]
+    .venv/bin/python benchmarks/bench_bpe.py [--big-grids 100000] [--big-merges 8192]
 """
 
 from __future__ import annotations

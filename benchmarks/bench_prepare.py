@@ -2,7 +2,7 @@
 single-process loop over the same rows, and video decoding frames/s with decord against a
 PyAV decode loop on the same files. Everything is measured in this run.
 
-    .venv/bin/python benchmarks/prepare.py [--images 1024] [--videos 12] [--resolution 128]
+    .venv/bin/python benchmarks/bench_prepare.py [--images 1024] [--videos 12] [--resolution 128]
 
 Prints a table, then one JSON line.
 """

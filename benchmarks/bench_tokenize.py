@@ -3,7 +3,7 @@ tokenizer on the same images in this process, and 1 -> 2 actor scaling, in one r
 
 Needs a prepared demo run with a trained tokenizer (`make demo`, or any run root):
 
-    .venv/bin/python benchmarks/tokenize.py [--root runs/demo] [--repeat 4]
+    .venv/bin/python benchmarks/bench_tokenize.py [--root runs/demo] [--repeat 4]
 
 `--repeat` tiles the prepared samples so the pipeline runs long enough to amortise start-up.
 """
@@ -70,7 +70,7 @@ def main() -> None:
                      object_store_memory=1024**3)
             cfg = load_config(None, [f"run.root={work}", f"tokenize.tokenizer={root}/tokenizer",
                                      f"tokenize.text_tokenizer={root}/tokens/text_tokenizer", f"tokenize.num_actors={actors}",
-                                     "tokenize.cpus_per_actor=1.0", f"tokenize.output={work}/tokens-{actors}"])
+                                     "tokenize.cpus_per_actor=0.5", f"tokenize.output={work}/tokens-{actors}"])
             report = tokenize(cfg)
             ray.shutdown()
             results[actors] = {"images": report["images"], "encode_s": report["seconds"]["encode"],

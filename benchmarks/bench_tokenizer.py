@@ -2,7 +2,7 @@
 encode time spent in quantisation (nearest-code search), measured in the same run by timing
 the encoder alone and encoder + quantiser. On CUDA it also times bf16 autocast.
 
-    .venv/bin/python benchmarks/tokenizer.py [--batch 32] [--repeats 5]
+    .venv/bin/python benchmarks/bench_tokenizer.py [--batch 32] [--repeats 5]
 """
 
 from __future__ import annotations
