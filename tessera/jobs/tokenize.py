@@ -18,6 +18,7 @@ import os
 
 from tessera import storage
 from tessera.config import TesseraConfig
+from tessera.faults import fault_point
 from tessera.jobs.common import JobState, Timer, parse_args, ray_session
 from tessera.manifest import dataset_files, write_manifest
 from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
@@ -85,6 +86,7 @@ def tokenize(cfg: TesseraConfig) -> dict:
                                 batch_format="pyarrow", num_cpus=0.5)
             ds.write_parquet(target, min_rows_per_file=kc.rows_per_shard)
         state.mark_done("encode", {"seconds": timer.seconds["encode"]})
+        fault_point("tokenize:after_encode")
     encode_s = state.step_info("encode")["seconds"]
 
     # ---- commit: tokens and rejects, manifests pinning both tokenizers, report
@@ -95,6 +97,7 @@ def tokenize(cfg: TesseraConfig) -> dict:
         src = ray.data.read_parquet(encoded)
         src.map_batches(validated(tokens.split_tokens, TOKEN_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
            .write_parquet(tokens_dir, min_rows_per_file=kc.rows_per_shard)
+        fault_point("tokenize:after_tokens")
         src.map_batches(validated(tokens.split_rejects, REJECT_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
            .write_parquet(rejects_dir, min_rows_per_file=kc.rows_per_shard)
         stats = src.select_columns(["is_image", "text_ids", "pixel_codes", "reject_reason", "busy_s", "idle_s", "actor", "kind"])

@@ -82,8 +82,11 @@ def test_second_run_is_a_noop(tokenized):
     assert tokenize(cfg)["skipped"] is True
 
 
-def _run(root, ray_address, *extra):
+def _run(root, ray_address, *extra, fault=None):
     env = dict(os.environ, RAY_ADDRESS=ray_address)
+    env.pop("TESSERA_FAULT", None)
+    if fault:
+        env["TESSERA_FAULT"] = fault
     from tests.conftest import TINY
 
     args = [sys.executable, "-m", "tessera.jobs.tokenize", *[a for o in TINY + TINY_TOKENIZER + list(extra) for a in ("--set", o)],
@@ -156,3 +159,14 @@ def test_an_actor_pool_holding_every_cpu_is_refused_before_work(tokenized, world
     with pytest.raises(ValueError, match="tokenize.num_actors x tokenize.cpus_per_actor"):
         tokenize(cfg)
     assert not (root / "tokens").exists()
+
+
+def test_killed_driver_then_rerun_gives_every_sample_once(tokenized, world_root, ray_cluster, tmp_path):
+    root = linked_root(tmp_path, world_root, "synth", "prepare", "tokenizer")
+    os.symlink(world_root / "tokens" / "text_tokenizer", root / "text_tokenizer")
+    code, out = _run(root, ray_cluster, fault="tokenize:after_tokens")  # tokens written, nothing committed
+    assert code == 86, out
+    assert not (root / "tokens" / "report.json").exists()
+    code, out = _run(root, ray_cluster)
+    assert code == 0, out
+    assert token_map(root) == token_map(world_root)
