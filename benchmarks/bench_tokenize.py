@@ -11,7 +11,6 @@ Needs a prepared demo run with a trained tokenizer (`make demo`, or any run root
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys

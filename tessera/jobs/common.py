@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import json
 import os
 import sys
 import time
@@ -62,6 +64,12 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def fingerprint(*parts) -> str:
+    """Stable short hash of JSON-able parts (config sections, input file lists, upstream hashes):
+    a job's outputs are complete only for the fingerprint they were made with."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class JobState:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -19,7 +18,7 @@ import numpy as np
 
 from tessera import storage
 from tessera.config import TesseraConfig
-from tessera.jobs.common import JobState, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
 from tessera.manifest import dataset_files
 from tessera.tokenize.data import is_heldout
 
@@ -84,8 +83,7 @@ def fit_bpe(cfg: TesseraConfig) -> dict:
     out = os.path.abspath(cfg.resolve(bc.output))
     tokens_dir = storage.join(cfg.resolve(bc.tokens), "tokens")
     inputs = storage.read_json(storage.join(tokens_dir, "manifest.json"))
-    fp = hashlib.sha256(json.dumps([dataclasses.asdict(bc), inputs["files"], inputs["tokenizer"]["hash"]], sort_keys=True).encode()).hexdigest()[:16]
-    state = JobState(out, fp)
+    state = JobState(out, fingerprint(dataclasses.asdict(bc), inputs["files"], inputs["tokenizer"]["hash"]))
     if state.is_complete():
         print(f"[tessera] fit-bpe: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 
 from tessera import storage
 from tessera.config import TesseraConfig
 from tessera.faults import fault_point, fault_when
-from tessera.jobs.common import JobState, Timer, parse_args, ray_session
+from tessera.jobs.common import JobState, Timer, fingerprint, parse_args, ray_session
 from tessera.manifest import write_manifest
 from tessera.pipelines import samples
 from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validated
@@ -32,11 +31,8 @@ def _input_listing(cfg: TesseraConfig) -> list:
     return listing
 
 
-def fingerprint(cfg: TesseraConfig) -> str:
-    import hashlib
-
-    base = cfg.section_fingerprint("prepare")
-    return hashlib.sha256((base + json.dumps(_input_listing(cfg))).encode()).hexdigest()[:16]
+def input_fingerprint(cfg: TesseraConfig) -> str:
+    return fingerprint(cfg.section_fingerprint("prepare"), _input_listing(cfg))
 
 
 def prepare(cfg: TesseraConfig) -> dict:
@@ -47,7 +43,7 @@ def prepare(cfg: TesseraConfig) -> dict:
 
     pc = cfg.prepare
     out = cfg.resolve(pc.output)
-    state = JobState(out, fingerprint(cfg))
+    state = JobState(out, input_fingerprint(cfg))
     if state.is_complete():
         print(f"[tessera] prepare: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}

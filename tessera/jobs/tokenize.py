@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 
 from tessera import storage
 from tessera.config import TesseraConfig
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, Timer, parse_args, ray_session
+from tessera.jobs.common import JobState, Timer, fingerprint, parse_args, ray_session
 from tessera.manifest import dataset_files, write_manifest
 from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
 
@@ -41,8 +40,7 @@ def tokenize(cfg: TesseraConfig) -> dict:
     with open(os.path.join(tok_dir, "config.json")) as f:
         image_size = json.load(f)["tokenizer"]["image_size"]
     inputs = storage.read_json(storage.join(samples_dir, "manifest.json"))["files"]
-    fp = hashlib.sha256(json.dumps([dataclasses.asdict(kc), inputs, tok_id["hash"]], sort_keys=True).encode()).hexdigest()[:16]
-    state = JobState(out, fp)
+    state = JobState(out, fingerprint(dataclasses.asdict(kc), inputs, tok_id["hash"]))
     if state.is_complete():
         print(f"[tessera] tokenize: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}

@@ -12,8 +12,6 @@ fingerprint) is skipped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import tempfile
@@ -24,7 +22,7 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
 from tessera.manifest import dataset_files
 
 
@@ -150,7 +148,6 @@ def _plots(out: str, images, recs, ev: dict) -> dict:
 
 def train_tokenizer(cfg: TesseraConfig) -> dict:
     """Run (or resume, or skip) tokenizer training; returns its report. Ray must be initialised."""
-    import ray.train
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -165,8 +162,7 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
     files = dataset_files(samples_dir)
     # complete = same tokenizer config trained on the same committed sample files
     inputs = storage.read_json(storage.join(samples_dir, "manifest.json"))["files"]
-    fingerprint = hashlib.sha256((cfg.section_fingerprint("tokenizer", "run") + json.dumps(inputs)).encode()).hexdigest()[:16]
-    state = JobState(out, fingerprint)
+    state = JobState(out, fingerprint(cfg.section_fingerprint("tokenizer", "run"), inputs))
     if state.is_complete():
         print(f"[tessera] train-tokenizer: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}

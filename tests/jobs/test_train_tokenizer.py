@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tessera.tokenize.tokenizer import load_tokenizer
-from tests.conftest import TINY, tiny_config
+from tests.conftest import TINY
 from tests.tokenize.test_tokenizers import TINY as TINY_TOKENIZER
 
 JOB = [*TINY_TOKENIZER, "tokenizer.train.steps=12", "tokenizer.train.checkpoint_every=6", "tokenizer.train.batch_size=8",
