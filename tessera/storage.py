@@ -31,14 +31,17 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def with_scheme(path: str, like: str) -> str:
+    """A path as `pyarrow.fs` returns it (no scheme) back in the URI form of `like`
+    (`bucket/x` + `s3://bucket` -> `s3://bucket/x`); local paths pass through."""
+    if "://" in path or "://" not in like:
+        return path
+    return f"{like.split('://')[0]}://{path}"
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def makedirs(uri: str) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(path, recursive=True)
 
 
 def remove_tree(uri: str) -> None:
@@ -60,7 +63,7 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
     out = []
     for info in infos:
         if info.type == pafs.FileType.File and info.base_name.endswith(suffix) and not info.base_name.startswith((".", "_")):
-            out.append(info.path if "://" not in uri else f"{uri.split('://')[0]}://{info.path}")
+            out.append(with_scheme(info.path, uri))
     return sorted(out)
 
 

@@ -207,9 +207,7 @@ def video_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa
     paths = _column(batch, "path")
 
     def one(data, path, key):
-        sidecar_uri = path.rsplit(".", 1)[0] + ".json"
-        if "://" not in path and "://" in source.uri:
-            sidecar_uri = f"{source.uri.split('://')[0]}://{sidecar_uri}"
+        sidecar_uri = storage.with_scheme(path.rsplit(".", 1)[0] + ".json", source.uri)
         side: dict = {}
         if storage.exists(sidecar_uri):
             try:
@@ -243,9 +241,7 @@ def web_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.T
 
     def one(line, path, key):
         doc = documents.parse_document(line)
-        root = path.rsplit("/", 1)[0]
-        if "://" not in root and "://" in source.uri:
-            root = f"{source.uri.split('://')[0]}://{root}"
+        root = storage.with_scheme(path.rsplit("/", 1)[0], source.uri)
         positions = []
         for t, ref in zip(doc["texts"], doc["images"]):
             if t is not None:
