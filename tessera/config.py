@@ -88,6 +88,8 @@ class SynthConfig:
     video_fps: int = 8
     num_documents: int = 24
     """Interleaved web documents (2-4 images each)."""
+    num_instruct: int = 128
+    """Visual question answering conversations (image + question/answer turns) about training scenes."""
     num_heldout: int = 48
     """Held-out scenes; each gets attribute, count and POPE-style existence questions."""
     inject_faults: bool = True
@@ -96,7 +98,7 @@ class SynthConfig:
 
     def __post_init__(self):
         _check(16 <= self.resolution <= 1024, "synth.resolution", f"16..1024, got {self.resolution}")
-        for key in ("num_image_text", "num_videos", "num_documents", "num_heldout"):
+        for key in ("num_image_text", "num_videos", "num_documents", "num_instruct", "num_heldout"):
             _check(getattr(self, key) >= 0, f"synth.{key}", f">= 0, got {getattr(self, key)}")
         _check(self.samples_per_shard >= 1, "synth.samples_per_shard", f">= 1, got {self.samples_per_shard}")
         _check(self.video_seconds > 0, "synth.video_seconds", f"> 0, got {self.video_seconds}")
@@ -404,6 +406,163 @@ class BPEConfig:
 
 
 @dataclass
+class DepthHeadConfig:
+    """DualToken's depth transformer: predicts the RVQ codes of one cell, depth by depth."""
+
+    layers: int = 3
+    heads: int = 4
+    dim: int = 128
+
+
+@dataclass
+class ModelConfig:
+    """The unified autoregressive model (DESIGN.md "The unified model")."""
+
+    pretrained: str = ""
+    """`from_pretrained` path of the base causal LM (e.g. a Qwen2.5 checkpoint); empty = a tiny
+    model built from the fields below."""
+    arch: Literal["qwen2"] = "qwen2"
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    max_position: int = 4096
+    rope_theta: float = 10000.0
+    interface: Literal["bpe", "rvq"] = "bpe"
+    """`bpe`: one token per visual-BPE tile (Being-VL); `rvq`: one position per grid cell with
+    depth-transformer heads (DualToken / Kelix)."""
+    codebooks: list[str] = field(default_factory=lambda: ["pixel"])
+    """rvq interface: which of the tokenizer's codebooks a cell carries (`pixel`, `semantic`)."""
+    depth_head: DepthHeadConfig = field(default_factory=DepthHeadConfig)
+    init: Literal["mean", "he"] = "mean"
+    """New embedding rows: mean of the existing rows plus noise, or He (Being-VL)."""
+    init_noise: float = 0.02
+    mot: bool = False
+    """Mixture-of-Transformers (BAGEL): visual positions get their own FFN expert per layer."""
+    mot_attention: bool = False
+    """With `mot`, also separate q/k/v/o projections and norms per modality."""
+    max_grid: int = 64
+    """Largest grid side with a shape token."""
+    time_tokens: int = 64
+    time_step: float = 0.5
+    """Video frame timestamps are tokens `<t=k>`, k = round(seconds / time_step), clipped to time_tokens - 1."""
+    tokenizer: str = "{root}/tokenizer"
+    text_tokenizer: str = "{root}/tokens/text_tokenizer"
+    bpe: str = "{root}/bpe/merges.json"
+
+    def __post_init__(self):
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", f"divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
+        _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", f"dividing num_heads ({self.num_heads}), got {self.num_kv_heads}")
+        _check(self.num_layers >= 1, "model.num_layers", f">= 1, got {self.num_layers}")
+        _check(bool(self.codebooks) and all(c in ("pixel", "semantic") for c in self.codebooks), "model.codebooks",
+               f"a non-empty list of 'pixel'/'semantic', got {self.codebooks}")
+        _check(not self.mot_attention or self.mot, "model.mot_attention", "requires model.mot: true")
+        _check(self.depth_head.dim % self.depth_head.heads == 0, "model.depth_head.dim", "divisible by depth_head.heads")
+        _check(self.time_step > 0 and self.time_tokens >= 1, "model.time_step", "time_step > 0 and time_tokens >= 1")
+
+
+@dataclass
+class TrainableLayers:
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class MixtureConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"all": 1.0})
+    """Selector -> weight. A selector is `all` or a tag `key=value` matched against the sample's
+    curriculum tags plus `source=<name>` and `kind=<kind>` (e.g. `task=vqa`, `difficulty=easy`)."""
+    order: Literal["random", "curriculum"] = "random"
+    """`curriculum`: the stage's samples run easy -> medium -> hard."""
+
+
+@dataclass
+class StageConfig:
+    name: str
+    steps: int
+    trainable: Union[Literal["embeddings", "all"], TrainableLayers] = "all"
+    """`embeddings`: only the new vocabulary rows (and the rvq interface); `{layers: [..]}`: those
+    decoder layers plus embeddings; `all`."""
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    batch_size: int = 8
+    """Packed rows per optimizer step, over all workers (split evenly; times grad_accum micro-steps)."""
+    seq_len: int = 512
+    loss_mask: Literal["all", "text", "image", "answers"] = "all"
+    """Which targets carry loss: everything, text only, image tokens only, or assistant answers
+    (captions count as answers for samples without roles)."""
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"train.stages[{self.name}].steps", f">= 1, got {self.steps}")
+        _check(self.lr > 0, f"train.stages[{self.name}].lr", f"> 0, got {self.lr}")
+        _check(self.seq_len >= 16, f"train.stages[{self.name}].seq_len", f">= 16, got {self.seq_len}")
+        _check(bool(self.mixture.weights) and all(w >= 0 for w in self.mixture.weights.values()) and sum(self.mixture.weights.values()) > 0,
+               f"train.stages[{self.name}].mixture.weights", f"non-negative weights with a positive sum, got {self.mixture.weights}")
+        for sel in self.mixture.weights:
+            _check(sel == "all" or "=" in sel, f"train.stages[{self.name}].mixture.weights.{sel}", "'all' or a 'key=value' tag")
+
+
+def default_stages() -> list[StageConfig]:
+    """Being-VL's three stages, sized for the shapes world."""
+    return [
+        StageConfig(name="embeddings", steps=60, trainable="embeddings", lr=3e-3, loss_mask="all",
+                    mixture=MixtureConfig({"kind=image_text": 1.0})),
+        StageConfig(name="layers", steps=60, trainable=TrainableLayers([0, 1]), lr=2e-3, loss_mask="all",
+                    mixture=MixtureConfig({"kind=image_text": 0.6, "task=vqa": 0.2, "kind=video": 0.1, "source=shapes_web": 0.1})),
+        StageConfig(name="all", steps=60, trainable="all", lr=1e-3, loss_mask="answers",
+                    mixture=MixtureConfig({"kind=image_text": 0.4, "task=vqa": 0.6})),
+    ]
+
+
+@dataclass
+class TrainConfig:
+    """`tessera train`: the staged curriculum on Ray Train (DESIGN.md "Training curriculum")."""
+
+    output: str = "{root}/train"
+    tokens: str = "{root}/tokens"
+    storage_path: str = "{root}/ray_train"
+    """Ray Train `RunConfig.storage_path` (a URI every node reaches on a cluster)."""
+    stages: list[StageConfig] = field(default_factory=default_stages)
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`fsdp`: FSDP2 (`fully_shard` per decoder layer), for GPU clusters."""
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+    checkpoint_every: int = 25
+    num_to_keep: int = 2
+    max_failures: int = 1
+    t2i_rate: float = 0.5
+    """Share of image-text pairs presented caption-first (text -> image), the rest image-first."""
+    cfg_text_dropout: float = 0.1
+    """Classifier-free guidance: share of caption-first pairs whose caption is dropped (BAGEL: 0.1)."""
+    pack_group: int = 64
+    """Samples packed together; packing never crosses a group, so a data position is (group, row)."""
+    log_every: int = 5
+    fault_step: int = -1
+    """Test hook: the worker of rank 0 kills its process once after this global step (once per run root)."""
+
+    def __post_init__(self):
+        _check(bool(self.stages), "train.stages", "at least one stage")
+        names = [s.name for s in self.stages]
+        _check(len(set(names)) == len(names), "train.stages", f"unique stage names, got {names}")
+        _check(self.num_workers >= 1, "train.num_workers", f">= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"> 0, got {self.cpus_per_worker}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f">= 1, got {self.grad_accum}")
+        _check(0 <= self.t2i_rate <= 1, "train.t2i_rate", f"0..1, got {self.t2i_rate}")
+        _check(0 <= self.cfg_text_dropout <= 1, "train.cfg_text_dropout", f"0..1, got {self.cfg_text_dropout}")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", f">= 1, got {self.checkpoint_every}")
+        _check(self.pack_group >= 1, "train.pack_group", f">= 1, got {self.pack_group}")
+        for i, s in enumerate(self.stages):
+            _check(s.batch_size % (self.num_workers * self.grad_accum) == 0, f"train.stages[{i}].batch_size",
+                   f"a multiple of num_workers * grad_accum ({self.num_workers * self.grad_accum}), got {s.batch_size}")
+
+
+@dataclass
 class TesseraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -412,6 +571,8 @@ class TesseraConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     bpe: BPEConfig = field(default_factory=BPEConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         if not self.prepare.sources:
@@ -438,6 +599,7 @@ def default_sources(synth_output: str) -> list[SourceConfig]:
         SourceConfig(name="shapes_hf", kind="hf_dataset", uri=f"{synth_output}/hf", caption_key="caption", image_key="image", id_key="id"),
         SourceConfig(name="shapes_video", kind="video", uri=f"{synth_output}/video"),
         SourceConfig(name="shapes_web", kind="web", uri=f"{synth_output}/web"),
+        SourceConfig(name="shapes_instruct", kind="web", uri=f"{synth_output}/instruct"),
     ]
 
 

@@ -24,6 +24,7 @@ TINY = [
     "synth.num_videos=3",
     "synth.video_seconds=2.0",
     "synth.num_documents=5",
+    "synth.num_instruct=8",
     "synth.num_heldout=6",
     "synth.inject_faults=true",
     "prepare.image.resolution=32",

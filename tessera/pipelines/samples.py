@@ -59,6 +59,8 @@ def curriculum_tags(kind: str, texts: list, n_images: int, meta: dict, cfg: Prep
     tags = [f"difficulty={difficulty}", f"kind={kind}", f"images={n_images}"]
     if n_objects:
         tags.append(f"objects={n_objects}")
+    if isinstance(meta.get("task"), str):
+        tags.append(f"task={meta['task']}")
     return tags
 
 
@@ -250,6 +252,14 @@ def web_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.T
                 positions.append(("image", images.decode_image(documents.load_image_ref(ref, root), cfg.image)))
         check_texts([v for k, v in positions if k == "text"], cfg, "document text")
         meta = {"key": key, "url": doc.get("url")}
+        roles = doc.get("roles")
+        if roles is not None:
+            if not isinstance(roles, list) or len(roles) != len(positions) or any(
+                    (r is None) != (k == "image") or (r is not None and r not in ("user", "assistant")) for r, (k, _) in zip(roles, positions)):
+                raise Rejected("malformed_document", "'roles' must align with 'texts': 'user' or 'assistant' at each text, null at each image")
+            meta["roles"] = roles
+        if isinstance(doc.get("task"), str):
+            meta["task"] = doc["task"]
         return build_sample(source.name, "web", key, positions, meta, cfg)
 
     keys = [documents.document_key(line) for line in lines]

@@ -7,6 +7,7 @@ Layout under the output location:
     video/clip-0000.mp4        H.264 MP4 of moving shapes, + clip-0000.json (timed subtitles)
     web/docs-00000.jsonl       OBELICS-style documents: aligned `texts`/`images` lists; an image is a
     web/images/*.png           path relative to the .jsonl file or an embedded data: URI
+    instruct/vqa-00000.jsonl   question/answer conversations about training scenes (`roles`, `task`)
     heldout/images/*.png       held-out scenes, + scenes.jsonl (truth) and questions.jsonl
     manifest.json              counts and the config fingerprint (written last: the completion mark)
 
@@ -31,7 +32,7 @@ from tessera import storage
 from tessera.pipelines import shapes
 
 # Distinct random streams so adding samples of one kind never changes another.
-_STREAM_IMAGE, _STREAM_VIDEO, _STREAM_WEB, _STREAM_HELDOUT = 1, 2, 3, 4
+_STREAM_IMAGE, _STREAM_VIDEO, _STREAM_WEB, _STREAM_HELDOUT, _STREAM_INSTRUCT = 1, 2, 3, 4, 5
 
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -254,6 +255,30 @@ def write_documents(out: str, cfg, seed: int, faults: bool) -> int:
     return len(lines)
 
 
+def write_instructions(out: str, cfg, seed: int) -> int:
+    """Visual question answering conversations about training scenes (the instruction data of
+    Being-VL's later stages), as interleaved documents: the image, then question/answer turns.
+    `roles` marks each text as `user` or `assistant` so training can put the loss on answers only."""
+    img_dir = os.path.join(out, "images")
+    os.makedirs(img_dir, exist_ok=True)
+    lines = []
+    for i in range(cfg.num_instruct):
+        rng = _rng(seed, _STREAM_INSTRUCT, i)
+        scene = shapes.sample_scene(rng)
+        name = f"vqa-{i:05d}.png"
+        with open(os.path.join(img_dir, name), "wb") as f:
+            f.write(encode_image(shapes.render_scene(scene, cfg.resolution)))
+        texts, images, roles = [None], [f"images/{name}"], [None]
+        for q in shapes.questions(scene, rng):
+            texts += [q["question"], q["answer"]]
+            images += [None, None]
+            roles += ["user", "assistant"]
+        lines.append(json.dumps({"id": f"vqa-{i:05d}", "task": "vqa", "texts": texts, "images": images, "roles": roles}))
+    with open(os.path.join(out, "vqa-00000.jsonl"), "w") as f:
+        f.write("\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
+
+
 def write_heldout(out: str, cfg, seed: int) -> int:
     img_dir = os.path.join(out, "images")
     os.makedirs(img_dir, exist_ok=True)
@@ -286,6 +311,7 @@ def write_world(output: str, cfg, seed: int, fingerprint: str) -> dict:
         "hf_dataset": write_hf_dataset(os.path.join(output, "hf"), cfg, seed, range(half, cfg.num_image_text), cfg.inject_faults),
         "video": write_videos(os.path.join(output, "video"), cfg, seed, cfg.inject_faults),
         "web": write_documents(os.path.join(output, "web"), cfg, seed, cfg.inject_faults),
+        "instruct": write_instructions(os.path.join(output, "instruct"), cfg, seed),
         "heldout": write_heldout(os.path.join(output, "heldout"), cfg, seed),
     }
     manifest = {"fingerprint": fingerprint, "counts": counts, "seed": seed, "resolution": cfg.resolution}

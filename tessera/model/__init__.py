@@ -1,0 +1,1 @@
+"""The unified autoregressive model: extended vocabulary, visual interfaces, MoT, packing, generation."""

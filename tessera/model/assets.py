@@ -1,0 +1,141 @@
+"""What a unified model is built from, and its directory format.
+
+`ModelAssets` gathers the text tokenizer, the visual tokenizer's codebook geometry and (for the
+bpe interface) the visual BPE, and derives the `Vocabulary`. `save_model` / `load_model` write
+and read a directory that `transformers` understands:
+
+    config.json, model.safetensors   the extended LM (`AutoModelForCausalLM.from_pretrained`
+                                     loads it as is for the bpe interface without MoT)
+    tessera_model.safetensors        instead of model.safetensors when MoT experts or rvq heads
+                                     exist (Tessera's loader; plain transformers cannot run them)
+    tessera.json                     vocabulary layout, model config, and the identity (path +
+                                     hash) of the visual tokenizer, text tokenizer and BPE
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from tessera.config import ModelConfig, config_from_dict
+from tessera.model.unified import TesseraModel
+from tessera.model.vocab import Vocabulary
+
+FORMAT = "tessera-model/1"
+
+
+@dataclass
+class ModelAssets:
+    text_tokenizer: object
+    text_identity: dict
+    tokenizer_identity: dict
+    codebook_sizes: dict
+    """codebook name -> size, from the visual tokenizer's config."""
+    depths: dict
+    """codebook name -> RVQ depth."""
+    bpe: object | None
+    bpe_identity: dict | None
+
+    def vocabulary(self, cfg: ModelConfig, text_size: int | None = None) -> Vocabulary:
+        tok = self.text_tokenizer
+        return Vocabulary(
+            text_size=text_size or len(tok), bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+            interface=cfg.interface, visual_size=self.bpe.vocab_size if cfg.interface == "bpe" else 0,
+            max_grid=cfg.max_grid, time_tokens=cfg.time_tokens, time_step=cfg.time_step)
+
+    def rvq_geometry(self, cfg: ModelConfig) -> tuple[list[int], int]:
+        if cfg.interface != "rvq":
+            return [], 1
+        missing = [c for c in cfg.codebooks if c not in self.codebook_sizes]
+        if missing:
+            raise ValueError(f"model.codebooks {missing} are not produced by the visual tokenizer "
+                             f"(it has {sorted(self.codebook_sizes)})")
+        return [self.codebook_sizes[c] for c in cfg.codebooks], min(self.depths[c] for c in cfg.codebooks)
+
+
+def load_assets(cfg: ModelConfig, resolve=lambda s: s) -> ModelAssets:
+    from tessera.bpe.model import VisualBPE
+    from tessera.tokenize.text import load_text_tokenizer, text_tokenizer_identity
+    from tessera.tokenize.tokenizer import tokenizer_identity
+
+    tok_dir = resolve(cfg.tokenizer)
+    with open(os.path.join(tok_dir, "config.json")) as f:
+        meta = json.load(f)
+    tcfg = meta["tokenizer"]
+    if meta["preset"] == "vq":
+        sizes, depths = {"pixel": tcfg["vq"]["rvq"]["codebook_size"]}, {"pixel": tcfg["vq"]["rvq"]["depth"]}
+    else:
+        sizes = {"pixel": tcfg["dual"]["pixel_rvq"]["codebook_size"], "semantic": tcfg["dual"]["semantic_rvq"]["codebook_size"]}
+        depths = {"pixel": tcfg["dual"]["pixel_rvq"]["depth"], "semantic": tcfg["dual"]["semantic_rvq"]["depth"]}
+    text_path = resolve(cfg.text_tokenizer)
+    bpe, bpe_id = None, None
+    if cfg.interface == "bpe":
+        path = resolve(cfg.bpe)
+        bpe = VisualBPE.load(path)
+        bpe_id = {"path": os.path.abspath(path), "hash": bpe.hash}
+    return ModelAssets(load_text_tokenizer(text_path), text_tokenizer_identity(text_path), tokenizer_identity(tok_dir),
+                       sizes, depths, bpe, bpe_id)
+
+
+def save_model(model: TesseraModel, directory: str, identities: dict | None = None, extra: dict | None = None) -> str:
+    """Write the model directory (atomic per file). Returns the path of tessera.json."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    plain = model.vocab.interface == "bpe" and not model.cfg.mot
+    state = {k: v.detach().cpu().contiguous() for k, v in (model.lm.state_dict() if plain else model.state_dict()).items()}
+    if plain:
+        model.lm.save_pretrained(directory, safe_serialization=True)
+        stale = os.path.join(directory, "tessera_model.safetensors")
+    else:
+        model.lm.config.save_pretrained(directory)
+        save_file(state, os.path.join(directory, "tessera_model.safetensors.tmp"), metadata={"format": "pt"})
+        os.replace(os.path.join(directory, "tessera_model.safetensors.tmp"), os.path.join(directory, "tessera_model.safetensors"))
+        stale = os.path.join(directory, "model.safetensors")
+    if os.path.exists(stale):
+        os.remove(stale)
+    info = {
+        "format": FORMAT, "weights": "transformers" if plain else "tessera",
+        "vocabulary": model.vocab.to_dict(), "new_token_names": model.vocab.token_names(),
+        "model": dataclasses.asdict(model.cfg), "codebook_sizes": model.codebook_sizes, "depth": model.depth,
+        **(identities or {}), **(extra or {}),
+    }
+    path = os.path.join(directory, "tessera.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_info(directory: str) -> dict:
+    with open(os.path.join(directory, "tessera.json")) as f:
+        info = json.load(f)
+    if info.get("format") != FORMAT:
+        raise ValueError(f"{directory}: not a Tessera model (format {info.get('format')!r}, expected {FORMAT!r})")
+    return info
+
+
+def load_model(directory: str, device: str | torch.device = "cpu") -> TesseraModel:
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    info = read_info(directory)
+    cfg = config_from_dict({"model": info["model"]}).model
+    vocab = Vocabulary.from_dict(info["vocabulary"])
+    if info["weights"] == "transformers":
+        lm = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa", torch_dtype=torch.float32)
+        model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"])
+    else:
+        config = AutoConfig.from_pretrained(directory)
+        config._attn_implementation = "sdpa"
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", torch_dtype=torch.float32)
+        model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"])
+        missing, unexpected = model.load_state_dict(load_file(os.path.join(directory, "tessera_model.safetensors")), strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+        if missing or unexpected:
+            raise ValueError(f"{directory}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device).eval()

@@ -1,0 +1,156 @@
+"""Generation with a KV cache: image -> text, and text -> image with classifier-free guidance.
+
+Text -> image only ever emits tokens that are valid next, so every generated image decodes to
+a full grid: after `<|image_start|> <h=H> <w=W>`, the bpe interface allows exactly the tiles
+that fit at the next free cell (`VisualBPE.start_decoding(...).valid_mask()`), and the rvq
+interface emits H*W cells whose codes come from the depth heads (a code per depth).
+CFG: `logits = uncond + scale * (cond - uncond)`, the unconditional branch being the same
+image continuation after `<bos>` alone (what caption dropout trained).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tessera.model.rvq_heads import pick
+from tessera.model.unified import TesseraModel
+
+
+class Decoder:
+    """Incremental decoding of one sequence: feed tokens, read the last hidden state and logits."""
+
+    def __init__(self, model: TesseraModel, use_cache: bool = True):
+        self.model, self.use_cache = model, use_cache
+        self.device = next(model.parameters()).device
+        self.ids: list[int] = []
+        self.codes: list[np.ndarray] = []
+        self.past = None
+        self.n_codebooks = len(model.codebook_sizes)
+
+    def _codes_tensor(self, codes: list[np.ndarray]) -> torch.Tensor | None:
+        if not self.n_codebooks:
+            return None
+        return torch.from_numpy(np.stack(codes)).to(self.device).unsqueeze(0)
+
+    @torch.no_grad()
+    def feed(self, ids, codes: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (n,), codes (n, C, D) | None -> last hidden (H,), last logits (V,) in float32."""
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        if self.n_codebooks:
+            if codes is None:
+                codes = np.zeros((len(ids), self.n_codebooks, self.model.depth), np.int64)
+            new_codes = [np.maximum(c, 0) for c in np.asarray(codes, np.int64)]
+        else:
+            new_codes = [None] * len(ids)
+        start = len(self.ids)
+        self.ids += ids
+        self.codes += new_codes
+        if self.use_cache:
+            run_ids, run_codes, first = ids, new_codes, start
+        else:
+            run_ids, run_codes, first, self.past = self.ids, self.codes, 0, None
+        x = torch.tensor([run_ids], device=self.device)
+        pos = torch.arange(first, first + len(run_ids), device=self.device).unsqueeze(0)
+        with autocast(self.device):
+            hidden, logits, past = self.model(x, pos, codes=self._codes_tensor(run_codes), past_key_values=self.past,
+                                              use_cache=self.use_cache)
+        self.past = past if self.use_cache else None
+        return hidden[0, -1].float(), logits[0, -1].float()
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def generate_text(model: TesseraModel, prompt_ids, prompt_codes: np.ndarray | None = None, max_new_tokens: int = 48,
+                  temperature: float = 0.0, top_k: int = 0, generator: torch.Generator | None = None,
+                  use_cache: bool = True) -> list[int]:
+    """Continue a prompt with text until <eos> (not included) or max_new_tokens. Only text ids are allowed."""
+    vocab = model.vocab
+    dec = Decoder(model, use_cache)
+    _, logits = dec.feed(prompt_ids, prompt_codes)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = logits.clone()
+        logits[vocab.text_size:] = float("-inf")
+        logits[vocab.bos_id] = logits[vocab.pad_id] = float("-inf")
+        token = int(pick(logits.unsqueeze(0), temperature, top_k, generator)[0])
+        if token == vocab.eos_id:
+            break
+        out.append(token)
+        _, logits = dec.feed([token])
+    return out
+
+
+def _guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return cond if uncond is None else uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=None, cfg_scale: float = 3.0,
+                   temperature: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None,
+                   use_cache: bool = True) -> np.ndarray:
+    """Text prompt (<bos> + caption ids) -> codes of a full grid: (H, W) base codes for the bpe
+    interface, (H, W, C, D) for rvq. `cfg_scale` 1 turns guidance off."""
+    vocab = model.vocab
+    H, W = grid
+    header = [vocab.image_start, vocab.height_token(H), vocab.width_token(W)]
+    cond = Decoder(model, use_cache)
+    uncond = Decoder(model, use_cache) if cfg_scale != 1.0 else None
+    hc, lc = cond.feed(list(prompt_ids) + header)
+    hu, lu = uncond.feed([vocab.bos_id] + header) if uncond else (None, None)
+    if vocab.interface == "bpe":
+        if bpe is None:
+            raise ValueError("the bpe interface needs the VisualBPE to constrain tiles")
+        tiling = bpe.start_decoding((H, W))
+        tiles = []
+        lo = vocab.visual_base
+        while not tiling.done:
+            logits = _guided(lc[lo:lo + bpe.vocab_size], None if lu is None else lu[lo:lo + bpe.vocab_size], cfg_scale)
+            valid = torch.from_numpy(tiling.valid_mask()).to(logits.device)
+            logits = logits.masked_fill(~valid, float("-inf"))
+            tile = int(pick(logits.unsqueeze(0), temperature, top_k, generator)[0])
+            tiling.push(tile)
+            tiles.append(tile)
+            hc, lc = cond.feed([lo + tile])
+            if uncond:
+                hu, lu = uncond.feed([lo + tile])
+        return bpe.decode(np.asarray(tiles, np.int32), (H, W))
+    cells = []
+    for _ in range(H * W):
+        codes = []
+        for c, head in enumerate(model.depth_heads):
+            codes.append(_sample_cell_guided(head, hc, hu, cfg_scale, temperature, top_k, generator))
+        cell = np.stack(codes)  # (C, D)
+        cells.append(cell)
+        hc, lc = cond.feed([vocab.cell], cell[None])
+        if uncond:
+            hu, lu = uncond.feed([vocab.cell], cell[None])
+    return np.stack(cells).reshape(H, W, len(model.depth_heads), model.depth)
+
+
+def _sample_cell_guided(head, hc: torch.Tensor, hu: torch.Tensor | None, scale: float, temperature: float, top_k: int,
+                        generator) -> np.ndarray:
+    """One cell's codes (D,) depth by depth, guiding each depth's logits."""
+    hidden = hc.unsqueeze(0) if hu is None else torch.stack([hc, hu])
+    hidden = hidden.to(next(head.parameters()).dtype)
+    codes = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
+    for d in range(head.depth):
+        h = head._run(head._inputs(hidden, codes))
+        logits = head.classifiers[d](h[:, d]).float()
+        guided = _guided(logits[0], logits[1] if hu is not None else None, scale)
+        code = pick(guided.unsqueeze(0), temperature, top_k, generator)
+        codes = torch.cat([codes, code.expand(hidden.shape[0]).unsqueeze(1)], dim=1)
+    return codes[0].cpu().numpy()
+
+
+@torch.no_grad()
+def decode_pixels(tokenizer, codes: np.ndarray, interface: str) -> np.ndarray:
+    """Generated codes -> uint8 RGB (H_img, W_img, 3) through the visual tokenizer's decoder
+    (the pixel codebook; a bpe grid is the BPE's depth)."""
+    grid = codes[:, :, None] if interface == "bpe" else codes[:, :, 0, :]
+    device = next(tokenizer.parameters()).device
+    img = tokenizer.decode(torch.from_numpy(np.ascontiguousarray(grid)).long().unsqueeze(0).to(device))[0]
+    return ((img.float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)

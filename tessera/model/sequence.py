@@ -1,0 +1,173 @@
+"""Token-shard rows -> model sequences: interleaved text and images in order, loss masks, CFG dropout.
+
+A sequence is `<bos> position_1 ... position_n <eos>` where a text position is its text ids
+and an image position is
+
+    bpe:  [<|frame|> <t=k>] <|image_start|> <h=H> <w=W> tile_1 ... tile_m <|image_end|>
+    rvq:  [<|frame|> <t=k>] <|image_start|> <h=H> <w=W> <|cell|> x H*W <|image_end|>   (+ codes per cell)
+
+(the frame marker and time token only for video frames). Image-caption pairs are shown
+image-first (captioning) or, at rate `t2i_rate`, caption-first (generation); a caption-first
+pair drops its caption at rate `cfg_text_dropout`, which teaches the unconditional branch
+classifier-free guidance needs. Both draws are a pure function of (seed, sample_id, epoch).
+
+`loss` marks which tokens are targets (predicted from the previous token):
+    all      every token after <bos>
+    text     text ids and <eos>
+    image    the image spans
+    answers  assistant turns (documents with `roles`), else the sample's last position; + <eos>
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from tessera.model.vocab import Vocabulary
+
+
+class BadSample(ValueError):
+    """A token row the model cannot take (out-of-vocabulary id, bad grid). Names the sample."""
+
+
+@dataclass
+class Sequence:
+    sample_id: str
+    ids: np.ndarray
+    """(n,) int64 token ids."""
+    loss: np.ndarray
+    """(n,) bool: token i is a target."""
+    codes: np.ndarray | None = None
+    """(n, C, D) int64 codes at <|cell|> positions (rvq interface), -1 elsewhere."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def sample_rng(seed: int, sample_id: str, epoch: int) -> np.random.Generator:
+    digest = hashlib.sha256(f"{seed}:{sample_id}:{epoch}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+class SequenceBuilder:
+    def __init__(self, vocab: Vocabulary, bpe=None, codebooks: tuple[str, ...] = ("pixel",), depth: int = 1,
+                 codebook_sizes: tuple[int, ...] = (), bpe_codebook: str = "pixel", bpe_depth: int = 0):
+        if vocab.interface == "bpe" and bpe is None:
+            raise ValueError("the bpe interface needs a fitted VisualBPE")
+        self.vocab, self.bpe = vocab, bpe
+        self.codebooks, self.depth, self.codebook_sizes = tuple(codebooks), depth, tuple(codebook_sizes)
+        self.bpe_codebook, self.bpe_depth = bpe_codebook, bpe_depth
+
+    # ------------------------------------------------------------------ pieces
+
+    def text_ids(self, ids, sample_id: str) -> np.ndarray:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab.text_size):
+            raise BadSample(f"sample {sample_id}: text id {int(arr.max() if arr.max() >= self.vocab.text_size else arr.min())} "
+                            f"outside the text vocabulary of {self.vocab.text_size} ids")
+        return arr
+
+    def grid(self, row: dict, position: int, codebook: str) -> np.ndarray:
+        shape = [int(s) for s in row["grid_shapes"][position]]
+        flat = np.asarray(row[f"{codebook}_codes"][position], dtype=np.int64)
+        if len(shape) != 3 or flat.size != int(np.prod(shape)):
+            raise BadSample(f"sample {row['sample_id']}: image at position {position} has {flat.size} {codebook} codes "
+                            f"but grid shape {shape}")
+        return flat.reshape(shape)
+
+    def image_header(self, h: int, w: int) -> list[int]:
+        return [self.vocab.image_start, self.vocab.height_token(h), self.vocab.width_token(w)]
+
+    def image_span(self, row: dict, position: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """ids (m,) and codes (m, C, D) | None of one image, start and end tokens included."""
+        sid = row["sample_id"]
+        if self.vocab.interface == "bpe":
+            grid = self.grid(row, position, self.bpe_codebook)[:, :, self.bpe_depth]
+            if grid.min() < 0 or grid.max() >= self.bpe.codebook_size:
+                raise BadSample(f"sample {sid}: code {int(grid.max())} outside the BPE's codebook of {self.bpe.codebook_size}")
+            H, W = grid.shape
+            tiles = self.bpe.encode(grid.astype(np.int32)).astype(np.int64) + self.vocab.visual_base
+            return np.concatenate([self.image_header(H, W), tiles, [self.vocab.image_end]]).astype(np.int64), None
+        grids = [self.grid(row, position, c) for c in self.codebooks]
+        H, W, D = grids[0].shape
+        if D < self.depth:
+            raise BadSample(f"sample {sid}: grid depth {D} < the model's RVQ depth {self.depth}")
+        cells = np.stack([g[:, :, : self.depth].reshape(H * W, self.depth) for g in grids], axis=1)  # (HW, C, D)
+        for c, k in enumerate(self.codebook_sizes):
+            if cells[:, c].min() < 0 or cells[:, c].max() >= k:
+                raise BadSample(f"sample {sid}: {self.codebooks[c]} code outside the codebook of {k}")
+        ids = np.concatenate([self.image_header(H, W), np.full(H * W, self.vocab.cell), [self.vocab.image_end]]).astype(np.int64)
+        codes = np.full((len(ids), len(self.codebooks), self.depth), -1, dtype=np.int64)
+        codes[3:3 + H * W] = cells
+        return ids, codes
+
+    # ------------------------------------------------------------------ whole samples
+
+    def build(self, row: dict, loss_mask: str = "all", seed: int = 0, epoch: int = 0, t2i_rate: float = 0.0,
+              cfg_text_dropout: float = 0.0) -> Sequence:
+        sid = row["sample_id"]
+        is_image = list(row["is_image"])
+        order = list(range(len(is_image)))
+        drop = set()
+        rng = sample_rng(seed, sid, epoch)
+        if row["kind"] == "image_text" and len(order) == 2:
+            image_pos, text_pos = (0, 1) if is_image[0] else (1, 0)
+            if rng.random() < t2i_rate:
+                order = [text_pos, image_pos]
+                if rng.random() < cfg_text_dropout:
+                    drop.add(text_pos)
+            else:
+                order = [image_pos, text_pos]
+        roles = json.loads(row["meta"]).get("roles") if row.get("meta") else None
+        timestamps = row.get("timestamps")
+        kept = [p for p in order if p not in drop]
+        answer_positions = ({p for p in kept if roles[p] == "assistant"} if roles else {kept[-1]})
+
+        ids_parts, loss_parts, code_parts = [np.array([self.vocab.bos_id])], [np.array([False])], []
+        n_codebooks = len(self.codebooks) if self.vocab.interface == "rvq" else 0
+        for p in kept:
+            if is_image[p]:
+                prefix = []
+                if timestamps is not None and p < len(timestamps) and timestamps[p] is not None and row["kind"] == "video":
+                    prefix = [self.vocab.frame, self.vocab.time_token(float(timestamps[p]))]
+                ids, codes = self.image_span(row, p)
+                ids = np.concatenate([np.asarray(prefix, dtype=np.int64), ids])
+                if codes is not None:
+                    codes = np.concatenate([np.full((len(prefix), n_codebooks, self.depth), -1, np.int64), codes])
+                target = loss_mask in ("all", "image") or (loss_mask == "answers" and p in answer_positions)
+            else:
+                ids = self.text_ids(row["text_ids"][p], sid)
+                codes = None
+                target = loss_mask in ("all", "text") or (loss_mask == "answers" and p in answer_positions)
+            ids_parts.append(ids)
+            loss_parts.append(np.full(len(ids), target))
+            if n_codebooks:
+                code_parts.append(codes if codes is not None else np.full((len(ids), n_codebooks, self.depth), -1, np.int64))
+        ids_parts.append(np.array([self.vocab.eos_id]))
+        loss_parts.append(np.array([loss_mask != "image"]))
+        ids = np.concatenate(ids_parts).astype(np.int64)
+        codes = None
+        if n_codebooks:
+            codes = np.concatenate([np.full((1, n_codebooks, self.depth), -1, np.int64), *code_parts,
+                                    np.full((1, n_codebooks, self.depth), -1, np.int64)])
+        return Sequence(sid, ids, np.concatenate(loss_parts).astype(bool), codes)
+
+    # ------------------------------------------------------------------ prompts (generation / eval)
+
+    def image_prefix(self, row: dict, position: int = 0) -> Sequence:
+        """<bos> + one image: the prompt for captioning / questions."""
+        ids, codes = self.image_span(row, position)
+        ids = np.concatenate([[self.vocab.bos_id], ids]).astype(np.int64)
+        if codes is not None:
+            codes = np.concatenate([np.full((1,) + codes.shape[1:], -1, np.int64), codes])
+        return Sequence(row["sample_id"], ids, np.zeros(len(ids), bool), codes)
+
+    def extend_text(self, seq: Sequence, text_ids) -> Sequence:
+        ids = np.asarray(text_ids, dtype=np.int64)
+        codes = None
+        if seq.codes is not None:
+            codes = np.concatenate([seq.codes, np.full((len(ids),) + seq.codes.shape[1:], -1, np.int64)])
+        return Sequence(seq.sample_id, np.concatenate([seq.ids, ids]), np.zeros(len(seq.ids) + len(ids), bool), codes)

@@ -1,0 +1,259 @@
+"""The unified model: interfaces, MoT, packing, generation, save/load (no Ray)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tessera.bpe.model import VisualBPE
+from tessera.config import load_config
+from tessera.model.assets import load_model, save_model
+from tessera.model.generate import generate_image, generate_text
+from tessera.model.packing import collate, pack, pad
+from tessera.model.sequence import BadSample, SequenceBuilder
+from tessera.model.unified import TesseraModel
+from tessera.model.vocab import Vocabulary
+
+TEXT = 300
+GRID = (4, 4)
+DEPTH = 2
+SIZES = [16, 8]
+
+
+def model_config(*extra):
+    return load_config(None, ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+                              "model.intermediate_size=64", "model.depth_head.dim=16", "model.depth_head.heads=2",
+                              "model.depth_head.layers=1", *extra]).model
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    rng = np.random.default_rng(0)
+    grids = [np.repeat(np.repeat(rng.integers(0, 16, (2, 2)), 2, 0), 2, 1).astype(np.int32) for _ in range(64)]
+    return VisualBPE.fit(grids, codebook_size=16, num_merges=24)
+
+
+def vocab_for(interface, bpe=None):
+    return Vocabulary(text_size=TEXT, bos_id=1, eos_id=2, pad_id=0, interface=interface,
+                      visual_size=bpe.vocab_size if interface == "bpe" else 0, max_grid=8, time_tokens=8)
+
+
+def make_model(interface, bpe, mot=False, seed=0):
+    extra = ["model.mot=true", "model.mot_attention=true"] if mot else []
+    cfg = model_config(f"model.interface={interface}", "model.codebooks=[pixel, semantic]", *extra)
+    return TesseraModel.create(cfg, vocab_for(interface, bpe), SIZES, DEPTH, seed=seed)
+
+
+def token_row(sid, kind="image_text", n_images=1, text_len=5, rng=None, roles=None, timestamps=None):
+    """A token-shard row with random codes: image(s) then text(s)."""
+    rng = rng or np.random.default_rng(abs(hash(sid)) % 2**32)
+    is_image, text_ids, pixel, semantic, shapes = [], [], [], [], []
+    for i in range(n_images):
+        is_image.append(True)
+        text_ids.append([])
+        pixel.append(rng.integers(0, 8, GRID[0] * GRID[1] * DEPTH).tolist())  # < both codebook sizes
+        semantic.append(rng.integers(0, 8, GRID[0] * GRID[1] * DEPTH).tolist())
+        shapes.append([*GRID, DEPTH])
+        is_image.append(False)
+        text_ids.append(rng.integers(3, TEXT, text_len).tolist())
+        pixel.append([]), semantic.append([]), shapes.append([])
+    meta = {"roles": roles} if roles else {}
+    return {"sample_id": sid, "source": "s", "kind": kind, "is_image": is_image, "text_ids": text_ids, "pixel_codes": pixel,
+            "semantic_codes": semantic, "grid_shapes": shapes, "timestamps": timestamps, "curriculum": [], "meta": json.dumps(meta)}
+
+
+def builder_for(model, bpe):
+    return SequenceBuilder(model.vocab, bpe, ("pixel", "semantic"), DEPTH, tuple(SIZES))
+
+
+def batch_of(model, bpe, n=3, seq_len=128, packed=True):
+    b = builder_for(model, bpe)
+    seqs = [b.build(token_row(f"s{i}", n_images=1 + i % 2), "all", t2i_rate=0.5) for i in range(n)]
+    rows, stats = (pack if packed else pad)(seqs, seq_len, model.vocab.pad_id)
+    return seqs, collate(rows), stats
+
+
+@pytest.mark.parametrize("interface", ["bpe", "rvq"])
+@pytest.mark.parametrize("mot", [False, True])
+def test_forward_backward(interface, mot, bpe):
+    model = make_model(interface, bpe, mot)
+    _, batch, _ = batch_of(model, bpe)
+    out = model.loss(batch)
+    assert torch.isfinite(out["loss"]) and out["loss"] > 0
+    assert out["text_targets"] > 0 and out["targets"] > out["text_targets"]
+    out["loss"].backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    assert grads["lm.model.embed_tokens.weight"].abs().sum() > 0
+    if interface == "rvq":
+        assert grads["code_embed.proj.weight"].abs().sum() > 0
+        assert all(grads[f"depth_heads.{c}.classifiers.{d}.weight"].abs().sum() > 0 for c in range(2) for d in range(DEPTH))
+    if mot:
+        assert grads["lm.model.layers.0.mlp.visual.up_proj.weight"].abs().sum() > 0
+        assert grads["lm.model.layers.0.mlp.text.up_proj.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("interface", ["bpe", "rvq"])
+def test_packed_logits_equal_unpacked(interface, bpe):
+    model = make_model(interface, bpe, mot=True).eval()
+    seqs, batch, stats = batch_of(model, bpe, n=4, seq_len=256)
+    assert stats["rows"] == 1 and stats["sequences"] == 4
+    with torch.no_grad():
+        _, packed, _ = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"))
+        start = 0
+        for s in seqs:
+            rows, _ = pad([s], len(s), model.vocab.pad_id)
+            alone = collate(rows)
+            _, logits, _ = model(alone["input_ids"], alone["position_ids"], alone["doc_ids"], alone.get("codes"))
+            torch.testing.assert_close(packed[0, start:start + len(s)], logits[0], atol=1e-5, rtol=1e-5)
+            start += len(s)
+    # no target crosses a document boundary
+    docs, targets = batch["doc_ids"][0], batch["targets"][0]
+    for t in range(len(docs) - 1):
+        if docs[t] != docs[t + 1]:
+            assert targets[t] == -100
+
+
+@pytest.mark.parametrize("init", ["mean", "he"])
+def test_vocabulary_extension_keeps_old_rows(init, bpe):
+    from tessera.model.unified import build_base_lm
+
+    cfg = model_config(f"model.init={init}")
+    base = build_base_lm(cfg, TEXT, seed=0)
+    old_in = base.get_input_embeddings().weight.detach().clone()
+    old_out = base.get_output_embeddings().weight.detach().clone()
+    model = TesseraModel.create(cfg, vocab_for("bpe", bpe), seed=0)
+    new_in, new_out = model.lm.get_input_embeddings().weight, model.lm.get_output_embeddings().weight
+    assert new_in.shape[0] == model.vocab.size > TEXT
+    assert torch.equal(new_in[:TEXT], old_in) and torch.equal(new_out[:TEXT], old_out)
+    rows = new_in[TEXT:].detach()
+    if init == "mean":
+        assert torch.allclose(rows.mean(0), old_in.mean(0), atol=0.01)
+        assert 0.01 < float(rows.std()) < 0.03  # the configured noise, 0.02
+    else:
+        assert float(rows.std()) == pytest.approx((2 / rows.shape[1]) ** 0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("expert", ["visual", "text"])
+def test_mot_routes_positions_to_their_expert(expert, bpe):
+    model = make_model("bpe", bpe, mot=True).eval()
+    _, batch, _ = batch_of(model, bpe, n=2)
+    visual = model.visual_mask(batch["input_ids"])
+    real = batch["doc_ids"] > 0
+    with torch.no_grad():
+        _, before, _ = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+        # the last layer's FFN comes after all attention: only its own positions can change
+        getattr(model.lm.model.layers[-1].mlp, expert).down_proj.weight.add_(0.5)
+        _, after, _ = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+    changed = (before - after).abs().amax(-1) > 1e-6
+    routed = visual if expert == "visual" else ~visual
+    assert changed[routed & real].all()
+    assert not changed[~routed & real].any()
+
+
+def test_mot_visual_expert_starts_as_copy(bpe):
+    model = make_model("bpe", bpe, mot=True)
+    for layer in model.lm.model.layers:
+        for (_, a), (_, b) in zip(layer.mlp.text.named_parameters(), layer.mlp.visual.named_parameters()):
+            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+def test_cfg_dropout_rate_observed(bpe):
+    model = make_model("bpe", bpe)
+    b = builder_for(model, bpe)
+    n, t2i, dropped = 2000, 0, 0
+    for i in range(n):
+        seq = b.build(token_row(f"c{i}", rng=np.random.default_rng(i)), "all", seed=3, t2i_rate=0.5, cfg_text_dropout=0.2)
+        text_first = seq.ids[1] < TEXT
+        has_text = (seq.ids[1:-1] < TEXT).any()
+        t2i += text_first or not has_text
+        dropped += not has_text
+    assert abs(t2i / n - 0.5) < 0.04
+    assert abs(dropped / t2i - 0.2) < 0.04
+
+
+def test_loss_masks(bpe):
+    model = make_model("bpe", bpe)
+    b = builder_for(model, bpe)
+    row = token_row("qa", kind="web", n_images=1, roles=None)
+    # image, question, answer
+    row["is_image"].append(False), row["text_ids"].append([5, 6]), row["pixel_codes"].append([])
+    row["semantic_codes"].append([]), row["grid_shapes"].append([])
+    row["meta"] = json.dumps({"roles": [None, "user", "assistant"]})
+    seq = b.build(row, "answers")
+    assert list(seq.ids[-3:]) == [5, 6, model.vocab.eos_id] and seq.loss[-3:].all()
+    assert seq.loss.sum() == 3
+    img = b.build(row, "image")
+    assert all(model.vocab.is_visual(int(t)) or t in (model.vocab.image_end,) or t >= model.vocab.image_start
+               for t in img.ids[img.loss])
+    assert not b.build(row, "text").loss[(b.build(row, "text").ids >= TEXT)].any()
+
+
+def test_out_of_vocabulary_names_the_sample(bpe):
+    model = make_model("bpe", bpe)
+    row = token_row("broken-sample")
+    row["text_ids"][1] = [5, TEXT + 7]
+    with pytest.raises(BadSample, match="broken-sample"):
+        builder_for(model, bpe).build(row)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, model.vocab.size + 3]]))
+
+
+def test_video_frames_carry_time_tokens(bpe):
+    model = make_model("bpe", bpe)
+    row = token_row("v", kind="video", n_images=2, timestamps=[0.0, None, 1.0, None])
+    seq = builder_for(model, bpe).build(row)
+    frames = np.flatnonzero(seq.ids == model.vocab.frame)
+    assert len(frames) == 2
+    assert [int(seq.ids[f + 1]) for f in frames] == [model.vocab.time_token(0.0), model.vocab.time_token(1.0)]
+
+
+@pytest.mark.parametrize("interface", ["bpe", "rvq"])
+def test_constrained_generation_always_decodes_to_a_full_grid(interface, bpe):
+    model = make_model(interface, bpe, mot=True).eval()
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        codes = generate_image(model, [1, 10, 11], (3, 5), bpe=bpe, cfg_scale=2.0, temperature=1.5, generator=g)
+        if interface == "bpe":
+            assert codes.shape == (3, 5) and codes.min() >= 0 and codes.max() < bpe.codebook_size
+        else:
+            assert codes.shape == (3, 5, 2, DEPTH)
+            assert all(codes[..., c, :].max() < k for c, k in enumerate(SIZES))
+
+
+@pytest.mark.parametrize("interface", ["bpe", "rvq"])
+def test_kv_cache_generation_equals_full_recompute(interface, bpe):
+    model = make_model(interface, bpe, mot=True).eval()
+    b = builder_for(model, bpe)
+    prompt = b.image_prefix(token_row("p"))
+    with_cache = generate_text(model, prompt.ids, prompt.codes, max_new_tokens=12, use_cache=True)
+    without = generate_text(model, prompt.ids, prompt.codes, max_new_tokens=12, use_cache=False)
+    assert with_cache == without and len(with_cache) > 0
+    a = generate_image(model, [1, 10], (2, 3), bpe=bpe, temperature=0, use_cache=True)
+    c = generate_image(model, [1, 10], (2, 3), bpe=bpe, temperature=0, use_cache=False)
+    assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("interface,mot", [("bpe", False), ("bpe", True), ("rvq", False)])
+def test_save_load_identical_logits(interface, mot, bpe, tmp_path):
+    model = make_model(interface, bpe, mot).eval()
+    _, batch, _ = batch_of(model, bpe)
+    info = json.load(open(save_model(model, str(tmp_path / "m"), {"bpe": {"hash": bpe.hash}})))
+    assert info["vocabulary"]["visual_size"] == model.vocab.visual_size and info["bpe"]["hash"] == bpe.hash
+    loaded = load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        a = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"))[1]
+        b = loaded(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"))[1]
+    assert torch.equal(a, b)
+
+
+def test_bpe_model_loads_with_plain_transformers(bpe, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_model("bpe", bpe).eval()
+    save_model(model, str(tmp_path / "m"))
+    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    ids = torch.tensor([[1, 20, model.vocab.image_start, model.vocab.height_token(4), model.vocab.visual_base + 3, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, model(ids)[1], atol=1e-5, rtol=1e-5)
