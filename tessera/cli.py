@@ -15,6 +15,8 @@ VERBS = {
     "train-tokenizer": "train the visual tokenizer (vq / dual) on Ray Train",
     "tokenize": "samples -> token shards (visual tokenizer in an actor pool, text tokenizer)",
     "fit-bpe": "fit the 2-D visual BPE on token shards",
+    "train": "train the unified model through the staged curriculum (Ray Train)",
+    "eval": "evaluate a trained model on the held-out shapes world",
     "run": "the whole graph, skipping complete stages",
 }
 

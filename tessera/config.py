@@ -563,6 +563,32 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`tessera eval`: the held-out shapes-world suite."""
+
+    output: str = "{root}/eval"
+    model: str = "{root}/train/model"
+    heldout: str = ""
+    """Held-out scenes and questions (scenes.jsonl, questions.jsonl, images/); empty = <synth.output>/heldout."""
+    num_captions: int = 0
+    """Held-out images captioned (0 = all)."""
+    num_questions: int = 0
+    """Held-out questions asked (0 = all)."""
+    num_generate: int = 16
+    """Held-out captions turned into images."""
+    cfg_scale: float = 3.0
+    temperature: float = 0.7
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("num_captions", "num_questions", "num_generate"):
+            _check(getattr(self, key) >= 0, f"eval.{key}", f">= 0, got {getattr(self, key)}")
+        _check(self.cfg_scale >= 1.0, "eval.cfg_scale", f">= 1 (1 = no guidance), got {self.cfg_scale}")
+        _check(self.temperature >= 0, "eval.temperature", f">= 0 (0 = greedy), got {self.temperature}")
+
+
+@dataclass
 class TesseraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -573,10 +599,13 @@ class TesseraConfig:
     bpe: BPEConfig = field(default_factory=BPEConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if not self.prepare.sources:
             self.prepare.sources = default_sources(self.synth.output)
+        if not self.eval.heldout:
+            self.eval.heldout = f"{self.synth.output}/heldout"
 
     def resolve(self, location: str) -> str:
         """Expand `{root}` in a location."""

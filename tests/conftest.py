@@ -104,3 +104,26 @@ def tokenized(prepared, world_root):
     cfg = tiny_config(world_root, *TINY_TOKENIZER)
     train_tiny_tokenizer(cfg, str(world_root / "tokenizer"))
     return cfg, tokenize(cfg)
+
+
+TINY_BPE = ["bpe.num_merges=40", "bpe.checkpoint_every=10", "bpe.heldout_every=3", "bpe.num_workers=2", "bpe.png_tiles=8"]
+
+
+@pytest.fixture(scope="session")
+def bpe_fitted(tokenized, world_root, ray_cluster):
+    """(config, report) of fit-bpe on the tiny world's tokens."""
+    from tessera.jobs.fit_bpe import fit_bpe
+
+    cfg = tiny_config(world_root, *TINY_TOKENIZER, *TINY_BPE)
+    return cfg, fit_bpe(cfg)
+
+
+# A tiny unified model and two short stages: enough to cross a stage boundary and resume inside each.
+TINY_TRAIN = [
+    "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=64",
+    "train.cpus_per_worker=0.5", "train.checkpoint_every=2", "train.log_every=1", "train.pack_group=8",
+    "train.stages=[{name: embeddings, steps: 3, trainable: embeddings, lr: 0.01, warmup_steps: 1, batch_size: 2, seq_len: 256,"
+    " mixture: {weights: {kind=image_text: 1.0}}}, {name: all, steps: 4, trainable: all, lr: 0.005, warmup_steps: 1,"
+    " batch_size: 2, seq_len: 256, loss_mask: answers, mixture: {weights: {kind=image_text: 0.5, task=vqa: 0.3, kind=video: 0.2},"
+    " order: curriculum}}]",
+]

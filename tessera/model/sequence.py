@@ -16,6 +16,8 @@ classifier-free guidance needs. Both draws are a pure function of (seed, sample_
     text     text ids and <eos>
     image    the image spans
     answers  assistant turns (documents with `roles`), else the sample's last position; + <eos>
+
+An assistant turn ends with `<eos>` (like a chat model's end-of-turn), so a generated answer stops.
 """
 
 from __future__ import annotations
@@ -142,17 +144,21 @@ class SequenceBuilder:
                 ids = self.text_ids(row["text_ids"][p], sid)
                 codes = None
                 target = loss_mask in ("all", "text") or (loss_mask == "answers" and p in answer_positions)
+            if roles and roles[p] == "assistant":  # a turn ends with <eos>, so answers know when to stop
+                ids = np.concatenate([ids, [self.vocab.eos_id]])
             ids_parts.append(ids)
             loss_parts.append(np.full(len(ids), target))
             if n_codebooks:
                 code_parts.append(codes if codes is not None else np.full((len(ids), n_codebooks, self.depth), -1, np.int64))
-        ids_parts.append(np.array([self.vocab.eos_id]))
-        loss_parts.append(np.array([loss_mask != "image"]))
+        if not (roles and kept and roles[kept[-1]] == "assistant"):
+            ids_parts.append(np.array([self.vocab.eos_id]))
+            loss_parts.append(np.array([loss_mask != "image"]))
         ids = np.concatenate(ids_parts).astype(np.int64)
         codes = None
         if n_codebooks:
+            tail = len(ids) - 1 - sum(len(c) for c in code_parts)
             codes = np.concatenate([np.full((1, n_codebooks, self.depth), -1, np.int64), *code_parts,
-                                    np.full((1, n_codebooks, self.depth), -1, np.int64)])
+                                    np.full((tail, n_codebooks, self.depth), -1, np.int64)])
         return Sequence(sid, ids, np.concatenate(loss_parts).astype(bool), codes)
 
     # ------------------------------------------------------------------ prompts (generation / eval)

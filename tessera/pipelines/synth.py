@@ -269,7 +269,9 @@ def write_instructions(out: str, cfg, seed: int) -> int:
         with open(os.path.join(img_dir, name), "wb") as f:
             f.write(encode_image(shapes.render_scene(scene, cfg.resolution)))
         texts, images, roles = [None], [f"images/{name}"], [None]
-        for q in shapes.questions(scene, rng):
+        qs = shapes.questions(scene, rng)
+        for k in rng.permutation(len(qs)):  # any question type may come first
+            q = qs[int(k)]
             texts += [q["question"], q["answer"]]
             images += [None, None]
             roles += ["user", "assistant"]

@@ -9,14 +9,13 @@ import pyarrow.parquet as pq
 from tessera.bpe import VisualBPE
 from tessera.manifest import dataset_files
 from tessera.tokenize.tokens import grid_of
-from tests.conftest import TINY_TOKENIZER, tiny_config
+from tests.conftest import TINY_BPE, TINY_TOKENIZER, tiny_config
 
 
 def test_fit_bpe_job(tokenized, world_root, ray_cluster):
     from tessera.jobs.fit_bpe import fit_bpe
 
-    cfg = tiny_config(world_root, *TINY_TOKENIZER, "bpe.num_merges=40", "bpe.checkpoint_every=10", "bpe.heldout_every=3",
-                      "bpe.num_workers=2", "bpe.png_tiles=8")
+    cfg = tiny_config(world_root, *TINY_TOKENIZER, *TINY_BPE)
     report = fit_bpe(cfg)
     assert report["merges_done"] > 0 and report["codebook_size"] == 32
     assert report["tokens_per_image_before"] == 64.0

@@ -1,0 +1,101 @@
+"""`tessera eval`: understanding, generation and perplexity of a trained model on the held-out
+shapes world (see `tessera.model.evaluate`). Writes <eval.output>/report.json and
+generated.png (a grid of generated images with their prompts)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from tessera import storage
+from tessera.config import TesseraConfig
+from tessera.jobs.common import JobState, fingerprint, parse_args
+
+
+def heldout_rows(ev, held, limit: int = 48) -> list[dict]:
+    """Held-out (image, caption) pairs as token rows, for perplexity."""
+    rows = []
+    for s in held.scenes[:limit]:
+        img = ev.image_row(s["image"])
+        rows.append({**img, "sample_id": s["id"], "kind": "image_text", "is_image": [True, False],
+                     "text_ids": [[], ev.encode_text(s["caption"])], "pixel_codes": img["pixel_codes"] + [[]],
+                     "semantic_codes": (img["semantic_codes"] + [[]]) if img["semantic_codes"] else [[], []],
+                     "grid_shapes": img["grid_shapes"] + [[]], "timestamps": None, "meta": "{}"})
+    return rows
+
+
+def evaluate_model(cfg: TesseraConfig) -> dict:
+    from tessera.model.assets import load_assets, load_model, read_info
+    from tessera.model.evaluate import Evaluator, HeldOut, plot_generations
+    from tessera.model.sequence import SequenceBuilder
+    from tessera.tokenize.tokenizer import load_tokenizer
+
+    ec = cfg.eval
+    out = os.path.abspath(cfg.resolve(ec.output))
+    model_dir = cfg.resolve(ec.model)
+    info = read_info(model_dir)
+    state = JobState(out, fingerprint(cfg.section_fingerprint("eval", "run"), info.get("bpe"), info.get("tokenizer"),
+                                      storage.read_json(os.path.join(model_dir, "tessera.json")).get("global_step"),
+                                      os.path.getmtime(os.path.join(model_dir, "tessera.json"))))
+    if state.is_complete():
+        print(f"[tessera] eval: complete, nothing to do ({state.report_uri})")
+        return storage.read_json(state.report_uri) | {"skipped": True}
+    state.begin()
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model = load_model(model_dir, device)
+    mc = model.cfg
+    assets = load_assets(mc, cfg.resolve)
+    tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(mc.tokenizer), device)
+    sizes, depth = assets.rvq_geometry(mc)
+    builder = SequenceBuilder(model.vocab, assets.bpe, tuple(mc.codebooks), depth, tuple(sizes), cfg.bpe.codebook, cfg.bpe.depth)
+    held = HeldOut.load(cfg.resolve(ec.heldout), tcfg.image_size)
+    ev = Evaluator(model, builder, assets.text_tokenizer, tokenizer, held, device)
+    seconds = {}
+    t = time.perf_counter()
+    captions = ev.captions(ec.num_captions or None)
+    seconds["captions"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    questions = ev.questions(ec.num_questions or None)
+    seconds["questions"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    analyser_accuracy = ev.analyser_accuracy()
+    gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed) if ec.num_generate else \
+        {"generation_accuracy": None, "generated": 0, "samples": []}
+    seconds["generation"] = round(time.perf_counter() - t, 2)
+    png = plot_generations(gen.pop("samples"), os.path.join(out, "generated.png")) if gen["generated"] else None
+    ppl = ev.perplexity(heldout_rows(ev, held), 1024)
+    n_yes = sum(q["answer"] == "yes" for q in held.questions if q["type"] == "exists")
+    n_exists = sum(q["type"] == "exists" for q in held.questions)
+    report = {
+        "job": "eval", "model": os.path.abspath(model_dir),
+        "eval": {"caption_accuracy": captions["caption_accuracy"], "vqa_accuracy": questions["vqa_accuracy"],
+                 "pope_accuracy": questions["pope_accuracy"], "pope_f1": questions["pope_f1"],
+                 "pope_precision": questions["pope_precision"], "pope_recall": questions["pope_recall"],
+                 "pope_yes_ratio": questions["pope_yes_ratio"], "generation_accuracy": gen["generation_accuracy"],
+                 "analyser_accuracy": analyser_accuracy, "vqa_by_type": questions["vqa_by_type"], **ppl},
+        "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists)},
+        "counts": {"captions": captions["captions"], "questions": questions["questions"], "generated": gen["generated"]},
+        "examples": {"captions": captions["caption_examples"], "questions": questions["question_examples"]},
+        "generated_png": png, "seconds": seconds, "wall_time_s": round(time.perf_counter() - t0, 2),
+    }
+    state.finish(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_args("eval", argv, "Evaluate a trained model on the held-out shapes world.")
+    report = evaluate_model(cfg)
+    e = report["eval"]
+    print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc {e['pope_accuracy']:.3f} "
+          f"F1 {e['pope_f1']:.3f}  generation {e['generation_accuracy']}  (analyser {e['analyser_accuracy']:.3f})")
+    print(f"[tessera] eval report: {cfg.resolve(cfg.eval.output)}/report.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

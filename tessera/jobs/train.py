@@ -1,0 +1,392 @@
+"""`tessera train`: the staged curriculum on Ray Train, with exact resume.
+
+    tokens/*.parquet --driver: index + per-stage mixture plan, cut into packing groups-->
+    Ray Data per rank: groups --pack_groups (BPE encode, sequences, packing)--> packed rows
+    --> TorchTrainer (DDP / FSDP2) workers: get_dataset_shard(f"rank{r}").iter_torch_batches()
+
+Each stage is one Ray Train run (`RunConfig(storage_path, name=<run>-train-<fingerprint>-<i>-<stage>)`),
+started from the previous stage's weights. A checkpoint holds model, optimizer, scheduler,
+RNG, stage, step and every rank's data position (next (group, row)); after a worker failure
+(`FailureConfig`) or a re-run of the same command, the stage continues from its latest
+checkpoint, and because the data stream is a pure function of (config, seed, tokens), the
+losses of the resumed steps equal those of an uninterrupted run. Finished stages are skipped.
+
+Outputs: <train.output>/model (the final model, transformers format + tessera.json),
+stages/<i>-<name>/model, metrics.csv, loss_curve.png, state.json (for `tessera runs`),
+report.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from tessera import storage
+from tessera.config import TesseraConfig, config_from_dict
+from tessera.faults import fault_point
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.manifest import dataset_files
+
+METRIC_FIELDS = ["step", "stage", "stage_index", "stage_step", "loss", "text_loss", "image_loss", "lr", "grad_norm",
+                 "tokens_per_s", "packing_efficiency"]
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+def _rows(shard, micro: int, position: tuple[int, int], stage: str):
+    """Micro-batches of packed rows from this rank's stream, skipping rows before `position`."""
+    import torch
+
+    g0, r0 = position
+    buf = None
+    for batch in shard.iter_torch_batches(batch_size=micro, dtypes=torch.int64):
+        keep = (batch["group"] > g0) | ((batch["group"] == g0) & (batch["row"] >= r0))
+        if not bool(keep.all()):
+            batch = {k: v[keep] for k, v in batch.items()}
+        buf = batch if buf is None else {k: torch.cat([buf[k], batch[k]]) for k in buf}
+        while len(buf["group"]) >= micro:
+            yield {k: v[:micro] for k, v in buf.items()}
+            buf = {k: v[micro:] for k, v in buf.items()}
+    raise RuntimeError(f"stage {stage!r}: the data stream ran out before the stage's steps were done; "
+                       "raise train.pack_group or check the mixture")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from tessera.model.assets import load_model
+    from tessera.model.trainer import StageTrainer
+    from tessera.model.unified import TesseraModel
+    from tessera.model.vocab import Vocabulary
+
+    cfg = config_from_dict(config["cfg"])
+    tc, i = cfg.train, config["stage_index"]
+    stage = tc.stages[i]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, math.ceil(tc.cpus_per_worker)))  # Ray sets OMP_NUM_THREADS=1
+    torch.manual_seed(cfg.run.seed * 1000 + i * 10 + rank)
+    device = ray.train.torch.get_device()
+    if config["init_model"]:
+        model = load_model(config["init_model"])
+    else:
+        model = TesseraModel.create(cfg.model, Vocabulary.from_dict(config["vocabulary"]), config["codebook_sizes"],
+                                    config["depth"], seed=cfg.run.seed)
+    model.to(device)
+
+    def wrap(module):
+        if world == 1:
+            return module
+        if tc.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in module.model.decoder_layers():
+                fully_shard(layer)
+            return fully_shard(module)
+        return ray.train.torch.prepare_model(module, move_to_device=False,
+                                             parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    trainer = StageTrainer(model, stage, tc.weight_decay, tc.grad_clip, device, wrap)
+    position = (0, 0)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False))
+            with open(os.path.join(d, f"position_rank{rank}.json")) as f:
+                position = tuple(json.load(f)["next"])
+        if rank == 0:
+            print(f"[train] stage {i} {stage.name!r}: resumed at step {trainer.step}, data position {position}", flush=True)
+    micro = stage.batch_size // (world * tc.grad_accum)
+    rows = _rows(ray.train.get_dataset_shard(f"rank{rank}"), micro, position, stage.name)
+    offset = config["step_offset"]
+    metrics_path = config["metrics_csv"]
+    t_last, tokens_since = time.perf_counter(), 0
+    while trainer.step < stage.steps:
+        micro_batches = [next(rows) for _ in range(tc.grad_accum)]
+        last = micro_batches[-1]
+        position = (int(last["group"][-1]), int(last["row"][-1]) + 1)
+        m = trainer.train_step([{k: v for k, v in b.items() if k not in ("group", "row")} for b in micro_batches])
+        step = trainer.step
+        tokens_since += m["tokens"] * world
+        save = step % tc.checkpoint_every == 0 or step == stage.steps
+        if step % tc.log_every == 0 or save or step == 1:
+            now = time.perf_counter()
+            real = sum(int((b["doc_ids"] > 0).sum()) for b in micro_batches)
+            metrics = {"step": offset + step, "stage": stage.name, "stage_index": i, "stage_step": step,
+                       "loss": round(m["loss"], 6), "text_loss": round(m["text_loss"], 6),
+                       "image_loss": round(m["image_loss"], 6), "lr": m["lr"], "grad_norm": round(m["grad_norm"], 4),
+                       "tokens_per_s": round(tokens_since / max(now - t_last, 1e-9), 1),
+                       "packing_efficiency": round(real / sum(b["doc_ids"].numel() for b in micro_batches), 4)}
+            t_last, tokens_since = now, 0
+            if rank == 0:
+                _append_csv(metrics_path, metrics)
+                print(f"[train] {stage.name} step {step}/{stage.steps} (global {offset + step}) loss {m['loss']:.4f} "
+                      f"text {m['text_loss']:.3f} image {m['image_loss']:.3f} lr {m['lr']:.2e} "
+                      f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)
+            if save:
+                with tempfile.TemporaryDirectory() as tmp:
+                    if rank == 0:
+                        torch.save(trainer.state_dict(), os.path.join(tmp, "state.pt"))
+                    with open(os.path.join(tmp, f"position_rank{rank}.json"), "w") as f:
+                        json.dump({"next": list(position), "step": step}, f)
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+                if rank == 0:
+                    storage.write_json(config["progress"], {"step": step, "global_step": offset + step, "stage": stage.name})
+            else:
+                ray.train.report(metrics)
+        if rank == 0 and tc.fault_step == offset + step:
+            marker = config["fault_marker"]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                print(f"[train] fault hook: killing worker after global step {offset + step}", flush=True)
+                os._exit(1)
+
+
+def _append_csv(path: str, row: dict) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The metrics log, one row per logged step (a step re-done after a resume keeps its last entry)."""
+    if not os.path.exists(path):
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            by_step[int(r["step"])] = {k: (r[k] if k == "stage" else float(r[k])) for k in METRIC_FIELDS}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: dict, progress: dict | None):
+    """One Ray Dataset per rank: that rank's packing groups from its resume position on."""
+    import ray.data
+
+    from tessera.model.data import BuildSpec, pack_groups
+    from tessera.model.mixture import estimate_rows, stage_plan
+
+    tc = cfg.train
+    stage = tc.stages[stage_index]
+    world = tc.num_workers
+    rows_per_rank = stage.steps * stage.batch_size // world
+    # enough draws that every rank gets its rows (estimated by packing the estimated lengths), with slack
+    mean_len = float(np.mean(np.minimum(index.lengths, stage.seq_len)))
+    n = int(rows_per_rank * world * stage.seq_len / mean_len * 1.3) + 2 * world * tc.pack_group
+    while True:
+        plan = stage_plan(index, stage.mixture.weights, n, cfg.run.seed, stage_index, stage.mixture.order)
+        groups = [plan[g:g + tc.pack_group] for g in range(0, len(plan), tc.pack_group)]
+        est = [estimate_rows(index.lengths[[s for s, _ in grp]], stage.seq_len) for grp in groups]
+        per_rank = [sum(e for g, e in enumerate(est) if g % world == r) for r in range(world)]
+        if min(per_rank) >= rows_per_rank * 1.2 + tc.pack_group:
+            break
+        n *= 2
+    spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.run.seed, t2i_rate=tc.t2i_rate,
+                     cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # the stream order is part of the data position
+    datasets = {}
+    for r in range(world):
+        start = 0
+        if progress:
+            start = progress.get("positions", {}).get(str(r), [0, 0])[0]
+        items = [{"group": g, "files": [index.files[s] for s, _ in grp], "rows": [index.rows[s] for s, _ in grp],
+                  "epochs": [e for _, e in grp]} for g, grp in enumerate(groups) if g % world == r and g >= start]
+        datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
+            pack_groups, fn_kwargs={"spec": spec}, batch_size=1, num_cpus=0.25)
+    return datasets, {"plan_samples": len(plan), "groups": len(groups), "estimated_rows_per_rank": per_rank}
+
+
+def _latest_positions(storage_path: str, run_name: str) -> dict | None:
+    """Data positions stored in the newest checkpoint of a stage's Ray Train run (for where the
+    resumed datasets start; the workers skip exactly to the checkpoint's position)."""
+    root = os.path.join(storage_path, run_name)
+    if not os.path.isdir(root):
+        return None
+    ckpts = sorted(d for d in os.listdir(root) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(root, d)))
+    for d in reversed(ckpts):
+        files = [f for f in os.listdir(os.path.join(root, d)) if f.startswith("position_rank")]
+        if files:
+            pos = {}
+            for f in files:
+                with open(os.path.join(root, d, f)) as fh:
+                    pos[f.removeprefix("position_rank").removesuffix(".json")] = json.load(fh)["next"]
+            return {"positions": pos}
+    return None
+
+
+def _image_tokens(index, builder, n: int = 32) -> float:
+    from tessera.model.data import read_row
+
+    counts = []
+    for s in range(min(len(index), 4 * n)):
+        row = read_row(index.files[s], index.rows[s])
+        for p, is_img in enumerate(row["is_image"]):
+            if is_img:
+                counts.append(len(builder.image_span(row, p)[0]) - 4)
+        if len(counts) >= n:
+            break
+    return float(np.mean(counts)) if counts else 0.0
+
+
+def plot_loss(metrics: list[dict], stages: list[dict], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    steps = [m["step"] for m in metrics]
+    for key, style in (("loss", "-"), ("text_loss", "--"), ("image_loss", ":")):
+        ax.plot(steps, [m[key] for m in metrics], style, label=key)
+    for s in stages:
+        ax.axvline(s["start_step"], color="grey", lw=0.8)
+        ax.text(s["start_step"], ax.get_ylim()[1], f" {s['name']}", va="top", fontsize=8, color="grey")
+    ax.set_xlabel("global step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _write_state(out: str, **fields) -> None:
+    path = os.path.join(out, "state.json")
+    state = storage.read_json(path) if os.path.exists(path) else {}
+    state.update(fields, updated=time.time())
+    storage.write_json(path, state)
+
+
+def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
+    """Run (or resume, or skip) the staged training; returns its report. Ray must be initialised."""
+    import torch
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tessera.model.assets import load_assets, load_model, save_model
+    from tessera.model.mixture import build_index
+    from tessera.model.sequence import SequenceBuilder
+
+    tc, mc = cfg.train, cfg.model
+    out = os.path.abspath(cfg.resolve(tc.output))
+    tokens_dir = storage.join(cfg.resolve(tc.tokens), "tokens")
+    files = dataset_files(tokens_dir)
+    inputs = storage.read_json(storage.join(tokens_dir, "manifest.json"))["files"]
+    assets = load_assets(mc, cfg.resolve)
+    identities = {"tokenizer": assets.tokenizer_identity, "text_tokenizer": assets.text_identity, "bpe": assets.bpe_identity}
+    train_section = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("fault_step", "max_failures", "log_every")}
+    fp = fingerprint(cfg.section_fingerprint("model", "run"), train_section, inputs, identities)
+    state = JobState(out, fp)
+    if state.is_complete():
+        print(f"[tessera] train: complete, nothing to do ({state.report_uri})")
+        return storage.read_json(state.report_uri) | {"skipped": True}
+    state.begin()
+    t0 = time.perf_counter()
+    vocab = assets.vocabulary(mc)
+    sizes, depth = assets.rvq_geometry(mc)
+    builder = SequenceBuilder(vocab, assets.bpe, tuple(mc.codebooks), depth, tuple(sizes), cfg.bpe.codebook, cfg.bpe.depth)
+    index = build_index(files, 0.0)
+    index = build_index(files, _image_tokens(index, builder))
+    storage_path = os.path.abspath(cfg.resolve(tc.storage_path))
+    metrics_csv = os.path.join(out, "metrics.csv")
+    _write_state(out, run=cfg.run.name, status="running", entrypoint=entrypoint or sys.argv, cwd=os.getcwd(),
+                 stages=[s.name for s in tc.stages], storage_path=storage_path, fingerprint=fp)
+    spec_kwargs = dict(vocabulary=tuple(vocab.to_dict().items()), bpe_path=os.path.abspath(cfg.resolve(mc.bpe)),
+                       codebooks=tuple(mc.codebooks), depth=depth, codebook_sizes=tuple(sizes),
+                       bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth)
+    prev_model, offset, stage_reports = "", 0, []
+    for i, stage in enumerate(tc.stages):
+        stage_dir = os.path.join(out, "stages", f"{i}-{stage.name}")
+        stage_info = {"name": stage.name, "index": i, "start_step": offset, "steps": stage.steps}
+        if state.step_done(f"stage-{i}"):
+            prev_model = os.path.join(stage_dir, "model")
+            stage_reports.append(state.step_info(f"stage-{i}"))
+            offset += stage.steps
+            print(f"[train] stage {i} {stage.name!r}: complete, skipped")
+            continue
+        run_name = f"{cfg.run.name}-train-{fp}-{i}-{stage.name}"
+        _write_state(out, status="running", stage=stage.name, stage_index=i, ray_train_run=os.path.join(storage_path, run_name))
+        t = time.perf_counter()
+        datasets, data_info = _stage_datasets(cfg, index, i, spec_kwargs, _latest_positions(storage_path, run_name))
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": prev_model, "vocabulary": vocab.to_dict(),
+                               "codebook_sizes": sizes, "depth": depth, "step_offset": offset, "metrics_csv": metrics_csv,
+                               "progress": os.path.join(stage_dir, "progress.json"),
+                               "fault_marker": os.path.join(out, f"fault-{tc.fault_step}.marker")},
+            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                         resources_per_worker={"CPU": tc.cpus_per_worker}),
+            run_config=RunConfig(name=run_name, storage_path=storage_path,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
+                                 failure_config=FailureConfig(max_failures=tc.max_failures)),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads its own deterministic stream
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            _write_state(out, status="failed", error=str(e)[:2000])
+            raise
+        fault_point(f"train:after_stage_{i}")
+        model = load_model(prev_model) if prev_model else None
+        if model is None:
+            from tessera.model.unified import TesseraModel
+
+            model = TesseraModel.create(mc, vocab, sizes, depth, seed=cfg.run.seed)
+        with result.checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)["model"])
+        prev_model = os.path.join(stage_dir, "model")
+        save_model(model, prev_model, identities, {"stage": stage.name, "global_step": offset + stage.steps})
+        stage_info.update(seconds=round(time.perf_counter() - t, 2), final_metrics=result.metrics, data=data_info)
+        state.mark_done(f"stage-{i}", stage_info)
+        stage_reports.append(stage_info)
+        offset += stage.steps
+    final = os.path.join(out, "model")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    shutil.copytree(prev_model, final)
+    metrics = read_metrics(metrics_csv)
+    png = plot_loss(metrics, stage_reports, os.path.join(out, "loss_curve.png"))
+    report = {
+        "job": "train", "model": final, "interface": mc.interface, "mot": mc.mot, "stages": stage_reports,
+        "steps": offset, "final_loss": metrics[-1]["loss"] if metrics else None,
+        "mean_tokens_per_s": round(float(np.mean([m["tokens_per_s"] for m in metrics if m["stage_step"] > 1] or [0])), 1),
+        "mean_packing_efficiency": round(float(np.mean([m["packing_efficiency"] for m in metrics] or [0])), 4),
+        "vocabulary": vocab.to_dict(), "identities": identities, "metrics_csv": metrics_csv, "loss_curve": png,
+        "wall_time_s": round(time.perf_counter() - t0, 2), "config": cfg.to_dict(),
+    }
+    _write_state(out, status="complete", stage=tc.stages[-1].name, step=offset, model=final)
+    state.finish(report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_args("train", argv, "Train the unified model through the configured stages (Ray Train).")
+    entry = [sys.executable, "-m", "tessera.jobs.train", *(argv if argv is not None else sys.argv[1:])]
+    with ray_session(cfg.ray):
+        report = train(cfg, entry)
+    print(f"[tessera] train: model {report['model']}; loss curve {report['loss_curve']}; report {cfg.resolve(cfg.train.output)}/report.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

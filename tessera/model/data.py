@@ -1,0 +1,78 @@
+"""Token shards -> packed training rows, one packing group at a time (no Ray here; the train job
+runs `pack_groups` inside Ray Data).
+
+A stage's plan (see `tessera.model.mixture`) is cut into groups of `pack_group` samples; each
+group is built into sequences and packed on its own, so a data position is (group, row) and a
+resumed stage rebuilds exactly the rows it had not consumed yet.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from tessera.model.packing import pack
+from tessera.model.sequence import SequenceBuilder
+from tessera.model.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Everything a data worker needs to turn sample references into packed rows (picklable)."""
+
+    vocabulary: tuple
+    """Vocabulary.to_dict() items."""
+    bpe_path: str
+    codebooks: tuple[str, ...]
+    depth: int
+    codebook_sizes: tuple[int, ...]
+    bpe_codebook: str
+    bpe_depth: int
+    seq_len: int
+    loss_mask: str
+    seed: int
+    t2i_rate: float
+    cfg_text_dropout: float
+
+
+@functools.lru_cache(maxsize=4)
+def _builder(spec: BuildSpec) -> SequenceBuilder:
+    from tessera.bpe.model import VisualBPE
+
+    vocab = Vocabulary.from_dict(dict(spec.vocabulary))
+    bpe = VisualBPE.load(spec.bpe_path) if vocab.interface == "bpe" else None
+    return SequenceBuilder(vocab, bpe, spec.codebooks, spec.depth, spec.codebook_sizes, spec.bpe_codebook, spec.bpe_depth)
+
+
+@functools.lru_cache(maxsize=8)
+def _shard(path: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def read_row(path: str, row: int) -> dict:
+    t = _shard(path).slice(row, 1).to_pylist()
+    return t[0]
+
+
+def build_group(spec: BuildSpec, files: list[str], rows: list[int], epochs: list[int]) -> tuple[list[dict], dict]:
+    """Samples of one group -> packed rows (dicts of numpy arrays) and packing stats."""
+    builder = _builder(spec)
+    seqs = [builder.build(read_row(f, r), spec.loss_mask, spec.seed, e, spec.t2i_rate, spec.cfg_text_dropout)
+            for f, r, e in zip(files, rows, epochs)]
+    return pack(seqs, spec.seq_len, builder.vocab.pad_id)
+
+
+def pack_groups(batch: dict, spec: BuildSpec) -> dict:
+    """Ray Data UDF: a batch of groups (columns group, files, rows, epochs) -> packed rows with
+    their data position (group, row)."""
+    out: dict[str, list] = {}
+    for g, files, rows, epochs in zip(batch["group"], batch["files"], batch["rows"], batch["epochs"]):
+        packed, stats = build_group(spec, list(files), [int(r) for r in rows], [int(e) for e in epochs])
+        for i, r in enumerate(packed):
+            for k, v in {"group": int(g), "row": i, **r}.items():
+                out.setdefault(k, []).append(v)
+    return {k: np.stack(v) if isinstance(v[0], np.ndarray) else np.asarray(v) for k, v in out.items()}

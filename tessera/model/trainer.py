@@ -1,0 +1,166 @@
+"""One training stage without Ray: which parameters learn, AdamW, warm-up + cosine, accumulation,
+clipping, bf16 autocast on GPU, and an exact state dict (model, optimizer, scheduler, RNG).
+
+`trainable` modes (DESIGN.md "Training curriculum"):
+    embeddings   only the new vocabulary rows of the input and output embeddings (and the rvq
+                 interface's code embedding and depth heads). The old rows get their gradient
+                 zeroed and no weight decay, so with a fresh AdamW they stay bit-identical.
+    layers [..]  those decoder layers, plus the embeddings and the rvq interface
+    all          everything
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from tessera.config import StageConfig, TrainableLayers
+from tessera.model.unified import TesseraModel
+
+
+def _embedding_params(model: TesseraModel) -> list[nn.Parameter]:
+    params = [model.lm.get_input_embeddings().weight]
+    out = model.lm.get_output_embeddings().weight
+    if out is not params[0]:
+        params.append(out)
+    return params
+
+
+def _interface_params(model: TesseraModel) -> list[nn.Parameter]:
+    mods = [getattr(model, n) for n in ("code_embed", "depth_heads") if hasattr(model, n)]
+    return [p for m in mods for p in m.parameters()]
+
+
+def select_trainable(model: TesseraModel, trainable) -> tuple[list[nn.Parameter], list]:
+    """Set requires_grad for a stage; returns (trainable params, gradient hook handles)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hooks, guard_old_rows = [], False
+    if trainable == "all":
+        chosen = list(model.parameters())
+    else:
+        chosen = _embedding_params(model) + _interface_params(model)
+        if isinstance(trainable, TrainableLayers):
+            n = len(model.decoder_layers())
+            bad = [i for i in trainable.layers if not -n <= i < n]
+            if bad:
+                raise ValueError(f"trainable layers {bad} do not exist (the model has {n} decoder layers)")
+            for i in trainable.layers:
+                chosen += list(model.decoder_layers()[i].parameters())
+        elif trainable == "embeddings":
+            guard_old_rows = True
+        else:
+            raise ValueError(f"unknown trainable mode {trainable!r}")
+    seen, unique = set(), []
+    for p in chosen:
+        if id(p) not in seen:
+            seen.add(id(p))
+            p.requires_grad_(True)
+            unique.append(p)
+    if guard_old_rows:
+        old = model.vocab.text_size
+
+        def keep_old_rows(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[:old] = 0
+            return grad
+
+        hooks = [p.register_hook(keep_old_rows) for p in _embedding_params(model)]
+    return unique, hooks
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+class WithLoss(nn.Module):
+    """forward(batch) = model.loss(batch), so DDP / FSDP wrap the call that computes gradients."""
+
+    def __init__(self, model: TesseraModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> dict:
+        return self.model.loss(batch)
+
+
+class StageTrainer:
+    def __init__(self, model: TesseraModel, stage: StageConfig, weight_decay: float, grad_clip: float,
+                 device: torch.device, wrap=None):
+        """`wrap(module) -> module`: the data-parallel wrapper (DDP / FSDP), applied after the
+        stage's trainable parameters are chosen."""
+        self.model, self.stage, self.device, self.grad_clip = model, stage, device, grad_clip
+        params, self.hooks = select_trainable(model, stage.trainable)
+        self.wrapped = (wrap or (lambda m: m))(WithLoss(model))
+        embeddings = {id(p) for p in _embedding_params(model)}
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+        no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
+        self.params = params
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=stage.lr, betas=(0.9, 0.95))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.warmup_steps, stage.steps, stage.min_lr_ratio))
+        self.step = 0
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def train_step(self, micro_batches: list[dict]) -> dict:
+        """One optimizer step over micro-batches (gradient accumulation). Returns float metrics."""
+        self.wrapped.train()
+        total_targets = sum(int((b["targets"] != -100).sum()) for b in micro_batches)
+        sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+        tokens = 0
+        for b in micro_batches:
+            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+            with self.autocast():
+                out = self.wrapped(b)
+            share = float(out["targets"]) / max(1, total_targets)
+            (out["loss"] * share).backward()
+            for k in sums:
+                sums[k] += float(out[k].detach()) * share
+            tokens += int((b["doc_ids"] > 0).sum())
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else torch.tensor(0.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        return {**sums, "lr": lr, "grad_norm": float(norm), "tokens": tokens}
+
+    def state_dict(self) -> dict:
+        """A snapshot (copies, not views of the live tensors)."""
+        return copy.deepcopy({"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                              "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                              "step": self.step, "rng": rng_state()})
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        set_rng_state(state["rng"])
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
