@@ -17,6 +17,9 @@ VERBS = {
     "fit-bpe": "fit the 2-D visual BPE on token shards",
     "train": "train the unified model through the staged curriculum (Ray Train)",
     "eval": "evaluate a trained model on the held-out shapes world",
+    "ablate": "the seeds' claims as ablation studies (configs/ablations.yaml)",
+    "runs": "list training runs: state, stage, step, latest checkpoint",
+    "resume": "re-submit a training run to a Ray cluster; it continues from its latest checkpoint",
     "run": "the whole graph, skipping complete stages",
 }
 

@@ -50,6 +50,8 @@ class RunConfig:
     seed: int = 0
     """Global seed; every job derives its own from it."""
 
+    DERIVED = ("root",)
+
     def __post_init__(self):
         _check(bool(self.name) and "/" not in self.name, "run.name", f"a non-empty name without '/', got {self.name!r}")
         if not self.root:
@@ -480,9 +482,10 @@ class MixtureConfig:
 class StageConfig:
     name: str
     steps: int
-    trainable: Union[Literal["embeddings", "all"], TrainableLayers] = "all"
-    """`embeddings`: only the new vocabulary rows (and the rvq interface); `{layers: [..]}`: those
-    decoder layers plus embeddings; `all`."""
+    trainable: Union[Literal["embeddings", "new", "all"], TrainableLayers] = "all"
+    """`embeddings`: only the new vocabulary rows (and the rvq interface); `new`: those plus the MoT
+    visual experts (BAGEL's alignment of the new parts); `{layers: [..]}`: those decoder layers
+    plus embeddings; `all`."""
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
@@ -543,8 +546,13 @@ class TrainConfig:
     pack_group: int = 64
     """Samples packed together; packing never crosses a group, so a data position is (group, row)."""
     log_every: int = 5
+    seed: int = -1
+    """Seed of model init, data order and sequence draws; -1 = run.seed (ablations vary this alone)."""
     fault_step: int = -1
     """Test hook: the worker of rank 0 kills its process once after this global step (once per run root)."""
+
+    def effective_seed(self, run_seed: int) -> int:
+        return run_seed if self.seed < 0 else self.seed
 
     def __post_init__(self):
         _check(bool(self.stages), "train.stages", "at least one stage")
@@ -589,6 +597,38 @@ class EvalConfig:
 
 
 @dataclass
+class AblationArm:
+    name: str
+    set: list[str] = field(default_factory=list)
+    """`key=value` overrides of this arm (as `--set`)."""
+
+
+@dataclass
+class AblationStudy:
+    name: str
+    arms: list[AblationArm]
+    question: str = ""
+
+
+@dataclass
+class AblateConfig:
+    """`tessera ablate`: studies of arms that differ only by their overrides; same data and
+    compute budget per arm (every arm trains the same stages scaled by `steps_scale`)."""
+
+    output: str = "{root}/ablations"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps_scale: float = 1.0
+    studies: list[AblationStudy] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(bool(self.seeds), "ablate.seeds", "at least one seed")
+        _check(0 < self.steps_scale <= 10, "ablate.steps_scale", f"0 < x <= 10, got {self.steps_scale}")
+        for i, st in enumerate(self.studies):
+            names = [a.name for a in st.arms]
+            _check(len(names) == len(set(names)) and names, f"ablate.studies[{i}].arms", f"unique, non-empty arm names, got {names}")
+
+
+@dataclass
 class TesseraConfig:
     run: RunConfig = field(default_factory=RunConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -600,6 +640,7 @@ class TesseraConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
 
     def __post_init__(self):
         if not self.prepare.sources:
@@ -722,8 +763,10 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
             if dataclasses.is_dataclass(default):
-                # a partial section overrides the field's own defaults (e.g. dual.pixel_rvq depth 4), not the class's
-                value = _deep_merge(dataclasses.asdict(default), value)
+                # a partial section overrides the field's own defaults (e.g. dual.pixel_rvq depth 4), not the class's;
+                # fields derived from others (run.root from run.name) are derived again, not copied
+                base = {k: v for k, v in dataclasses.asdict(default).items() if k not in getattr(default, "DERIVED", ())}
+                value = _deep_merge(base, value)
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     missing = [
         n for n, f in fields.items()
@@ -759,6 +802,27 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _read_yaml(path: Path, seen: set) -> dict:
+    """A YAML config; `extends: other.yaml` (relative to this file) is read first and this file's
+    keys override it, section by section."""
+    if path.resolve() in seen:
+        raise ConfigError("extends", f"{path} extends itself")
+    seen.add(path.resolve())
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("--config", f"{path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError("<root>", f"expected a mapping at the top of {path}, got {type(data).__name__}")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    base_path = path.parent / str(base)
+    if not base_path.exists():
+        raise ConfigError("extends", f"file not found: {base_path}")
+    return _deep_merge(_read_yaml(base_path, seen), data)
+
+
 def config_from_dict(data: dict) -> TesseraConfig:
     if not isinstance(data, dict):
         raise ConfigError("<root>", f"expected a mapping at the top of the config, got {type(data).__name__}")
@@ -772,9 +836,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         p = Path(path)
         if not p.exists():
             raise ConfigError("--config", f"file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{p} is not valid YAML: {e}") from e
+        data = _read_yaml(p, set())
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)

@@ -24,7 +24,7 @@ TINY = [
     "synth.num_videos=3",
     "synth.video_seconds=2.0",
     "synth.num_documents=5",
-    "synth.num_instruct=8",
+    "synth.num_instruct=16",
     "synth.num_heldout=6",
     "synth.inject_faults=true",
     "prepare.image.resolution=32",
@@ -70,6 +70,7 @@ def prepared(world_root, ray_cluster):
 # A tiny vq tokenizer, trained in-process (no Ray Train) for the tokenize/BPE tests.
 TINY_TOKENIZER = ["tokenizer.image_size=32", "tokenizer.vq.channels=16", "tokenizer.vq.rvq.codebook_size=32",
                   "tokenizer.losses.lpips_weight=0.0", "tokenizer.train.warmup_steps=2", "tokenizer.train.steps=30",
+                  "tokenizer.train.batch_size=16", "tokenizer.train.heldout_images=8", "tokenizer.train.checkpoint_every=30",
                   "tokenize.text_vocab_size=400", "tokenize.batch_size=8", "tokenize.encode_batch=4", "tokenize.rows_per_shard=16",
                   "tokenize.cpus_per_actor=0.5"]
 
@@ -98,11 +99,13 @@ def train_tiny_tokenizer(cfg, directory):
 
 @pytest.fixture(scope="session")
 def tokenized(prepared, world_root):
-    """(config, report) of one tokenize run on the tiny world with a tiny tokenizer."""
+    """(config, report) of one tokenize run on the tiny world with a tiny tokenizer (trained by
+    the train-tokenizer job, so a `tessera run` with the same config finds it complete)."""
     from tessera.jobs.tokenize import tokenize
+    from tessera.jobs.train_tokenizer import train_tokenizer
 
     cfg = tiny_config(world_root, *TINY_TOKENIZER)
-    train_tiny_tokenizer(cfg, str(world_root / "tokenizer"))
+    train_tokenizer(cfg)
     return cfg, tokenize(cfg)
 
 

@@ -9,7 +9,8 @@ from tessera.config import ConfigError, load_config
 def test_defaults_and_demo_config_load():
     cfg = load_config()
     assert cfg.run.root == "runs/demo"
-    assert [s.kind for s in cfg.prepare.sources] == ["webdataset", "hf_dataset", "video", "web"]
+    assert [s.kind for s in cfg.prepare.sources] == ["webdataset", "hf_dataset", "video", "web", "web"]
+    assert load_config(None, ["run.name=other"]).run.root == "runs/other"  # derived again, not copied from the default
     demo = load_config("configs/demo.yaml")
     assert demo.synth.num_image_text == 512
     assert demo.resolve(demo.prepare.sources[0].uri) == "runs/demo/synth/wds"
@@ -78,3 +79,25 @@ def test_partial_sections_keep_the_fields_own_defaults():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["tokenizer.dual.pixel_rvq.depthh=2"])
     assert e.value.key == "tokenizer.dual.pixel_rvq.depthh"
+
+
+def test_extends_merges_base_config_and_the_shipped_configs_load(tmp_path):
+    for name in ("demo", "being-vl-3stage", "bagel-4stage", "ablations"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.train.stages and cfg.synth.num_image_text == 512
+    bagel = load_config("configs/bagel-4stage.yaml")
+    assert bagel.model.mot and [s.name for s in bagel.train.stages] == ["alignment", "pretraining", "continued", "sft"]
+    assert load_config("configs/being-vl-3stage.yaml").train.stages[1].trainable.layers == [2, 3]
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_bad_stage_config_names_the_key():
+    with pytest.raises(ConfigError, match=r"train.stages\[0\].trainable"):
+        load_config(None, ["train.stages=[{name: a, steps: 3, trainable: everything}]"])
+    with pytest.raises(ConfigError, match="mixture.weights"):
+        load_config(None, ["train.stages=[{name: a, steps: 3, mixture: {weights: {kind: 1.0}}}]"])
+    with pytest.raises(ConfigError, match="train.stages"):
+        load_config(None, ["train.stages=[{name: a, steps: 3}, {name: a, steps: 3}]"])

@@ -7,14 +7,17 @@ success only checks, and a run interrupted anywhere resumes at the interrupted s
 
 from __future__ import annotations
 
+import os
 import time
 
 from tessera import storage
 from tessera.jobs.common import parse_args, ray_session
+from tessera.jobs.eval import evaluate_model
 from tessera.jobs.fit_bpe import fit_bpe
 from tessera.jobs.prepare import prepare
 from tessera.jobs.synth import run_synth
 from tessera.jobs.tokenize import tokenize
+from tessera.jobs.train import train
 from tessera.jobs.train_tokenizer import train_tokenizer
 
 # (stage, function, config section holding its output location)
@@ -23,11 +26,77 @@ STAGES = [
     ("train-tokenizer", train_tokenizer, "tokenizer"),
     ("tokenize", tokenize, "tokenize"),
     ("fit-bpe", fit_bpe, "bpe"),
+    ("train", train, "train"),
+    ("eval", evaluate_model, "eval"),
 ]
 
 
+def build_report(cfg, stages: dict, reports: dict, total_s: float) -> dict:
+    """The run's report: stable, documented keys (README "Report keys") plus each stage's report path."""
+    prep, tok, toks, bpe, tr, ev = (reports[n] for n, _, _ in STAGES)
+    return {
+        "run": cfg.run.name,
+        "stages": stages,
+        "time": {"total_s": round(total_s, 3), **{k: v["seconds"] for k, v in stages.items()}},
+        "prepare": {"samples": prep["rows_out"], "rejects": prep["rejects"], "rejects_by_reason": prep["rejects_by_reason"]},
+        "tokenizer": {k: tok["metrics"][k] for k in ("psnr", "ssim", "lpips", "pixel_usage")},
+        "tokenize": {"rows": toks["rows_out"], "images": toks["images"], "text_tokens": toks["text_tokens"]},
+        "bpe": {"tokens_per_image_before": bpe["tokens_per_image_before"], "tokens_per_image_after": bpe["tokens_per_image_after"],
+                "merges": bpe["merges_done"], "vocabulary_usage_heldout": bpe["vocabulary_usage_heldout"]},
+        "train": {"steps": tr["steps"], "final_loss": tr["final_loss"], "mean_tokens_per_s": tr["mean_tokens_per_s"],
+                  "mean_packing_efficiency": tr["mean_packing_efficiency"], "interface": tr["interface"], "mot": tr["mot"],
+                  "stages": [{k: s.get(k) for k in ("name", "start_step", "steps", "seconds")} for s in tr["stages"]]},
+        "eval": ev["eval"],
+        "chance": ev["chance"],
+        "pngs": {"reconstructions": tok["pngs"]["reconstructions"], "bpe_tiles": bpe["png"], "loss_curve": tr["loss_curve"],
+                 "generated": ev["generated_png"]},
+        "examples": ev["examples"],
+        "reports": {name: storage.join(cfg.resolve(getattr(cfg, section).output), "report.json") for name, _, section in STAGES},
+    }
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str:
+    """report.md: the figures, the PNGs (paths relative to the run root) and the ablation table."""
+    root = os.path.dirname(os.path.abspath(path))
+    rel = {k: os.path.relpath(v, root) for k, v in report["pngs"].items() if v}
+    e, t, b = report["eval"], report["tokenizer"], report["bpe"]
+    lines = [f"# Tessera run `{report['run']}`", "",
+             "| figure | value |", "|---|---|",
+             f"| caption attribute accuracy | {_fmt(e['caption_accuracy'])} |",
+             f"| VQA accuracy | {_fmt(e['vqa_accuracy'])} |",
+             f"| POPE accuracy / F1 / yes-ratio | {_fmt(e['pope_accuracy'])} / {_fmt(e['pope_f1'])} / {_fmt(e['pope_yes_ratio'])} |",
+             f"| generation accuracy (analyser) | {_fmt(e['generation_accuracy'])} |",
+             f"| analyser accuracy on real held-out images | {_fmt(e['analyser_accuracy'])} |",
+             f"| perplexity text / image | {_fmt(e['text_perplexity'])} / {_fmt(e['image_perplexity'])} |",
+             f"| tokenizer PSNR / SSIM / LPIPS | {_fmt(t['psnr'])} dB / {_fmt(t['ssim'])} / {_fmt(t['lpips'])} |",
+             f"| visual BPE tokens per image | {_fmt(b['tokens_per_image_before'])} -> {_fmt(b['tokens_per_image_after'])} |",
+             f"| training | {report['train']['steps']} steps, final loss {_fmt(report['train']['final_loss'])}, "
+             f"{_fmt(report['train']['mean_tokens_per_s'])} tokens/s, packing {_fmt(report['train']['mean_packing_efficiency'])} |",
+             f"| wall time | {report['time']['total_s']:.0f} s |", "",
+             "VQA by question type: " + ", ".join(f"{k} {v:.2f}" for k, v in e.get("vqa_by_type", {}).items()), "",
+             "## Time per stage", "", "| stage | seconds | skipped |", "|---|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.1f} | {v['skipped']} |" for k, v in report["stages"].items()]
+    for title, key in (("Reconstructions (top: held-out images, bottom: decoded codes)", "reconstructions"),
+                       ("Most frequent visual-BPE tiles", "bpe_tiles"), ("Loss curves (stage boundaries marked)", "loss_curve"),
+                       ("Text -> image: generated images and their prompts", "generated")):
+        if key in rel:
+            lines += ["", f"## {title}", "", f"![{key}]({rel[key]})"]
+    lines += ["", "## Examples", ""]
+    lines += [f"- caption: truth *{c['truth']}* / generated *{c['generated']}*" for c in report["examples"]["captions"][:4]]
+    lines += [f"- {q['question']} truth *{q['truth']}* / answered *{q['predicted']}*" for q in report["examples"]["questions"][:6]]
+    if ablation:
+        lines += ["", "## Ablations", "", ablation["markdown"]]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_args("run", argv, "Run the whole graph: synth -> prepare -> train-tokenizer -> tokenize -> fit-bpe.")
+    cfg, _ = parse_args("run", argv, "Run the whole graph: synth -> prepare -> train-tokenizer -> tokenize -> fit-bpe -> train -> eval.")
     t0 = time.perf_counter()
     synth_result = run_synth(cfg)
     stages: dict = {"synth": {"seconds": synth_result["seconds"], "skipped": synth_result["skipped"]}}
@@ -37,20 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
             t = time.perf_counter()
             reports[name] = fn(cfg)
             stages[name] = {"seconds": round(time.perf_counter() - t, 3), "skipped": reports[name].get("skipped", False)}
-    prep, tok, toks, bpe = (reports[n] for n, _, _ in STAGES)
-    report = {
-        "run": cfg.run.name,
-        "stages": stages,
-        "time": {"total_s": round(time.perf_counter() - t0, 3), **{k: v["seconds"] for k, v in stages.items()}},
-        "prepare": {"samples": prep["rows_out"], "rejects": prep["rejects"], "rejects_by_reason": prep["rejects_by_reason"]},
-        "tokenizer": {k: tok["metrics"][k] for k in ("psnr", "ssim", "lpips", "pixel_usage")},
-        "tokenize": {"rows": toks["rows_out"], "images": toks["images"], "text_tokens": toks["text_tokens"]},
-        "bpe": {"tokens_per_image_before": bpe["tokens_per_image_before"], "tokens_per_image_after": bpe["tokens_per_image_after"],
-                "merges": bpe["merges_done"], "vocabulary_usage_heldout": bpe["vocabulary_usage_heldout"]},
-        "reports": {name: storage.join(cfg.resolve(getattr(cfg, section).output), "report.json") for name, _, section in STAGES},
-    }
+    report = build_report(cfg, stages, reports, time.perf_counter() - t0)
+    prep, tok, toks, bpe = (reports[n] for n in ("prepare", "train-tokenizer", "tokenize", "fit-bpe"))
     report_uri = storage.join(cfg.run.root, "report.json")
     storage.write_json(report_uri, report)
+    ablation_uri = storage.join(cfg.run.root, "ablations", "report.json")
+    ablation = storage.read_json(ablation_uri) if storage.exists(ablation_uri) else None
+    md = write_markdown(report, storage.join(cfg.run.root, "report.md"), ablation)
     print("\n== tessera run: summary ==")
     for name, s in stages.items():
         print(f"  {name:<16} {'skipped (complete)' if s['skipped'] else 'ran'} in {s['seconds']:.1f}s")
@@ -59,11 +121,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"codebook usage {tok['metrics']['pixel_usage']}")
     print(f"  tokens: {toks['rows_out']} rows, {toks['images']} images, {toks['text_tokens']} text tokens")
     print(f"  visual BPE: {bpe['merges_done']} merges, tokens per image {bpe['tokens_per_image_before']} -> {bpe['tokens_per_image_after']}")
+    e = report["eval"]
+    print(f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}")
+    print(f"  eval: captions {e['caption_accuracy']:.3f}, VQA {e['vqa_accuracy']:.3f}, POPE acc {e['pope_accuracy']:.3f} "
+          f"F1 {e['pope_f1']:.3f}, generation {_fmt(e['generation_accuracy'])} (analyser {e['analyser_accuracy']:.3f})")
     print(f"  reconstructions: {tok['pngs']['reconstructions']}")
     print(f"  BPE tiles:       {bpe['png']}")
     for name, uri in report["reports"].items():
         print(f"  {name + ' report:':<24} {uri}")
     print(f"  run report:              {report_uri}")
+    print(f"  run report (markdown):   {md}")
     return report
 
 

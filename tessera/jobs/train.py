@@ -77,13 +77,13 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, math.ceil(tc.cpus_per_worker)))  # Ray sets OMP_NUM_THREADS=1
-    torch.manual_seed(cfg.run.seed * 1000 + i * 10 + rank)
+    torch.manual_seed(cfg.train.effective_seed(cfg.run.seed) * 1000 + i * 10 + rank)
     device = ray.train.torch.get_device()
     if config["init_model"]:
         model = load_model(config["init_model"])
     else:
         model = TesseraModel.create(cfg.model, Vocabulary.from_dict(config["vocabulary"]), config["codebook_sizes"],
-                                    config["depth"], seed=cfg.run.seed)
+                                    config["depth"], seed=cfg.train.effective_seed(cfg.run.seed))
     model.to(device)
 
     def wrap(module):
@@ -192,14 +192,14 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
     mean_len = float(np.mean(np.minimum(index.lengths, stage.seq_len)))
     n = int(rows_per_rank * world * stage.seq_len / mean_len * 1.3) + 2 * world * tc.pack_group
     while True:
-        plan = stage_plan(index, stage.mixture.weights, n, cfg.run.seed, stage_index, stage.mixture.order)
+        plan = stage_plan(index, stage.mixture.weights, n, cfg.train.effective_seed(cfg.run.seed), stage_index, stage.mixture.order)
         groups = [plan[g:g + tc.pack_group] for g in range(0, len(plan), tc.pack_group)]
         est = [estimate_rows(index.lengths[[s for s, _ in grp]], stage.seq_len) for grp in groups]
         per_rank = [sum(e for g, e in enumerate(est) if g % world == r) for r in range(world)]
         if min(per_rank) >= rows_per_rank * 1.2 + tc.pack_group:
             break
         n *= 2
-    spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.run.seed, t2i_rate=tc.t2i_rate,
+    spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.train.effective_seed(cfg.run.seed), t2i_rate=tc.t2i_rate,
                      cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the stream order is part of the data position
@@ -351,7 +351,7 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
         if model is None:
             from tessera.model.unified import TesseraModel
 
-            model = TesseraModel.create(mc, vocab, sizes, depth, seed=cfg.run.seed)
+            model = TesseraModel.create(mc, vocab, sizes, depth, seed=cfg.train.effective_seed(cfg.run.seed))
         with result.checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)["model"])
         prev_model = os.path.join(stage_dir, "model")

@@ -5,6 +5,7 @@ clipping, bf16 autocast on GPU, and an exact state dict (model, optimizer, sched
     embeddings   only the new vocabulary rows of the input and output embeddings (and the rvq
                  interface's code embedding and depth heads). The old rows get their gradient
                  zeroed and no weight decay, so with a fresh AdamW they stay bit-identical.
+    new          the same plus the MoT visual experts: every part the base LM did not have
     layers [..]  those decoder layers, plus the embeddings and the rvq interface
     all          everything
 """
@@ -52,8 +53,10 @@ def select_trainable(model: TesseraModel, trainable) -> tuple[list[nn.Parameter]
                 raise ValueError(f"trainable layers {bad} do not exist (the model has {n} decoder layers)")
             for i in trainable.layers:
                 chosen += list(model.decoder_layers()[i].parameters())
-        elif trainable == "embeddings":
+        elif trainable in ("embeddings", "new"):
             guard_old_rows = True
+            if trainable == "new":
+                chosen += [p for n, p in model.named_parameters() if ".visual." in n]
         else:
             raise ValueError(f"unknown trainable mode {trainable!r}")
     seen, unique = set(), []

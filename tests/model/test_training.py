@@ -50,6 +50,21 @@ def test_trainable_mode_changes_exactly_its_parameters(trainable, interface, bpe
             assert torch.equal(a, b), f"{name} changed but mode {trainable} does not name it"
 
 
+def test_new_mode_trains_new_rows_and_visual_experts_only(bpe):
+    model = make_model("bpe", bpe, mot=True)
+    before = snapshot(model)
+    run_steps(model, bpe, "new")
+    after = snapshot(model)
+    old = model.vocab.text_size
+    for name, b in before.items():
+        if ".visual." in name:
+            assert not torch.equal(after[name], b), name
+        elif name in ("lm.model.embed_tokens.weight", "lm.lm_head.weight"):
+            assert torch.equal(after[name][:old], b[:old]) and not torch.equal(after[name][old:], b[old:])
+        else:
+            assert torch.equal(after[name], b), name
+
+
 def test_unknown_layer_is_refused(bpe):
     with pytest.raises(ValueError, match="do not exist"):
         run_steps(make_model("bpe", bpe), bpe, TrainableLayers([7]))
