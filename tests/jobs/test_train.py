@@ -65,19 +65,106 @@ def test_killed_worker_is_recovered_and_losses_match(uninterrupted, world_root):
     assert losses(cfg) == losses(uninterrupted[0])
 
 
-def test_killed_driver_then_rerun_resumes_exactly(uninterrupted, world_root):
-    """No retries: the run fails at step 3 (stage 1, checkpoint at 2). Re-running the same
-    command continues from step 2 with the same data position; losses equal the clean run's."""
-    from tessera.jobs.train import train
+def _kill_session(gcs_port: int) -> None:
+    """Kill the processes of the head started on `gcs_port` (and their children), not any other
+    Ray on this machine: `ray stop` would also stop the test session's own Ray."""
+    import re
+    import signal
 
-    cfg = train_config(world_root, "train-driver-kill", "train.fault_step=3", "train.max_failures=0")
-    with pytest.raises(Exception):
-        train(cfg)
-    state = os.path.join(cfg.resolve(cfg.train.output), "state.json")
+    procs, parent = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            procs[int(pid)] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            parent[int(pid)] = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    sessions = {m.group(0) for cmd in procs.values() if f"--gcs_server_port={gcs_port}" in cmd
+                for m in [re.search(r"session_[0-9_-]+", cmd)] if m}
+    victims = {pid for pid, cmd in procs.items() if any(s in cmd for s in sessions) and pid != os.getpid()}
+    grown = True
+    while grown:
+        grown = False
+        for pid, pp in parent.items():
+            if pp in victims and pid not in victims:
+                victims.add(pid)
+                grown = True
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def head_node(tmp_path):
+    """A real `ray start --head` cluster (token auth off, its own ports), killed afterwards."""
+    import socket
+    import subprocess
+    import sys
+
+    def free_port():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    gcs, dash, agent, agent_grpc, metrics = (free_port() for _ in range(5))
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+                    f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
+    finally:
+        _kill_session(gcs)
+
+
+def wait_job(client, job_id, timeout=900):
+    import time
+
+    from ray.job_submission import JobStatus
+
+    t = time.time()
+    while time.time() - t < timeout:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status, client.get_job_logs(job_id)
+        time.sleep(2)
+    raise TimeoutError(job_id)
+
+
+def test_ray_job_submit_fails_then_resume_resubmits_and_continues_exactly(uninterrupted, world_root, head_node):
+    """Submitted with `ray job submit`'s API to a `ray start --head` cluster; the job dies at step 3
+    (no retries). `tessera resume` re-submits the recorded entrypoint; the job continues from the
+    step-2 checkpoint and every loss equals the uninterrupted run's."""
+    import shlex
+    import sys
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from tessera.jobs.resume import main as resume
+    from tessera.jobs.resume import submit
+
+    dashboard, _ = head_node
+    cfg = train_config(world_root, "train-job", "train.fault_step=3", "train.max_failures=0")
+    overrides = [*TINY_TOKENIZER, *TINY_BPE, *TINY_TRAIN, "train.output={root}/train-job", "train.storage_path={root}/train-job-ray",
+                 "train.fault_step=3", "train.max_failures=0"]
+    from tests.conftest import TINY
+
+    args = [sys.executable, "-m", "tessera.jobs.train", *[a for o in [*TINY, *overrides, f"run.root={world_root}"] for a in ("--set", o)]]
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    client = JobSubmissionClient(dashboard)
+    job = submit(client, f"cd {shlex.quote(repo)} && " + " ".join(shlex.quote(a) for a in args))
+    status, logs = wait_job(client, job)
+    assert status == JobStatus.FAILED, logs[-3000:]
     import json
 
-    assert json.load(open(state))["status"] == "failed"
-    report = train(cfg)
-    assert report["steps"] == 7
+    state = json.load(open(os.path.join(cfg.resolve(cfg.train.output), "state.json")))
+    assert state["status"] == "failed" and state["stage"] == "embeddings"
+    job2 = resume([str(world_root), "--output", cfg.resolve(cfg.train.output), "--address", dashboard])
+    status, logs = wait_job(client, job2)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "resumed at step 2" in logs
     assert losses(cfg) == losses(uninterrupted[0])
-    assert json.load(open(state))["status"] == "complete"

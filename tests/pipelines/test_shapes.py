@@ -46,3 +46,15 @@ def test_render_puts_the_object_colour_in_its_cell():
     red = (cell[:, 0] > 150) & (cell[:, 1] < 90) & (cell[:, 2] < 90)
     assert red.mean() > 0.3
     assert ((img[32:, 32:, 0] > 150) & (img[32:, 32:, 1] < 90)).mean() == 0
+
+
+def test_analyser_reads_rendered_scenes():
+    from tessera.pipelines import analyser
+
+    scores = []
+    for i in range(60):
+        scene = shapes.sample_scene(np.random.default_rng(1000 + i))
+        scores.append(analyser.match_score(list(scene.objects), analyser.analyse(shapes.render_scene(scene, 64))))
+    assert np.mean(scores) > 0.9
+    assert analyser.analyse(np.full((64, 64, 3), 128, np.uint8)) == []
+    assert analyser.match_score([], []) == 1.0
