@@ -21,6 +21,8 @@ def list_runs(root: str) -> list[dict]:
 
     runs = []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        if not os.path.isdir(os.path.join(root, name)):
+            continue
         for sub in sorted(os.listdir(os.path.join(root, name))):
             path = os.path.join(root, name, sub, "state.json")
             if not os.path.isfile(path):

@@ -43,20 +43,30 @@ METRIC_FIELDS = ["step", "stage", "stage_index", "stage_step", "loss", "text_los
 # ----------------------------------------------------------------------------- worker
 
 
-def _rows(shard, micro: int, position: tuple[int, int], stage: str):
-    """Micro-batches of packed rows from this rank's stream, skipping rows before `position`."""
+def _rows(shard, micro: int, position: tuple[int, int], stage: str, rank: int, world: int):
+    """Micro-batches of packed rows from this rank's stream, in data-position order, from `position` on.
+
+    Rows are re-ordered here by (group, row) rather than trusting the arrival order of blocks:
+    this rank's groups are position[0], +world, +2*world, ..., and a group is released once all
+    its rows (`rows_in_group`) have arrived. The stream is then a pure function of the plan."""
     import torch
 
     g0, r0 = position
-    buf = None
+    expected = g0 if g0 % world == rank else g0 + (rank - g0) % world
+    pending: dict[int, list] = {}
+    ready: list[dict] = []
     for batch in shard.iter_torch_batches(batch_size=micro, dtypes=torch.int64):
-        keep = (batch["group"] > g0) | ((batch["group"] == g0) & (batch["row"] >= r0))
-        if not bool(keep.all()):
-            batch = {k: v[keep] for k, v in batch.items()}
-        buf = batch if buf is None else {k: torch.cat([buf[k], batch[k]]) for k in buf}
-        while len(buf["group"]) >= micro:
-            yield {k: v[:micro] for k, v in buf.items()}
-            buf = {k: v[micro:] for k, v in buf.items()}
+        for i in range(len(batch["group"])):
+            g = int(batch["group"][i])
+            if g >= expected:
+                pending.setdefault(g, []).append({k: v[i] for k, v in batch.items()})
+        while expected in pending and len(pending[expected]) == int(pending[expected][0]["rows_in_group"]):
+            rows = sorted(pending.pop(expected), key=lambda r: int(r["row"]))
+            ready += [r for r in rows if expected > g0 or int(r["row"]) >= r0]
+            expected += world
+        while len(ready) >= micro:
+            chunk, ready = ready[:micro], ready[micro:]
+            yield {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}
     raise RuntimeError(f"stage {stage!r}: the data stream ran out before the stage's steps were done; "
                        "raise train.pack_group or check the mixture")
 
@@ -109,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             print(f"[train] stage {i} {stage.name!r}: resumed at step {trainer.step}, data position {position}", flush=True)
     micro = stage.batch_size // (world * tc.grad_accum)
-    rows = _rows(ray.train.get_dataset_shard(f"rank{rank}"), micro, position, stage.name)
+    rows = _rows(ray.train.get_dataset_shard(f"rank{rank}"), micro, position, stage.name, rank, world)
     offset = config["step_offset"]
     metrics_path = config["metrics_csv"]
     t_last, tokens_since = time.perf_counter(), 0
@@ -117,7 +127,7 @@ def train_loop_per_worker(config: dict) -> None:
         micro_batches = [next(rows) for _ in range(tc.grad_accum)]
         last = micro_batches[-1]
         position = (int(last["group"][-1]), int(last["row"][-1]) + 1)
-        m = trainer.train_step([{k: v for k, v in b.items() if k not in ("group", "row")} for b in micro_batches])
+        m = trainer.train_step([{k: v for k, v in b.items() if k not in ("group", "row", "rows_in_group")} for b in micro_batches])
         step = trainer.step
         tokens_since += m["tokens"] * world
         save = step % tc.checkpoint_every == 0 or step == stage.steps
@@ -216,21 +226,25 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
 
 
 def _latest_positions(storage_path: str, run_name: str) -> dict | None:
-    """Data positions stored in the newest checkpoint of a stage's Ray Train run (for where the
-    resumed datasets start; the workers skip exactly to the checkpoint's position)."""
+    """Where a resumed stage's datasets may start: per rank, the earliest data position of any
+    retained checkpoint of the stage's Ray Train run. Ray may resume from a checkpoint older
+    than the newest directory (one reported just before a crash may not be registered), so the
+    datasets start no later than any of them; the workers then skip exactly to their own."""
     root = os.path.join(storage_path, run_name)
     if not os.path.isdir(root):
         return None
-    ckpts = sorted(d for d in os.listdir(root) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(root, d)))
-    for d in reversed(ckpts):
-        files = [f for f in os.listdir(os.path.join(root, d)) if f.startswith("position_rank")]
-        if files:
-            pos = {}
-            for f in files:
-                with open(os.path.join(root, d, f)) as fh:
-                    pos[f.removeprefix("position_rank").removesuffix(".json")] = json.load(fh)["next"]
-            return {"positions": pos}
-    return None
+    pos: dict[str, list] = {}
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d)
+        if not (d.startswith("checkpoint_") and os.path.isdir(path)):
+            continue
+        for f in os.listdir(path):
+            if f.startswith("position_rank"):
+                rank = f.removeprefix("position_rank").removesuffix(".json")
+                with open(os.path.join(path, f)) as fh:
+                    nxt = json.load(fh)["next"]
+                pos[rank] = min(pos.get(rank, nxt), nxt)
+    return {"positions": pos} if pos else None
 
 
 def _image_tokens(index, builder, n: int = 32) -> float:

@@ -68,11 +68,12 @@ def build_group(spec: BuildSpec, files: list[str], rows: list[int], epochs: list
 
 def pack_groups(batch: dict, spec: BuildSpec) -> dict:
     """Ray Data UDF: a batch of groups (columns group, files, rows, epochs) -> packed rows with
-    their data position (group, row)."""
+    their data position (group, row) and the group's row count (so a reader can restore the
+    order whatever order blocks arrive in)."""
     out: dict[str, list] = {}
     for g, files, rows, epochs in zip(batch["group"], batch["files"], batch["rows"], batch["epochs"]):
         packed, stats = build_group(spec, list(files), [int(r) for r in rows], [int(e) for e in epochs])
         for i, r in enumerate(packed):
-            for k, v in {"group": int(g), "row": i, **r}.items():
+            for k, v in {"group": int(g), "row": i, "rows_in_group": len(packed), **r}.items():
                 out.setdefault(k, []).append(v)
     return {k: np.stack(v) if isinstance(v[0], np.ndarray) else np.asarray(v) for k, v in out.items()}

@@ -23,6 +23,9 @@ from tessera.model.unified import TesseraModel
 from tessera.pipelines import analyser, shapes
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
+# valid answers per question type: a model that learned the task answers inside these
+ANSWERS = {"colour": set(shapes.COLOURS), "shape": set(shapes.SHAPES), "size": set(shapes.SIZES),
+           "position": set(shapes.POSITIONS), "count": set(shapes.NUMBER_WORDS[1:]), "exists": {"yes", "no"}}
 
 
 @dataclass
@@ -118,10 +121,11 @@ class Evaluator:
 
     def questions(self, limit: int | None = None) -> dict:
         vqa, by_type, pope = [], {}, {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
-        examples = []
+        examples, valid = [], []
         for q in self.heldout.questions[:limit]:
             pred = normalise(self.answer(q["image"], q["question"], 8))
             truth = normalise(q["answer"])
+            valid.append(pred in ANSWERS.get(q["type"], {truth}))
             if q["type"] == "exists":
                 yes = pred == "yes"
                 key = ("t" if yes == (truth == "yes") else "f") + ("p" if yes else "n")
@@ -137,6 +141,7 @@ class Evaluator:
         return {
             "vqa_accuracy": float(np.mean(vqa)) if vqa else 0.0,
             "vqa_by_type": {k: round(float(np.mean(v)), 4) for k, v in sorted(by_type.items())},
+            "valid_answer_rate": float(np.mean(valid)) if valid else 0.0,
             "pope_accuracy": (pope["tp"] + pope["tn"]) / max(1, n_pope),
             "pope_precision": precision, "pope_recall": recall,
             "pope_f1": 2 * precision * recall / max(1e-9, precision + recall),

@@ -6,8 +6,8 @@ of `tessera.model.unified.document_mask` every sequence sees exactly what it wou
 `targets[t]` is the token at t+1 when that token is a target of the same document, else -100:
 no loss ever crosses a document boundary.
 
-Packing is greedy in order (a new row when the next sequence does not fit), so it is a pure
-function of the sequence order: the basis of exact data-position resume.
+Packing is first-fit decreasing within one call (one packing group of the train job), a pure
+function of the sequences in order: the basis of exact data-position resume.
 """
 
 from __future__ import annotations
@@ -54,25 +54,28 @@ def truncate(seq: Sequence, seq_len: int) -> Sequence:
 
 
 def first_fit(lengths, seq_len: int) -> list[int]:
-    """Row of each sequence: the first open row with room, else a new one (lengths capped at seq_len).
-    Deterministic in the order given, and within a few percent of the best packing for our lengths."""
+    """Row of each sequence by first-fit decreasing: longest first, each into the first row with
+    room (lengths capped at seq_len). A pure function of the lengths in order; within a row the
+    sequences keep their original order."""
+    capped = [min(int(n), seq_len) for n in lengths]
+    order = sorted(range(len(capped)), key=lambda i: (-capped[i], i))
     free: list[int] = []
-    rows = []
-    for n in lengths:
-        n = min(int(n), seq_len)
+    rows = [0] * len(capped)
+    for i in order:
+        n = capped[i]
         for r, room in enumerate(free):
             if n <= room:
                 free[r] -= n
-                rows.append(r)
+                rows[i] = r
                 break
         else:
             free.append(seq_len - n)
-            rows.append(len(free) - 1)
+            rows[i] = len(free) - 1
     return rows
 
 
 def pack(sequences: list[Sequence], seq_len: int, pad_id: int) -> tuple[list[dict], dict]:
-    """First-fit packing (see `first_fit`) -> (rows, stats). Sequences longer than seq_len are truncated."""
+    """First-fit-decreasing packing (see `first_fit`) -> (rows, stats). Sequences longer than seq_len are truncated."""
     code_shape = next((s.codes.shape[1:] for s in sequences if s.codes is not None), None)
     stats = {"sequences": len(sequences), "truncated": sum(len(s) > seq_len for s in sequences), "tokens": 0}
     assignment = first_fit([len(s) for s in sequences], seq_len)

@@ -43,9 +43,9 @@ def test_each_source_kind_end_to_end(prepared):
                 assert images.decode_png(im).shape == (32, 32, 3)
         assert any(t for t in row["texts"] if t), "every sample has text"
         assert any(t.startswith("difficulty=") for t in row["curriculum"])
-    # 12 webdataset pairs + 6 awkward-but-good encodings; 12 HF rows; 3 clips; 5 documents; 16 VQA conversations
+    # 12 webdataset pairs + 6 awkward-but-good encodings; 12 HF rows; 3 clips; 5 documents; 64 VQA conversations
     assert {k: len(v) for k, v in by_source.items()} == {"shapes_wds": 18, "shapes_hf": 12, "shapes_video": 3, "shapes_web": 5,
-                                                         "shapes_instruct": 16}
+                                                         "shapes_instruct": 64}
     for conv in by_source["shapes_instruct"]:
         meta = json.loads(conv["meta"])
         assert meta["task"] == "vqa" and "task=vqa" in conv["curriculum"]

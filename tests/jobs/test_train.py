@@ -53,6 +53,16 @@ def test_stages_run_in_order_and_outputs_load(uninterrupted):
     assert train(cfg)["skipped"] is True
 
 
+def test_runs_lists_the_run_with_stage_step_and_checkpoint(uninterrupted, world_root):
+    from tessera.jobs.runs import list_runs
+
+    runs = {r["path"]: r for r in list_runs(str(world_root.parent))}
+    clean = runs[str(world_root / "train-clean")]
+    assert clean["status"] == "complete" and clean["stage"] == "all" and clean["step"] == 7
+    assert clean["checkpoint"] and os.path.isdir(clean["checkpoint"])
+    assert clean["entrypoint"]
+
+
 def test_killed_worker_is_recovered_and_losses_match(uninterrupted, world_root):
     """The rank-0 worker dies after step 5 (inside stage 2, one step past a checkpoint):
     FailureConfig restarts it, it resumes from step 4, and every step's loss equals the clean run's."""
@@ -136,9 +146,10 @@ def wait_job(client, job_id, timeout=900):
 
 
 def test_ray_job_submit_fails_then_resume_resubmits_and_continues_exactly(uninterrupted, world_root, head_node):
-    """Submitted with `ray job submit`'s API to a `ray start --head` cluster; the job dies at step 3
-    (no retries). `tessera resume` re-submits the recorded entrypoint; the job continues from the
-    step-2 checkpoint and every loss equals the uninterrupted run's."""
+    """Submitted with `ray job submit`'s API to a `ray start --head` cluster; the job dies at global
+    step 6 (stage 2, one step past its step-2 checkpoint; no retries). `tessera resume` re-submits
+    the recorded entrypoint; stage 1 is skipped, stage 2 continues from its checkpoint and every
+    loss equals the uninterrupted run's."""
     import shlex
     import sys
 
@@ -148,9 +159,9 @@ def test_ray_job_submit_fails_then_resume_resubmits_and_continues_exactly(uninte
     from tessera.jobs.resume import submit
 
     dashboard, _ = head_node
-    cfg = train_config(world_root, "train-job", "train.fault_step=3", "train.max_failures=0")
+    cfg = train_config(world_root, "train-job", "train.fault_step=6", "train.max_failures=0")
     overrides = [*TINY_TOKENIZER, *TINY_BPE, *TINY_TRAIN, "train.output={root}/train-job", "train.storage_path={root}/train-job-ray",
-                 "train.fault_step=3", "train.max_failures=0"]
+                 "train.fault_step=6", "train.max_failures=0"]
     from tests.conftest import TINY
 
     args = [sys.executable, "-m", "tessera.jobs.train", *[a for o in [*TINY, *overrides, f"run.root={world_root}"] for a in ("--set", o)]]
@@ -162,9 +173,9 @@ def test_ray_job_submit_fails_then_resume_resubmits_and_continues_exactly(uninte
     import json
 
     state = json.load(open(os.path.join(cfg.resolve(cfg.train.output), "state.json")))
-    assert state["status"] == "failed" and state["stage"] == "embeddings"
+    assert state["status"] == "failed" and state["stage"] == "all"
     job2 = resume([str(world_root), "--output", cfg.resolve(cfg.train.output), "--address", dashboard])
     status, logs = wait_job(client, job2)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "resumed at step 2" in logs
+    assert "stage 0 'embeddings': complete, skipped" in logs and "resumed at step 2" in logs
     assert losses(cfg) == losses(uninterrupted[0])
