@@ -6,7 +6,6 @@ import torch
 
 from tessera.config import StageConfig, TrainableLayers
 from tessera.model.mixture import SampleIndex, stage_plan
-from tessera.model.packing import collate
 from tessera.model.trainer import StageTrainer, lr_lambda
 from tests.model.test_model import batch_of, bpe, make_model  # noqa: F401  (bpe is a fixture)
 
