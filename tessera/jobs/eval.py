@@ -37,7 +37,7 @@ def evaluate_model(cfg: TesseraConfig) -> dict:
     model_dir = cfg.resolve(ec.model)
     info = read_info(model_dir)
     state = JobState(out, fingerprint(cfg.section_fingerprint("eval", "run"), info.get("bpe"), info.get("tokenizer"),
-                                      storage.read_json(os.path.join(model_dir, "tessera.json")).get("global_step"),
+                                      info.get("global_step"),
                                       os.path.getmtime(os.path.join(model_dir, "tessera.json"))))
     if state.is_complete():
         print(f"[tessera] eval: complete, nothing to do ({state.report_uri})")

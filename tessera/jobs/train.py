@@ -318,8 +318,8 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
     vocab = assets.vocabulary(mc)
     sizes, depth = assets.rvq_geometry(mc)
     builder = SequenceBuilder(vocab, assets.bpe, tuple(mc.codebooks), depth, tuple(sizes), cfg.bpe.codebook, cfg.bpe.depth)
-    index = build_index(files, 0.0)
-    index = build_index(files, _image_tokens(index, builder))
+    index = build_index(files)
+    index.image_tokens = _image_tokens(index, builder)
     storage_path = os.path.abspath(cfg.resolve(tc.storage_path))
     metrics_csv = os.path.join(out, "metrics.csv")
     _write_state(out, run=cfg.run.name, status="running", entrypoint=entrypoint or sys.argv, cwd=os.getcwd(),

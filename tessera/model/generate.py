@@ -120,30 +120,13 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
         return bpe.decode(np.asarray(tiles, np.int32), (H, W))
     cells = []
     for _ in range(H * W):
-        codes = []
-        for c, head in enumerate(model.depth_heads):
-            codes.append(_sample_cell_guided(head, hc, hu, cfg_scale, temperature, top_k, generator))
-        cell = np.stack(codes)  # (C, D)
+        cell = np.stack([head.sample(hc[None], None if hu is None else hu[None], cfg_scale, temperature, top_k,
+                                     generator)[0].cpu().numpy() for head in model.depth_heads])  # (C, D)
         cells.append(cell)
         hc, lc = cond.feed([vocab.cell], cell[None])
         if uncond:
             hu, lu = uncond.feed([vocab.cell], cell[None])
     return np.stack(cells).reshape(H, W, len(model.depth_heads), model.depth)
-
-
-def _sample_cell_guided(head, hc: torch.Tensor, hu: torch.Tensor | None, scale: float, temperature: float, top_k: int,
-                        generator) -> np.ndarray:
-    """One cell's codes (D,) depth by depth, guiding each depth's logits."""
-    hidden = hc.unsqueeze(0) if hu is None else torch.stack([hc, hu])
-    hidden = hidden.to(next(head.parameters()).dtype)
-    codes = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
-    for d in range(head.depth):
-        h = head._run(head._inputs(hidden, codes))
-        logits = head.classifiers[d](h[:, d]).float()
-        guided = _guided(logits[0], logits[1] if hu is not None else None, scale)
-        code = pick(guided.unsqueeze(0), temperature, top_k, generator)
-        codes = torch.cat([codes, code.expand(hidden.shape[0]).unsqueeze(1)], dim=1)
-    return codes[0].cpu().numpy()
 
 
 @torch.no_grad()

@@ -24,11 +24,21 @@ class SampleIndex:
     files: list[str]
     rows: list[int]
     tags: list[frozenset]
-    lengths: np.ndarray
-    """Estimated sequence length per sample (for sizing a stage's data)."""
+    text_lengths: np.ndarray
+    """Text tokens per sample."""
+    images: np.ndarray
+    """Images per sample."""
+    image_tokens: float = 0.0
+    """Estimated tokens per image (set once known, see `estimate`)."""
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Estimated sequence length per sample (for sizing a stage's data): <bos>, <eos>, the text,
+        and per image its tokens plus start/end/shape/frame markers."""
+        return (2 + self.text_lengths + self.images * (self.image_tokens + 6)).astype(np.int64)
 
     def matching(self, selector: str) -> np.ndarray:
         if selector == "all":
@@ -42,12 +52,13 @@ class SampleIndex:
         return 1
 
 
-def build_index(files: list[str], image_tokens: float) -> SampleIndex:
-    """Read sample ids, tags and text lengths of token shards (`image_tokens`: estimated tokens per image)."""
+def build_index(files: list[str], image_tokens: float = 0.0) -> SampleIndex:
+    """Read sample ids, tags, text lengths and image counts of token shards (`image_tokens`:
+    estimated tokens per image; may be set later on the index)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    ids, fs, rows, tags, lengths = [], [], [], [], []
+    ids, fs, rows, tags, text_lengths, n_images = [], [], [], [], [], []
     for f in files:
         t = pq.read_table(f, columns=["sample_id", "source", "kind", "curriculum", "is_image", "text_ids"])
         text_len = pc.list_value_length(pc.list_flatten(t.column("text_ids"))).to_numpy(zero_copy_only=False)
@@ -59,10 +70,12 @@ def build_index(files: list[str], image_tokens: float) -> SampleIndex:
             fs.append(f)
             rows.append(r)
             tags.append(frozenset(cur) | {f"source={src}", f"kind={kind}"})
-            lengths.append(2 + int(text_len[offsets[r]:offsets[r + 1]].sum()) + sum(is_img) * (image_tokens + 6))
+            text_lengths.append(int(text_len[offsets[r]:offsets[r + 1]].sum()))
+            n_images.append(sum(is_img))
     order = np.argsort(np.array(ids, dtype=object), kind="stable")  # independent of file listing order
     return SampleIndex([ids[i] for i in order], [fs[i] for i in order], [rows[i] for i in order],
-                       [tags[i] for i in order], np.array([lengths[i] for i in order], dtype=np.int64))
+                       [tags[i] for i in order], np.array([text_lengths[i] for i in order], dtype=np.int64),
+                       np.array([n_images[i] for i in order], dtype=np.int64), image_tokens)
 
 
 def stage_plan(index: SampleIndex, weights: dict[str, float], n: int, seed: int, stage: int,

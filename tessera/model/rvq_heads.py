@@ -67,15 +67,22 @@ class DepthHead(nn.Module):
         return torch.stack([clf(h[:, d]) for d, clf in enumerate(self.classifiers)], dim=1)
 
     @torch.no_grad()
-    def sample(self, hidden: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """hidden (N, H) -> codes (N, D), depth by depth (every code is a valid code: constrained by construction)."""
-        codes = torch.zeros(hidden.shape[0], 0, dtype=torch.long, device=hidden.device)
+    def sample(self, hidden: torch.Tensor, uncond: torch.Tensor | None = None, scale: float = 1.0, temperature: float = 1.0,
+               top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """hidden (N, H) -> codes (N, D), depth by depth (every code is a valid code: constrained by
+        construction). With `uncond` (N, H), each depth's logits are guided: u + scale * (c - u)."""
+        n = hidden.shape[0]
+        x = hidden if uncond is None else torch.cat([hidden, uncond])
+        x = x.to(self.inp.weight.dtype)
+        codes = torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)
         for d in range(self.depth):
-            h = self._run(self._inputs(hidden, codes))
+            h = self._run(self._inputs(x, codes))
             logits = self.classifiers[d](h[:, d]).float()
-            codes = torch.cat([codes, pick(logits, temperature, top_k, generator).unsqueeze(1)], dim=1)
-        return codes
+            if uncond is not None:
+                logits = logits[n:] + scale * (logits[:n] - logits[n:])
+            code = pick(logits, temperature, top_k, generator)
+            codes = torch.cat([codes, (code if uncond is None else code.repeat(2)).unsqueeze(1)], dim=1)
+        return codes[:n]
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:

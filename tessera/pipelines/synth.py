@@ -255,6 +255,14 @@ def write_documents(out: str, cfg, seed: int, faults: bool) -> int:
     return len(lines)
 
 
+def _scene_png(img_dir: str, name: str, rng: np.random.Generator, resolution: int) -> shapes.Scene:
+    """Sample a scene from `rng`, render it and write it as `img_dir/name` (PNG)."""
+    scene = shapes.sample_scene(rng)
+    with open(os.path.join(img_dir, name), "wb") as f:
+        f.write(encode_image(shapes.render_scene(scene, resolution)))
+    return scene
+
+
 def write_instructions(out: str, cfg, seed: int) -> int:
     """Visual question answering conversations about training scenes (the instruction data of
     Being-VL's later stages), as interleaved documents: the image, then question/answer turns.
@@ -264,10 +272,8 @@ def write_instructions(out: str, cfg, seed: int) -> int:
     lines = []
     for i in range(cfg.num_instruct):
         rng = _rng(seed, _STREAM_INSTRUCT, i)
-        scene = shapes.sample_scene(rng)
         name = f"vqa-{i:05d}.png"
-        with open(os.path.join(img_dir, name), "wb") as f:
-            f.write(encode_image(shapes.render_scene(scene, cfg.resolution)))
+        scene = _scene_png(img_dir, name, rng, cfg.resolution)
         texts, images, roles = [None], [f"images/{name}"], [None]
         qs = shapes.questions(scene, rng)
         for k in rng.permutation(len(qs)):  # any question type may come first
@@ -287,10 +293,8 @@ def write_heldout(out: str, cfg, seed: int) -> int:
     with open(os.path.join(out, "scenes.jsonl"), "w") as fs, open(os.path.join(out, "questions.jsonl"), "w") as fq:
         for i in range(cfg.num_heldout):
             rng = _rng(seed, _STREAM_HELDOUT, i)
-            scene = shapes.sample_scene(rng)
             name = f"heldout-{i:04d}.png"
-            with open(os.path.join(img_dir, name), "wb") as f:
-                f.write(encode_image(shapes.render_scene(scene, cfg.resolution)))
+            scene = _scene_png(img_dir, name, rng, cfg.resolution)
             fs.write(json.dumps({"id": f"heldout-{i:04d}", "image": f"images/{name}", "caption": shapes.caption(scene),
                                  "scene": scene.to_dict()}) + "\n")
             for j, q in enumerate(shapes.questions(scene, rng)):

@@ -110,7 +110,7 @@ def test_mixture_proportions_and_curriculum_order():
     kinds = rng.choice(["image_text", "video", "web"], size=n, p=[0.6, 0.1, 0.3])
     diff = rng.choice(["easy", "medium", "hard"], size=n)
     index = SampleIndex([f"s{i:04d}" for i in range(n)], ["f"] * n, list(range(n)),
-                        [frozenset({f"kind={k}", f"difficulty={d}"}) for k, d in zip(kinds, diff)], np.full(n, 100))
+                        [frozenset({f"kind={k}", f"difficulty={d}"}) for k, d in zip(kinds, diff)], np.full(n, 20), np.ones(n, np.int64), 72.0)
     weights = {"kind=image_text": 0.5, "kind=video": 0.3, "kind=web": 0.2}
     plan = stage_plan(index, weights, 4000, seed=1, stage=0)
     got = {k: np.mean([f"kind={k}" in index.tags[s] for s, _ in plan]) for k in ("image_text", "video", "web")}
