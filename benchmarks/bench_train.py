@@ -51,11 +51,11 @@ def plain_loop(cfg, steps: int) -> tuple[float, float]:
     index = build_index(dataset_files(os.path.join(cfg.run.root, "tokens", "tokens")), 120.0)
     plan = stage_plan(index, stage.mixture.weights, 4000, cfg.run.seed, 0)
     spec = BuildSpec(tuple(vocab.to_dict().items()), os.path.abspath(cfg.resolve(mc.bpe)), ("pixel",), 1, (), "pixel", 0,
-                     stage.seq_len, stage.loss_mask, cfg.run.seed, tc.t2i_rate, tc.cfg_text_dropout)
+                     stage.seq_len, stage.loss_mask, cfg.run.seed, 0, tc.t2i_rate, tc.cfg_text_dropout)
     rows, real, total = [], 0, 0
     for g in range(0, len(plan), tc.pack_group):
         grp = plan[g:g + tc.pack_group]
-        packed, _ = build_group(spec, [index.files[s] for s, _ in grp], [index.rows[s] for s, _ in grp], [e for _, e in grp])
+        packed, _ = build_group(spec, [index.files[s] for s, _ in grp], [index.rows[s] for s, _ in grp], [e for _, e in grp], g // tc.pack_group)
         rows += packed
         if len(rows) >= (steps + 1) * stage.batch_size:
             break

@@ -437,6 +437,11 @@ class ModelConfig:
     codebooks: list[str] = field(default_factory=lambda: ["pixel"])
     """rvq interface: which of the tokenizer's codebooks a cell carries (`pixel`, `semantic`)."""
     depth_head: DepthHeadConfig = field(default_factory=DepthHeadConfig)
+    visual_positions: Literal["1d", "2d"] = "2d"
+    """`2d`: each visual token (a BPE tile, an rvq cell) also gets learned row and column
+    embeddings of its anchor cell added to its input embedding, so the LM knows where in the
+    image it sits (a raster index of variable-size tiles does not say). `1d`: sequence positions
+    only (the `bpe` model then loads with plain `transformers`)."""
     init: Literal["mean", "he"] = "mean"
     """New embedding rows: mean of the existing rows plus noise, or He (Being-VL)."""
     init_noise: float = 0.02
@@ -495,12 +500,18 @@ class StageConfig:
     loss_mask: Literal["all", "text", "image", "answers"] = "all"
     """Which targets carry loss: everything, text only, image tokens only, or assistant answers
     (captions count as answers for samples without roles)."""
+    t2i_rate: Optional[float] = None
+    """This stage's share of image-text pairs shown caption-first (their image tokens become
+    targets under `answers`); None = `train.t2i_rate`. Understanding stages set 0 so the loss
+    stays on text answers; a generation stage raises it."""
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.stages[{self.name}].steps", f">= 1, got {self.steps}")
         _check(self.lr > 0, f"train.stages[{self.name}].lr", f"> 0, got {self.lr}")
         _check(self.seq_len >= 16, f"train.stages[{self.name}].seq_len", f">= 16, got {self.seq_len}")
+        _check(self.t2i_rate is None or 0.0 <= self.t2i_rate <= 1.0, f"train.stages[{self.name}].t2i_rate",
+               f"a share in [0, 1] or null, got {self.t2i_rate}")
         _check(bool(self.mixture.weights) and all(w >= 0 for w in self.mixture.weights.values()) and sum(self.mixture.weights.values()) > 0,
                f"train.stages[{self.name}].mixture.weights", f"non-negative weights with a positive sum, got {self.mixture.weights}")
         for sel in self.mixture.weights:
@@ -546,6 +557,11 @@ class TrainConfig:
     pack_group: int = 64
     """Samples packed together; packing never crosses a group, so a data position is (group, row)."""
     log_every: int = 5
+    probe_every: int = 0
+    """Every this many steps of a stage (and at its end), rank 0 answers `probe_questions` held-out
+    questions per type (from `eval.heldout`) greedily and logs the accuracy per type beside the
+    loss, so a run shows when grounding appears. 0 = off."""
+    probe_questions: int = 30
     seed: int = -1
     """Seed of model init, data order and sequence draws; -1 = run.seed (ablations vary this alone)."""
     fault_step: int = -1
@@ -750,6 +766,18 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _merge_section(default: Any, override: dict) -> dict:
+    """A partial section over a dataclass default: nested sections merge key by key, but every
+    other value the user writes, a mapping included (e.g. a mixture's `weights`), replaces the
+    default's value whole. (A deep merge here once slipped the default `weights: {all: 1.0}`
+    into every stage that wrote its own mixture.)"""
+    out = {k: v for k, v in dataclasses.asdict(default).items() if k not in getattr(default, "DERIVED", ())}
+    for k, v in override.items():
+        current = getattr(default, k, None)
+        out[k] = _merge_section(current, v) if isinstance(v, dict) and dataclasses.is_dataclass(current) else v
+    return out
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -765,8 +793,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             if dataclasses.is_dataclass(default):
                 # a partial section overrides the field's own defaults (e.g. dual.pixel_rvq depth 4), not the class's;
                 # fields derived from others (run.root from run.name) are derived again, not copied
-                base = {k: v for k, v in dataclasses.asdict(default).items() if k not in getattr(default, "DERIVED", ())}
-                value = _deep_merge(base, value)
+                value = _merge_section(default, value)
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     missing = [
         n for n, f in fields.items()

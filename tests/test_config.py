@@ -101,3 +101,16 @@ def test_bad_stage_config_names_the_key():
         load_config(None, ["train.stages=[{name: a, steps: 3, mixture: {weights: {kind: 1.0}}}]"])
     with pytest.raises(ConfigError, match="train.stages"):
         load_config(None, ["train.stages=[{name: a, steps: 3}, {name: a, steps: 3}]"])
+
+
+def test_a_stage_mixture_the_user_writes_replaces_the_default():
+    """Defect 1 of the learning issue: a partial mixture used to be deep-merged with the default
+    `{all: 1.0}`, so every stage also drew from everything."""
+    demo = load_config("configs/demo.yaml")
+    for stage in demo.train.stages:
+        assert "all" not in stage.mixture.weights, f"stage {stage.name} picked up the default 'all' selector"
+    assert demo.train.stages[-1].mixture.weights == {"kind=image_text": 0.4, "task=vqa": 0.6}
+    cfg = load_config(None, ["train.stages=[{name: a, steps: 3, mixture: {weights: {task=vqa: 1.0}}}]"])
+    assert cfg.train.stages[0].mixture.weights == {"task=vqa": 1.0}
+    assert cfg.train.stages[0].mixture.order == "random", "the section's other defaults stay"
+    assert load_config(None, ["train.stages=[{name: a, steps: 3}]"]).train.stages[0].mixture.weights == {"all": 1.0}

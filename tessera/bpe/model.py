@@ -87,6 +87,16 @@ class VisualBPE:
         """(T,) tile ids -> (H, W) int32 grid: each tile at the first free cell in raster order."""
         return self._encoder.decode(np.asarray(tokens, dtype=np.int32), int(shape[0]), int(shape[1]))
 
+    def anchors(self, tokens: Sequence[int] | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """(T,) tile ids -> (T, 2) int64 (row, column) of each tile's anchor (top-left) cell,
+        by the same placement as `decode`: each tile at the first free cell in raster order."""
+        tiling = self.start_decoding(shape)
+        out = np.empty((len(tokens), 2), np.int64)
+        for i, t in enumerate(tokens):
+            out[i] = tiling.next_cell()
+            tiling.push(int(t))
+        return out
+
     def start_decoding(self, shape: tuple[int, int]) -> "PartialTiling":
         """Incremental decoding state for constrained generation."""
         return PartialTiling(self, shape)

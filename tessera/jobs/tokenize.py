@@ -59,6 +59,7 @@ def tokenize(cfg: TesseraConfig) -> dict:
             texts = ray.data.read_parquet(files).select_columns(["texts"])
             corpus = [t for b in texts.iter_batches(batch_format="pyarrow", batch_size=None)
                       for row in b.column("texts").to_pylist() for t in row if t]
+            corpus = [" " + t.lstrip() for t in corpus]  # the form encode_segments gives every segment
             train_text_tokenizer(corpus, kc.text_vocab_size, text_dir)
     text_id = text_tokenizer_identity(text_dir)
     load_text_tokenizer(text_dir)  # fail here, before the pipeline, if it cannot load

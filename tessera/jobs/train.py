@@ -36,8 +36,9 @@ from tessera.faults import fault_point
 from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
 from tessera.manifest import dataset_files
 
+PROBE_TYPES = ("colour", "shape", "size", "position", "count", "exists")
 METRIC_FIELDS = ["step", "stage", "stage_index", "stage_step", "loss", "text_loss", "image_loss", "lr", "grad_norm",
-                 "tokens_per_s", "packing_efficiency"]
+                 "tokens_per_s", "packing_efficiency"] + [f"probe_{t}" for t in PROBE_TYPES]
 
 
 # ----------------------------------------------------------------------------- worker
@@ -77,6 +78,7 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from tessera.model.assets import load_model
+    from tessera.model.evaluate import run_probe
     from tessera.model.trainer import StageTrainer
     from tessera.model.unified import TesseraModel
     from tessera.model.vocab import Vocabulary
@@ -131,7 +133,8 @@ def train_loop_per_worker(config: dict) -> None:
         step = trainer.step
         tokens_since += m["tokens"] * world
         save = step % tc.checkpoint_every == 0 or step == stage.steps
-        if step % tc.log_every == 0 or save or step == 1:
+        probe = bool(config["probe"]) and rank == 0 and (step % tc.probe_every == 0 or step == stage.steps)
+        if step % tc.log_every == 0 or save or step == 1 or probe:
             now = time.perf_counter()
             real = sum(int((b["doc_ids"] > 0).sum()) for b in micro_batches)
             metrics = {"step": offset + step, "stage": stage.name, "stage_index": i, "stage_step": step,
@@ -139,12 +142,16 @@ def train_loop_per_worker(config: dict) -> None:
                        "image_loss": round(m["image_loss"], 6), "lr": m["lr"], "grad_norm": round(m["grad_norm"], 4),
                        "tokens_per_s": round(tokens_since / max(now - t_last, 1e-9), 1),
                        "packing_efficiency": round(real / sum(b["doc_ids"].numel() for b in micro_batches), 4)}
+            if probe:
+                metrics.update({f"probe_{t}": round(a, 4) for t, a in run_probe(model, config["probe"]).items()})
+                now = time.perf_counter()  # the probe's time is not training time
             t_last, tokens_since = now, 0
             if rank == 0:
                 _append_csv(metrics_path, metrics)
+                probed = " ".join(f"{k[6:]} {v:.2f}" for k, v in metrics.items() if k.startswith("probe_"))
                 print(f"[train] {stage.name} step {step}/{stage.steps} (global {offset + step}) loss {m['loss']:.4f} "
                       f"text {m['text_loss']:.3f} image {m['image_loss']:.3f} lr {m['lr']:.2e} "
-                      f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)
+                      f"{metrics['tokens_per_s']:.0f} tok/s" + (f" | probe {probed}" if probed else ""), flush=True)
             if save:
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
@@ -167,7 +174,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _append_csv(path: str, row: dict) -> None:
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, restval="")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -180,7 +187,7 @@ def read_metrics(path: str) -> list[dict]:
     by_step: dict[int, dict] = {}
     with open(path) as f:
         for r in csv.DictReader(f):
-            by_step[int(r["step"])] = {k: (r[k] if k == "stage" else float(r[k])) for k in METRIC_FIELDS}
+            by_step[int(r["step"])] = {k: (r[k] if k == "stage" else float(r[k]) if r.get(k) else None) for k in METRIC_FIELDS}
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -209,8 +216,9 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
         if min(per_rank) >= rows_per_rank * 1.2 + tc.pack_group:
             break
         n *= 2
-    spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.train.effective_seed(cfg.run.seed), t2i_rate=tc.t2i_rate,
-                     cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
+    spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.train.effective_seed(cfg.run.seed),
+                     stage=stage_index, t2i_rate=stage_t2i_rate(tc, stage), cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
+    stats = _plan_statistics(index, plan, spec, groups[:2])
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the stream order is part of the data position
     datasets = {}
@@ -222,7 +230,42 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
                   "epochs": [e for _, e in grp]} for g, grp in enumerate(groups) if g % world == r and g >= start]
         datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             pack_groups, fn_kwargs={"spec": spec}, batch_size=1, num_cpus=0.25)
-    return datasets, {"plan_samples": len(plan), "groups": len(groups), "estimated_rows_per_rank": per_rank}
+    return datasets, {"plan_samples": len(plan), "groups": len(groups), "estimated_rows_per_rank": per_rank, **stats}
+
+
+def _plan_statistics(index, plan: list, spec, first_groups: list) -> dict:
+    """What a stage will see: the resolved mixture's draws by kind/task, distinct samples, epochs,
+    and (from its first packing groups) the share of loss targets that are image tokens."""
+    from collections import Counter
+
+    from tessera.model.data import build_group
+    from tessera.model.unified import IGNORE
+
+    tags = Counter(t for s, _ in plan for t in index.tags[s] if t.startswith(("kind=", "task=")))
+    image_targets = targets = 0
+    for g, grp in enumerate(first_groups):
+        rows, _ = build_group(spec, [index.files[s] for s, _ in grp], [index.rows[s] for s, _ in grp], [e for _, e in grp], g)
+        for r in rows:
+            t = r["targets"][r["targets"] != IGNORE]
+            targets += len(t)
+            image_targets += int((t >= dict(spec.vocabulary)["text_size"]).sum())
+    return {"draws_by_tag": {k: round(v / len(plan), 4) for k, v in sorted(tags.items())},
+            "distinct_samples": len({s for s, _ in plan}), "epochs": 1 + max(e for _, e in plan),
+            "image_target_share": round(image_targets / max(1, targets), 4)}
+
+
+def _probe_items(cfg: TesseraConfig, builder, assets) -> list[dict]:
+    """Held-out probe prompts (see `Evaluator.probe_items`), built once on the driver."""
+    from tessera.model.evaluate import Evaluator, HeldOut
+    from tessera.tokenize.tokenizer import load_tokenizer
+
+    tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(cfg.model.tokenizer), "cpu")
+    held = HeldOut.load(cfg.resolve(cfg.eval.heldout), tcfg.image_size)
+    return Evaluator(None, builder, assets.text_tokenizer, tokenizer, held).probe_items(cfg.train.probe_questions)
+
+
+def stage_t2i_rate(tc, stage) -> float:
+    return tc.t2i_rate if stage.t2i_rate is None else stage.t2i_rate
 
 
 def _latest_positions(storage_path: str, run_name: str) -> dict | None:
@@ -255,7 +298,7 @@ def _image_tokens(index, builder, n: int = 32) -> float:
         row = read_row(index.files[s], index.rows[s])
         for p, is_img in enumerate(row["is_image"]):
             if is_img:
-                counts.append(len(builder.image_span(row, p)[0]) - 4)
+                counts.append(len(builder.image_span(row, p)[0]) - 4)  # minus start, <h=>, <w=>, end
         if len(counts) >= n:
             break
     return float(np.mean(counts)) if counts else 0.0
@@ -267,16 +310,30 @@ def plot_loss(metrics: list[dict], stages: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
+    from tessera.model.evaluate import CHANCE
+
+    probed = [m for m in metrics if m.get("probe_colour") is not None]
+    fig, axes = plt.subplots(2 if probed else 1, 1, figsize=(8, 7 if probed else 4), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     steps = [m["step"] for m in metrics]
     for key, style in (("loss", "-"), ("text_loss", "--"), ("image_loss", ":")):
         ax.plot(steps, [m[key] for m in metrics], style, label=key)
-    for s in stages:
-        ax.axvline(s["start_step"], color="grey", lw=0.8)
-        ax.text(s["start_step"], ax.get_ylim()[1], f" {s['name']}", va="top", fontsize=8, color="grey")
-    ax.set_xlabel("global step")
     ax.set_ylabel("cross-entropy")
     ax.legend()
+    if probed:  # held-out accuracy per question type, chance as a dotted line of the same colour
+        pa = axes[1, 0]
+        for t, colour in zip(PROBE_TYPES, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+            pa.plot([m["step"] for m in probed], [m[f"probe_{t}"] for m in probed], "-o", ms=3, color=colour, label=t)
+            pa.axhline(CHANCE[t], color=colour, ls=":", lw=1)
+        pa.set_ylim(0, 1.02)
+        pa.set_ylabel("held-out probe accuracy\n(dotted: chance)")
+        pa.legend(fontsize=7, ncol=3)
+    for a in axes[:, 0]:
+        for s in stages:
+            a.axvline(s["start_step"], color="grey", lw=0.8)
+        for s in stages:
+            a.text(s["start_step"], a.get_ylim()[1], f" {s['name']}", va="top", fontsize=8, color="grey")
+    axes[-1, 0].set_xlabel("global step")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -320,6 +377,7 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
     builder = SequenceBuilder(vocab, assets.bpe, tuple(mc.codebooks), depth, tuple(sizes), cfg.bpe.codebook, cfg.bpe.depth)
     index = build_index(files)
     index.image_tokens = _image_tokens(index, builder)
+    probe = _probe_items(cfg, builder, assets) if tc.probe_every > 0 else []
     storage_path = os.path.abspath(cfg.resolve(tc.storage_path))
     metrics_csv = os.path.join(out, "metrics.csv")
     _write_state(out, run=cfg.run.name, status="running", entrypoint=entrypoint or sys.argv, cwd=os.getcwd(),
@@ -340,13 +398,15 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
         run_name = f"{cfg.run.name}-train-{fp}-{i}-{stage.name}"
         _write_state(out, status="running", stage=stage.name, stage_index=i, ray_train_run=os.path.join(storage_path, run_name))
         t = time.perf_counter()
+        print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
+              f"loss on {stage.loss_mask}, t2i_rate {stage_t2i_rate(tc, stage)}, trainable {stage.trainable}", flush=True)
         datasets, data_info = _stage_datasets(cfg, index, i, spec_kwargs, _latest_positions(storage_path, run_name))
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": prev_model, "vocabulary": vocab.to_dict(),
                                "codebook_sizes": sizes, "depth": depth, "step_offset": offset, "metrics_csv": metrics_csv,
                                "progress": os.path.join(stage_dir, "progress.json"),
-                               "fault_marker": os.path.join(out, f"fault-{tc.fault_step}.marker")},
+                               "fault_marker": os.path.join(out, f"fault-{tc.fault_step}.marker"), "probe": probe},
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
             run_config=RunConfig(name=run_name, storage_path=storage_path,

@@ -86,7 +86,7 @@ def save_model(model: TesseraModel, directory: str, identities: dict | None = No
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    plain = model.vocab.interface == "bpe" and not model.cfg.mot
+    plain = model.vocab.interface == "bpe" and not model.cfg.mot and model.cfg.visual_positions == "1d"
     state = {k: v.detach().cpu().contiguous() for k, v in (model.lm.state_dict() if plain else model.state_dict()).items()}
     if plain:
         model.lm.save_pretrained(directory, safe_serialization=True)

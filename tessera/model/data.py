@@ -3,7 +3,10 @@ runs `pack_groups` inside Ray Data).
 
 A stage's plan (see `tessera.model.mixture`) is cut into groups of `pack_group` samples; each
 group is built into sequences and packed on its own, so a data position is (group, row) and a
-resumed stage rebuilds exactly the rows it had not consumed yet.
+resumed stage rebuilds exactly the rows it had not consumed yet. First-fit decreasing leaves
+a group's rows sorted by length (and so by task: long VQA rows first, short captions last), so
+the rows are shuffled by a permutation seeded by (seed, stage, group): every step mixes tasks,
+and the order is still a pure function of the plan.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class BuildSpec:
     seq_len: int
     loss_mask: str
     seed: int
+    stage: int
     t2i_rate: float
     cfg_text_dropout: float
 
@@ -58,12 +62,14 @@ def read_row(path: str, row: int) -> dict:
     return t[0]
 
 
-def build_group(spec: BuildSpec, files: list[str], rows: list[int], epochs: list[int]) -> tuple[list[dict], dict]:
-    """Samples of one group -> packed rows (dicts of numpy arrays) and packing stats."""
+def build_group(spec: BuildSpec, files: list[str], rows: list[int], epochs: list[int], group: int = 0) -> tuple[list[dict], dict]:
+    """Samples of one group -> packed rows (dicts of numpy arrays, in a seeded shuffled order) and packing stats."""
     builder = _builder(spec)
     seqs = [builder.build(read_row(f, r), spec.loss_mask, spec.seed, e, spec.t2i_rate, spec.cfg_text_dropout)
             for f, r, e in zip(files, rows, epochs)]
-    return pack(seqs, spec.seq_len, builder.vocab.pad_id)
+    packed, stats = pack(seqs, spec.seq_len, builder.vocab.pad_id)
+    order = np.random.default_rng([spec.seed, spec.stage, group]).permutation(len(packed))
+    return [packed[i] for i in order], stats
 
 
 def pack_groups(batch: dict, spec: BuildSpec) -> dict:
@@ -72,7 +78,7 @@ def pack_groups(batch: dict, spec: BuildSpec) -> dict:
     order whatever order blocks arrive in)."""
     out: dict[str, list] = {}
     for g, files, rows, epochs in zip(batch["group"], batch["files"], batch["rows"], batch["epochs"]):
-        packed, stats = build_group(spec, list(files), [int(r) for r in rows], [int(e) for e in epochs])
+        packed, stats = build_group(spec, list(files), [int(r) for r in rows], [int(e) for e in epochs], int(g))
         for i, r in enumerate(packed):
             for k, v in {"group": int(g), "row": i, "rows_in_group": len(packed), **r}.items():
                 out.setdefault(k, []).append(v)

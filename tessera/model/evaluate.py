@@ -21,8 +21,12 @@ from tessera.model.generate import decode_pixels, generate_image, generate_text
 from tessera.model.sequence import SequenceBuilder
 from tessera.model.unified import TesseraModel
 from tessera.pipelines import analyser, shapes
+from tessera.tokenize.text import encode_segments
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
+# uniform chance per question type (the yes/no probes are balanced)
+CHANCE = {"colour": 1 / len(shapes.COLOURS), "shape": 1 / len(shapes.SHAPES), "size": 1 / len(shapes.SIZES),
+          "position": 1 / len(shapes.POSITIONS), "count": 1 / 3, "exists": 0.5}
 # valid answers per question type: a model that learned the task answers inside these
 ANSWERS = {"colour": set(shapes.COLOURS), "shape": set(shapes.SHAPES), "size": set(shapes.SIZES),
            "position": set(shapes.POSITIONS), "count": set(shapes.NUMBER_WORDS[1:]), "exists": {"yes", "no"}}
@@ -75,9 +79,11 @@ def normalise(answer: str) -> str:
 
 
 class Evaluator:
-    def __init__(self, model: TesseraModel, builder: SequenceBuilder, text_tokenizer, tokenizer, heldout: HeldOut,
+    def __init__(self, model: TesseraModel | None, builder: SequenceBuilder, text_tokenizer, tokenizer, heldout: HeldOut,
                  device: torch.device | str = "cpu"):
-        self.model, self.builder, self.text, self.tokenizer, self.heldout = model.eval(), builder, text_tokenizer, tokenizer, heldout
+        """`model` None: only prompts are built (see `probe_items`)."""
+        self.model = model.eval() if model is not None else None
+        self.builder, self.text, self.tokenizer, self.heldout = builder, text_tokenizer, tokenizer, heldout
         self.device = torch.device(device)
         self._rows = {}
 
@@ -98,14 +104,31 @@ class Evaluator:
         return self._rows[image_path]
 
     def encode_text(self, text: str) -> list[int]:
-        return self.text(text, add_special_tokens=False)["input_ids"]
+        """The same canonical segment encoding as the token shards (`encode_segments`)."""
+        return encode_segments(self.text, [text])[0]
+
+    def prompt(self, image_path: str, question: str | None):
+        """<bos> + the image [+ the question]: what training's first turn looks like."""
+        prefix = self.builder.image_prefix(self.image_row(image_path))
+        return self.builder.extend_text(prefix, self.encode_text(question)) if question else prefix
 
     def answer(self, image_path: str, prompt: str | None, max_new_tokens: int) -> str:
-        prefix = self.builder.image_prefix(self.image_row(image_path))
-        if prompt:
-            prefix = self.builder.extend_text(prefix, self.encode_text(prompt))
-        ids = generate_text(self.model, prefix.ids, prefix.codes, max_new_tokens=max_new_tokens)
+        prefix = self.prompt(image_path, prompt)
+        ids = generate_text(self.model, prefix.ids, prefix.codes, max_new_tokens=max_new_tokens, prompt_cells=prefix.cells)
         return self.text.decode(ids, skip_special_tokens=True)
+
+    def probe_items(self, per_type: int) -> list[dict]:
+        """The first `per_type` held-out questions of each type as ready prompts (plain lists, so a
+        training worker needs neither tokenizer): type, ids, cells, codes (or None), answer ids."""
+        items, taken = [], {}
+        for q in self.heldout.questions:
+            if taken.get(q["type"], 0) >= per_type:
+                continue
+            taken[q["type"]] = taken.get(q["type"], 0) + 1
+            p = self.prompt(q["image"], q["question"])
+            items.append({"type": q["type"], "ids": p.ids.tolist(), "cells": p.cells.tolist(),
+                          "codes": None if p.codes is None else p.codes.tolist(), "answer": self.encode_text(q["answer"])})
+        return items
 
     # ------------------------------------------------------------------ suites
 
@@ -185,6 +208,22 @@ class Evaluator:
             image_sum += float(out["image_loss"]) * (n - nt)
             n_text, n_image = n_text + nt, n_image + n - nt
         return {"text_perplexity": float(np.exp(text_sum / max(1, n_text))), "image_perplexity": float(np.exp(image_sum / max(1, n_image)))}
+
+
+@torch.no_grad()
+def run_probe(model: TesseraModel, items: list[dict]) -> dict[str, float]:
+    """Greedy answers to probe prompts (see `Evaluator.probe_items`) -> accuracy per question type
+    (exact match of the answer's token ids, up to <eos>)."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for it in items:
+        codes = None if it["codes"] is None else np.asarray(it["codes"], np.int64)
+        out = generate_text(model, it["ids"], codes, max_new_tokens=len(it["answer"]) + 1,
+                            prompt_cells=np.asarray(it["cells"], np.int64))
+        hits.setdefault(it["type"], []).append(out == list(it["answer"]))
+    model.train(was_training)
+    return {t: float(np.mean(v)) for t, v in sorted(hits.items())}
 
 
 def plot_generations(samples: list[tuple[str, np.ndarray]], path: str, columns: int = 4) -> str:

@@ -25,6 +25,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.ids: list[int] = []
         self.codes: list[np.ndarray] = []
+        self.cells: list[np.ndarray] = []
         self.past = None
         self.n_codebooks = len(model.codebook_sizes)
 
@@ -34,9 +35,11 @@ class Decoder:
         return torch.from_numpy(np.stack(codes)).to(self.device).unsqueeze(0)
 
     @torch.no_grad()
-    def feed(self, ids, codes: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (n,), codes (n, C, D) | None -> last hidden (H,), last logits (V,) in float32."""
+    def feed(self, ids, codes: np.ndarray | None = None, cells: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (n,), codes (n, C, D) | None, cells (n, 2) | None (anchor cells of visual tokens, -1
+        elsewhere) -> last hidden (H,), last logits (V,) in float32."""
         ids = [int(i) for i in np.atleast_1d(ids)]
+        cells = np.full((len(ids), 2), -1, np.int64) if cells is None else np.asarray(cells, np.int64).reshape(len(ids), 2)
         if self.n_codebooks:
             if codes is None:
                 codes = np.zeros((len(ids), self.n_codebooks, self.model.depth), np.int64)
@@ -46,15 +49,17 @@ class Decoder:
         start = len(self.ids)
         self.ids += ids
         self.codes += new_codes
+        self.cells += list(cells)
         if self.use_cache:
-            run_ids, run_codes, first = ids, new_codes, start
+            run_ids, run_codes, run_cells, first = ids, new_codes, list(cells), start
         else:
-            run_ids, run_codes, first, self.past = self.ids, self.codes, 0, None
+            run_ids, run_codes, run_cells, first, self.past = self.ids, self.codes, self.cells, 0, None
         x = torch.tensor([run_ids], device=self.device)
         pos = torch.arange(first, first + len(run_ids), device=self.device).unsqueeze(0)
+        cells_t = torch.from_numpy(np.stack(run_cells)).to(self.device).unsqueeze(0)
         with autocast(self.device):
             hidden, logits, past = self.model(x, pos, codes=self._codes_tensor(run_codes), past_key_values=self.past,
-                                              use_cache=self.use_cache)
+                                              use_cache=self.use_cache, cells=cells_t)
         self.past = past if self.use_cache else None
         return hidden[0, -1].float(), logits[0, -1].float()
 
@@ -66,11 +71,11 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def generate_text(model: TesseraModel, prompt_ids, prompt_codes: np.ndarray | None = None, max_new_tokens: int = 48,
                   temperature: float = 0.0, top_k: int = 0, generator: torch.Generator | None = None,
-                  use_cache: bool = True) -> list[int]:
+                  use_cache: bool = True, prompt_cells: np.ndarray | None = None) -> list[int]:
     """Continue a prompt with text until <eos> (not included) or max_new_tokens. Only text ids are allowed."""
     vocab = model.vocab
     dec = Decoder(model, use_cache)
-    _, logits = dec.feed(prompt_ids, prompt_codes)
+    _, logits = dec.feed(prompt_ids, prompt_codes, prompt_cells)
     out = []
     for _ in range(max_new_tokens):
         logits = logits.clone()
@@ -112,20 +117,22 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
             valid = torch.from_numpy(tiling.valid_mask()).to(logits.device)
             logits = logits.masked_fill(~valid, float("-inf"))
             tile = int(pick(logits.unsqueeze(0), temperature, top_k, generator)[0])
+            anchor = np.asarray([tiling.next_cell()])
             tiling.push(tile)
             tiles.append(tile)
-            hc, lc = cond.feed([lo + tile])
+            hc, lc = cond.feed([lo + tile], cells=anchor)
             if uncond:
-                hu, lu = uncond.feed([lo + tile])
+                hu, lu = uncond.feed([lo + tile], cells=anchor)
         return bpe.decode(np.asarray(tiles, np.int32), (H, W))
     cells = []
-    for _ in range(H * W):
+    for i in range(H * W):
         cell = np.stack([head.sample(hc[None], None if hu is None else hu[None], cfg_scale, temperature, top_k,
                                      generator)[0].cpu().numpy() for head in model.depth_heads])  # (C, D)
         cells.append(cell)
-        hc, lc = cond.feed([vocab.cell], cell[None])
+        anchor = np.asarray([divmod(i, W)])
+        hc, lc = cond.feed([vocab.cell], cell[None], anchor)
         if uncond:
-            hu, lu = uncond.feed([vocab.cell], cell[None])
+            hu, lu = uncond.feed([vocab.cell], cell[None], anchor)
     return np.stack(cells).reshape(H, W, len(model.depth_heads), model.depth)
 
 

@@ -1,8 +1,10 @@
 """Packing sequences into fixed-length rows with per-document attention.
 
 A packed row of length L holds several sequences back to back; `doc_ids` numbers them
-(1, 2, ...; 0 = padding) and `position_ids` restart at 0 in each, so with the document mask
-of `tessera.model.unified.document_mask` every sequence sees exactly what it would see alone.
+(1, 2, ...; 0 = padding), `position_ids` restart at 0 in each (or follow the sequence's own,
+for independent turns), `turn_ids` carry its turns and `cells` the (row, column) of its visual
+tokens, so with the mask of `tessera.model.unified.packed_attention_mask` every sequence sees exactly
+what it would see alone.
 `targets[t]` is the token at t+1 when that token is a target of the same document, else -100:
 no loss ever crosses a document boundary.
 
@@ -17,7 +19,7 @@ import numpy as np
 from tessera.model.sequence import Sequence
 from tessera.model.unified import IGNORE
 
-ROW_FIELDS = ("input_ids", "position_ids", "doc_ids", "targets")
+ROW_FIELDS = ("input_ids", "position_ids", "doc_ids", "turn_ids", "cells", "targets")
 
 
 def _empty_row(seq_len: int, pad_id: int, code_shape: tuple[int, ...] | None) -> dict:
@@ -25,6 +27,8 @@ def _empty_row(seq_len: int, pad_id: int, code_shape: tuple[int, ...] | None) ->
         "input_ids": np.full(seq_len, pad_id, np.int64),
         "position_ids": np.zeros(seq_len, np.int64),
         "doc_ids": np.zeros(seq_len, np.int64),
+        "turn_ids": np.zeros(seq_len, np.int64),
+        "cells": np.full((seq_len, 2), -1, np.int64),
         "targets": np.full(seq_len, IGNORE, np.int64),
     }
     if code_shape is not None:
@@ -37,9 +41,14 @@ def _place(row: dict, seq: Sequence, start: int, doc: int) -> None:
     n = len(seq)
     sl = slice(start, start + n)
     row["input_ids"][sl] = seq.ids
-    row["position_ids"][sl] = np.arange(n)
+    row["position_ids"][sl] = seq.field("positions")
     row["doc_ids"][sl] = doc
-    tgt = np.where(seq.loss[1:], seq.ids[1:], IGNORE)
+    row["turn_ids"][sl] = seq.field("turns")
+    row["cells"][sl] = seq.field("cells")
+    turns = seq.field("turns")
+    # a turn's first token is not predicted from the end of another turn (it cannot see it)
+    crosses = (turns[:-1] != turns[1:]) & (turns[:-1] != 0)
+    tgt = np.where(seq.loss[1:] & ~crosses, seq.ids[1:], IGNORE)
     row["targets"][start:start + n - 1] = tgt
     if "codes" in row and seq.codes is not None:
         codes = np.maximum(seq.codes, 0)  # -1 (no code) -> 0; only <|cell|> positions read codes
@@ -50,7 +59,9 @@ def _place(row: dict, seq: Sequence, start: int, doc: int) -> None:
 def truncate(seq: Sequence, seq_len: int) -> Sequence:
     if len(seq) <= seq_len:
         return seq
-    return Sequence(seq.sample_id, seq.ids[:seq_len], seq.loss[:seq_len], None if seq.codes is None else seq.codes[:seq_len])
+    cut = lambda a: None if a is None else a[:seq_len]  # noqa: E731
+    return Sequence(seq.sample_id, seq.ids[:seq_len], seq.loss[:seq_len], cut(seq.codes), cut(seq.positions),
+                    cut(seq.turns), cut(seq.cells))
 
 
 def first_fit(lengths, seq_len: int) -> list[int]:

@@ -18,6 +18,17 @@ classifier-free guidance needs. Both draws are a pure function of (seed, sample_
     answers  assistant turns (documents with `roles`), else the sample's last position; + <eos>
 
 An assistant turn ends with `<eos>` (like a chat model's end-of-turn), so a generated answer stops.
+
+Independent turns: a document whose meta says `"turns": "independent"` (questions about one
+image that do not depend on each other, as the shapes world's VQA) numbers its
+(user, assistant) pairs 1, 2, ... in `turns`; everything before the first user turn is the
+shared prefix (turn 0). With the per-turn mask of `tessera.model.unified.packed_attention_mask` each
+turn attends only to the prefix and to itself, and its positions continue from the prefix as if
+it were the only question: training sees exactly what single-turn evaluation sees, and no
+answer can be copied from another turn, while one image still carries ~7 answers.
+
+Visual tokens carry their 2-D place: `cells[t]` is the (row, column) of the anchor cell of
+token t's tile (bpe) or of its cell (rvq), -1 for every other token.
 """
 
 from __future__ import annotations
@@ -44,9 +55,24 @@ class Sequence:
     """(n,) bool: token i is a target."""
     codes: np.ndarray | None = None
     """(n, C, D) int64 codes at <|cell|> positions (rvq interface), -1 elsewhere."""
+    positions: np.ndarray | None = None
+    """(n,) int64 position ids; None = 0..n-1."""
+    turns: np.ndarray | None = None
+    """(n,) int64: 0 = shared prefix, k >= 1 = the k-th independent turn; None = all 0."""
+    cells: np.ndarray | None = None
+    """(n, 2) int64 (row, column) of visual tokens' anchor cells, -1 elsewhere; None = no image."""
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def field(self, name: str) -> np.ndarray:
+        """`positions`, `turns` or `cells` with their defaults filled in."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        n = len(self.ids)
+        return {"positions": lambda: np.arange(n, dtype=np.int64), "turns": lambda: np.zeros(n, np.int64),
+                "cells": lambda: np.full((n, 2), -1, np.int64)}[name]()
 
 
 def sample_rng(seed: int, sample_id: str, epoch: int) -> np.random.Generator:
@@ -83,16 +109,18 @@ class SequenceBuilder:
     def image_header(self, h: int, w: int) -> list[int]:
         return [self.vocab.image_start, self.vocab.height_token(h), self.vocab.width_token(w)]
 
-    def image_span(self, row: dict, position: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """ids (m,) and codes (m, C, D) | None of one image, start and end tokens included."""
+    def image_span(self, row: dict, position: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """ids (m,), codes (m, C, D) | None and cells (m, 2) of one image, start and end tokens included."""
         sid = row["sample_id"]
         if self.vocab.interface == "bpe":
             grid = self.grid(row, position, self.bpe_codebook)[:, :, self.bpe_depth]
             if grid.min() < 0 or grid.max() >= self.bpe.codebook_size:
                 raise BadSample(f"sample {sid}: code {int(grid.max())} outside the BPE's codebook of {self.bpe.codebook_size}")
             H, W = grid.shape
-            tiles = self.bpe.encode(grid.astype(np.int32)).astype(np.int64) + self.vocab.visual_base
-            return np.concatenate([self.image_header(H, W), tiles, [self.vocab.image_end]]).astype(np.int64), None
+            tiles = self.bpe.encode(grid.astype(np.int32))
+            ids = np.concatenate([self.image_header(H, W), tiles.astype(np.int64) + self.vocab.visual_base,
+                                  [self.vocab.image_end]]).astype(np.int64)
+            return ids, None, _with_markers(self.bpe.anchors(tiles, (H, W)))
         grids = [self.grid(row, position, c) for c in self.codebooks]
         H, W, D = grids[0].shape
         if D < self.depth:
@@ -104,7 +132,8 @@ class SequenceBuilder:
         ids = np.concatenate([self.image_header(H, W), np.full(H * W, self.vocab.cell), [self.vocab.image_end]]).astype(np.int64)
         codes = np.full((len(ids), len(self.codebooks), self.depth), -1, dtype=np.int64)
         codes[3:3 + H * W] = cells
-        return ids, codes
+        rc = np.stack(np.divmod(np.arange(H * W, dtype=np.int64), W), axis=1)
+        return ids, codes, _with_markers(rc)
 
     # ------------------------------------------------------------------ whole samples
 
@@ -123,57 +152,88 @@ class SequenceBuilder:
                     drop.add(text_pos)
             else:
                 order = [image_pos, text_pos]
-        roles = json.loads(row["meta"]).get("roles") if row.get("meta") else None
+        meta = json.loads(row["meta"]) if row.get("meta") else {}
+        roles = meta.get("roles")
+        independent = bool(roles) and meta.get("turns") == "independent"
         timestamps = row.get("timestamps")
         kept = [p for p in order if p not in drop]
         answer_positions = ({p for p in kept if roles[p] == "assistant"} if roles else {kept[-1]})
 
-        ids_parts, loss_parts, code_parts = [np.array([self.vocab.bos_id])], [np.array([False])], []
         n_codebooks = len(self.codebooks) if self.vocab.interface == "rvq" else 0
+        parts: list[tuple[np.ndarray, bool, np.ndarray | None, np.ndarray | None, int]] = [
+            (np.array([self.vocab.bos_id]), False, None, None, 0)]  # (ids, target, codes, cells, turn)
+        turn = 0
         for p in kept:
+            if independent and roles[p] == "user":
+                turn += 1
+            codes = cells = None
             if is_image[p]:
                 prefix = []
                 if timestamps is not None and p < len(timestamps) and timestamps[p] is not None and row["kind"] == "video":
                     prefix = [self.vocab.frame, self.vocab.time_token(float(timestamps[p]))]
-                ids, codes = self.image_span(row, p)
+                ids, codes, cells = self.image_span(row, p)
                 ids = np.concatenate([np.asarray(prefix, dtype=np.int64), ids])
+                cells = np.concatenate([np.full((len(prefix), 2), -1, np.int64), cells])
                 if codes is not None:
                     codes = np.concatenate([np.full((len(prefix), n_codebooks, self.depth), -1, np.int64), codes])
                 target = loss_mask in ("all", "image") or (loss_mask == "answers" and p in answer_positions)
             else:
                 ids = self.text_ids(row["text_ids"][p], sid)
-                codes = None
                 target = loss_mask in ("all", "text") or (loss_mask == "answers" and p in answer_positions)
             if roles and roles[p] == "assistant":  # a turn ends with <eos>, so answers know when to stop
                 ids = np.concatenate([ids, [self.vocab.eos_id]])
-            ids_parts.append(ids)
-            loss_parts.append(np.full(len(ids), target))
-            if n_codebooks:
-                code_parts.append(codes if codes is not None else np.full((len(ids), n_codebooks, self.depth), -1, np.int64))
+                if cells is not None:
+                    cells = np.concatenate([cells, [[-1, -1]]])
+            parts.append((ids, target, codes, cells, turn))
         if not (roles and kept and roles[kept[-1]] == "assistant"):
-            ids_parts.append(np.array([self.vocab.eos_id]))
-            loss_parts.append(np.array([loss_mask != "image"]))
-        ids = np.concatenate(ids_parts).astype(np.int64)
+            parts.append((np.array([self.vocab.eos_id]), loss_mask != "image", None, None, turn))
+        return self._assemble(sid, parts, n_codebooks)
+
+    def _assemble(self, sid: str, parts: list, n_codebooks: int) -> Sequence:
+        """Concatenate (ids, target, codes, cells, turn) parts; turn k > 0 restarts its positions
+        where the shared prefix (turn 0) ends."""
+        ids = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        loss = np.concatenate([np.full(len(p[0]), p[1]) for p in parts]).astype(bool)
+        turns = np.concatenate([np.full(len(p[0]), p[4], np.int64) for p in parts])
+        has_image = any(p[3] is not None for p in parts)
+        cells = np.concatenate([p[3] if p[3] is not None else np.full((len(p[0]), 2), -1, np.int64) for p in parts]) if has_image else None
         codes = None
         if n_codebooks:
-            tail = len(ids) - 1 - sum(len(c) for c in code_parts)
-            codes = np.concatenate([np.full((1, n_codebooks, self.depth), -1, np.int64), *code_parts,
-                                    np.full((tail, n_codebooks, self.depth), -1, np.int64)])
-        return Sequence(sid, ids, np.concatenate(loss_parts).astype(bool), codes)
+            codes = np.concatenate([p[2] if p[2] is not None else np.full((len(p[0]), n_codebooks, self.depth), -1, np.int64)
+                                    for p in parts])
+        positions = None
+        if turns.any():
+            shared = int((turns == 0).sum())
+            if (turns[:shared] != 0).any():
+                raise BadSample(f"sample {sid}: shared content after the first independent turn")
+            positions = np.arange(len(ids), dtype=np.int64)
+            for k in np.unique(turns[turns > 0]):
+                at = np.flatnonzero(turns == k)
+                positions[at] = shared + np.arange(len(at))
+        return Sequence(sid, ids, loss, codes, positions, turns if turns.any() else None, cells)
 
     # ------------------------------------------------------------------ prompts (generation / eval)
 
     def image_prefix(self, row: dict, position: int = 0) -> Sequence:
         """<bos> + one image: the prompt for captioning / questions."""
-        ids, codes = self.image_span(row, position)
+        ids, codes, cells = self.image_span(row, position)
         ids = np.concatenate([[self.vocab.bos_id], ids]).astype(np.int64)
         if codes is not None:
             codes = np.concatenate([np.full((1,) + codes.shape[1:], -1, np.int64), codes])
-        return Sequence(row["sample_id"], ids, np.zeros(len(ids), bool), codes)
+        cells = np.concatenate([[[-1, -1]], cells])
+        return Sequence(row["sample_id"], ids, np.zeros(len(ids), bool), codes, cells=cells)
 
     def extend_text(self, seq: Sequence, text_ids) -> Sequence:
         ids = np.asarray(text_ids, dtype=np.int64)
         codes = None
         if seq.codes is not None:
             codes = np.concatenate([seq.codes, np.full((len(ids),) + seq.codes.shape[1:], -1, np.int64)])
-        return Sequence(seq.sample_id, np.concatenate([seq.ids, ids]), np.zeros(len(seq.ids) + len(ids), bool), codes)
+        cells = None if seq.cells is None else np.concatenate([seq.cells, np.full((len(ids), 2), -1, np.int64)])
+        return Sequence(seq.sample_id, np.concatenate([seq.ids, ids]), np.zeros(len(seq.ids) + len(ids), bool), codes,
+                        cells=cells)
+
+
+def _with_markers(anchors: np.ndarray) -> np.ndarray:
+    """(m, 2) anchors of an image's visual tokens -> (m + 4, 2) with -1 rows for
+    <|image_start|> <h=> <w=> before and <|image_end|> after."""
+    return np.concatenate([np.full((3, 2), -1, np.int64), anchors.astype(np.int64), [[-1, -1]]])

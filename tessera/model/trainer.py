@@ -2,8 +2,8 @@
 clipping, bf16 autocast on GPU, and an exact state dict (model, optimizer, scheduler, RNG).
 
 `trainable` modes (DESIGN.md "Training curriculum"):
-    embeddings   only the new vocabulary rows of the input and output embeddings (and the rvq
-                 interface's code embedding and depth heads). The old rows get their gradient
+    embeddings   only the new vocabulary rows of the input and output embeddings (and the visual
+                 interface: 2-D row/column embeddings, the rvq code embedding and depth heads). The old rows get their gradient
                  zeroed and no weight decay, so with a fresh AdamW they stay bit-identical.
     new          the same plus the MoT visual experts: every part the base LM did not have
     layers [..]  those decoder layers, plus the embeddings and the rvq interface
@@ -33,7 +33,7 @@ def _embedding_params(model: TesseraModel) -> list[nn.Parameter]:
 
 
 def _interface_params(model: TesseraModel) -> list[nn.Parameter]:
-    mods = [getattr(model, n) for n in ("code_embed", "depth_heads") if hasattr(model, n)]
+    mods = [getattr(model, n) for n in ("code_embed", "depth_heads", "grid_rows", "grid_cols") if hasattr(model, n)]
     return [p for m in mods for p in m.parameters()]
 
 

@@ -6,9 +6,13 @@
     code_embed    rvq interface: codes (N, C, D) -> input embedding (N, hidden)
     depth_heads   rvq interface: one DepthHead per codebook
 
-Inputs are packed rows (see `tessera.model.packing`): `input_ids`, `position_ids` and
-`doc_ids` (B, L); `codes` (B, L, C, D) at `<|cell|>` positions for the rvq interface. A 4-D
-boolean mask built from `doc_ids` keeps attention inside each document.
+    grid_rows,    visual_positions `2d`: learned embeddings of a visual token's anchor row and
+    grid_cols     column, added to its input embedding
+
+Inputs are packed rows (see `tessera.model.packing`): `input_ids`, `position_ids`, `doc_ids`
+and `turn_ids` (B, L), `cells` (B, L, 2); `codes` (B, L, C, D) at `<|cell|>` positions for the
+rvq interface. A 4-D boolean mask built from `doc_ids` and `turn_ids` keeps attention inside each
+document and each independent turn (plus its shared prefix).
 """
 
 from __future__ import annotations
@@ -78,12 +82,15 @@ def extend_vocabulary(lm, new_size: int, init: str, noise: float, seed: int = 0)
     return old
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_ids (B, L) -> (B, 1, L, L) bool, True where query i may attend key j: same document, j <= i."""
+def packed_attention_mask(doc_ids: torch.Tensor, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """doc_ids, turn_ids (B, L) -> (B, 1, L, L) bool, True where query i may attend key j: same
+    document, j <= i, and key j in the shared prefix (turn 0) or in i's own turn."""
     L = doc_ids.shape[1]
-    same = doc_ids[:, :, None] == doc_ids[:, None, :]
-    causal = torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()
-    return (same & causal).unsqueeze(1)
+    allowed = doc_ids[:, :, None] == doc_ids[:, None, :]
+    allowed &= torch.ones(L, L, dtype=torch.bool, device=doc_ids.device).tril()
+    if turn_ids is not None:
+        allowed &= (turn_ids[:, None, :] == 0) | (turn_ids[:, :, None] == turn_ids[:, None, :])
+    return allowed.unsqueeze(1)
 
 
 class TesseraModel(nn.Module):
@@ -101,6 +108,12 @@ class TesseraModel(nn.Module):
             hidden, dh = lm.config.hidden_size, cfg.depth_head
             self.code_embed = CodeEmbedding(self.codebook_sizes, depth, dh.dim, hidden)
             self.depth_heads = nn.ModuleList(DepthHead(hidden, k, depth, dh.dim, dh.layers, dh.heads) for k in self.codebook_sizes)
+        if cfg.visual_positions == "2d":
+            hidden = lm.config.hidden_size
+            self.grid_rows = nn.Embedding(cfg.max_grid, hidden)
+            self.grid_cols = nn.Embedding(cfg.max_grid, hidden)
+            for emb in (self.grid_rows, self.grid_cols):
+                nn.init.normal_(emb.weight, std=0.02)
 
     # ------------------------------------------------------------------ construction
 
@@ -119,17 +132,21 @@ class TesseraModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def embed(self, input_ids: torch.Tensor, codes: torch.Tensor | None) -> torch.Tensor:
-        """(B, L) ids [+ (B, L, C, D) codes] -> (B, L, hidden)."""
+    def embed(self, input_ids: torch.Tensor, codes: torch.Tensor | None, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids [+ (B, L, C, D) codes] [+ (B, L, 2) anchor cells, -1 = none] -> (B, L, hidden)."""
         if int(input_ids.max()) >= self.vocab.size or int(input_ids.min()) < 0:
             bad = input_ids[(input_ids >= self.vocab.size) | (input_ids < 0)][0]
             raise ValueError(f"token id {int(bad)} outside the vocabulary of {self.vocab.size} ids")
         embeds = self.lm.get_input_embeddings()(input_ids)
         if self.vocab.interface == "rvq" and codes is not None:
-            cells = input_ids == self.vocab.cell
-            if bool(cells.any()):
+            at_cell = input_ids == self.vocab.cell
+            if bool(at_cell.any()):
                 embeds = embeds.clone()
-                embeds[cells] = self.code_embed(codes[cells]).to(embeds.dtype)
+                embeds[at_cell] = self.code_embed(codes[at_cell]).to(embeds.dtype)
+        if cells is not None and hasattr(self, "grid_rows"):
+            placed = (cells[..., 0] >= 0).unsqueeze(-1)
+            rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)
+            embeds = embeds + placed * (self.grid_rows(rc[..., 0]) + self.grid_cols(rc[..., 1])).to(embeds.dtype)
         return embeds
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -137,11 +154,12 @@ class TesseraModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 codes: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None, turn_ids: torch.Tensor | None = None,
+                cells: torch.Tensor | None = None):
         """-> (hidden (B, L, H), logits (B, L, V), past_key_values)."""
-        embeds = self.embed(input_ids, codes)
+        embeds = self.embed(input_ids, codes, cells)
         if attention_mask is None and doc_ids is not None:
-            attention_mask = document_mask(doc_ids)
+            attention_mask = packed_attention_mask(doc_ids, turn_ids)
         self.router.visual_mask = self.visual_mask(input_ids) if self.cfg.mot else None
         try:
             out = self.lm.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
@@ -156,7 +174,8 @@ class TesseraModel(nn.Module):
 
         batch: input_ids, position_ids, doc_ids, targets (B, L) [-100 = no loss]; rvq also
         codes and target_codes (B, L, C, D). Each rvq cell target adds its depth loss."""
-        hidden, logits, _ = self(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"))
+        hidden, logits, _ = self(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"),
+                                 turn_ids=batch.get("turn_ids"), cells=batch.get("cells"))
         targets = batch["targets"]
         valid = targets != IGNORE
         n = valid.sum().clamp(min=1)

@@ -260,6 +260,8 @@ def web_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.T
             meta["roles"] = roles
         if isinstance(doc.get("task"), str):
             meta["task"] = doc["task"]
+        if doc.get("turns") == "independent" and roles is not None:
+            meta["turns"] = "independent"  # each (user, assistant) pair stands alone: see model/sequence.py
         return build_sample(source.name, "web", key, positions, meta, cfg)
 
     keys = [documents.document_key(line) for line in lines]

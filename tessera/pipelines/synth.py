@@ -266,7 +266,9 @@ def _scene_png(img_dir: str, name: str, rng: np.random.Generator, resolution: in
 def write_instructions(out: str, cfg, seed: int) -> int:
     """Visual question answering conversations about training scenes (the instruction data of
     Being-VL's later stages), as interleaved documents: the image, then question/answer turns.
-    `roles` marks each text as `user` or `assistant` so training can put the loss on answers only."""
+    `roles` marks each text as `user` or `assistant` so training can put the loss on answers only;
+    `turns: independent` says each question stands alone (as at evaluation), so training masks
+    every turn from the others and no answer can be copied from another question's answer."""
     img_dir = os.path.join(out, "images")
     os.makedirs(img_dir, exist_ok=True)
     lines = []
@@ -281,7 +283,8 @@ def write_instructions(out: str, cfg, seed: int) -> int:
             texts += [q["question"], q["answer"]]
             images += [None, None]
             roles += ["user", "assistant"]
-        lines.append(json.dumps({"id": f"vqa-{i:05d}", "task": "vqa", "texts": texts, "images": images, "roles": roles}))
+        lines.append(json.dumps({"id": f"vqa-{i:05d}", "task": "vqa", "turns": "independent", "texts": texts, "images": images,
+                                 "roles": roles}))
     with open(os.path.join(out, "vqa-00000.jsonl"), "w") as f:
         f.write("\n".join(lines) + ("\n" if lines else ""))
     return len(lines)

@@ -29,6 +29,18 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int, directory: str):
     return fast
 
 
+def encode_segments(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Text positions -> token ids, each segment in its word-initial form (a leading space).
+
+    A sample's texts are separate segments (a caption, a question, a one-word answer). Encoded
+    bare, an answer `red` and the `red` inside a caption (` red`) would be different tokens, so
+    captions could not teach answers. Every segment is encoded as `" " + text.lstrip()`: one
+    canonical form for the same word everywhere, in training (`tokenize`) and in prompts (`eval`)."""
+    if not texts:
+        return []
+    return tokenizer([" " + t.lstrip() for t in texts], add_special_tokens=False)["input_ids"]
+
+
 def load_text_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -90,7 +90,7 @@ _TEXT_TOKENIZERS: dict = {}
 
 def text_stage(batch: pa.Table, text_tokenizer: str, tokenizer_hash: str, text_tokenizer_hash: str) -> pa.Table:
     """Encoded rows -> TOKEN_SCHEMA columns + reject columns (text ids at text positions)."""
-    from tessera.tokenize.text import load_text_tokenizer
+    from tessera.tokenize.text import encode_segments, load_text_tokenizer
 
     if text_tokenizer not in _TEXT_TOKENIZERS:  # once per worker process
         _TEXT_TOKENIZERS[text_tokenizer] = load_text_tokenizer(text_tokenizer)
@@ -98,7 +98,7 @@ def text_stage(batch: pa.Table, text_tokenizer: str, tokenizer_hash: str, text_t
     out = []
     for row in batch.to_pylist():
         texts = row["texts"] if row["reject_reason"] is None else []
-        ids = tok([t for t in texts if t is not None], add_special_tokens=False)["input_ids"] if texts else []
+        ids = encode_segments(tok, [t for t in texts if t is not None])
         it = iter(ids)
         out.append({
             "sample_id": row["sample_id"], "source": row["source"], "kind": row["kind"],

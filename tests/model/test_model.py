@@ -39,9 +39,9 @@ def vocab_for(interface, bpe=None):
                       visual_size=bpe.vocab_size if interface == "bpe" else 0, max_grid=8, time_tokens=8)
 
 
-def make_model(interface, bpe, mot=False, seed=0):
+def make_model(interface, bpe, mot=False, seed=0, *overrides):
     extra = ["model.mot=true", "model.mot_attention=true"] if mot else []
-    cfg = model_config(f"model.interface={interface}", "model.codebooks=[pixel, semantic]", *extra)
+    cfg = model_config(f"model.interface={interface}", "model.codebooks=[pixel, semantic]", *extra, *overrides)
     return TesseraModel.create(cfg, vocab_for(interface, bpe), SIZES, DEPTH, seed=seed)
 
 
@@ -251,7 +251,7 @@ def test_save_load_identical_logits(interface, mot, bpe, tmp_path):
 def test_bpe_model_loads_with_plain_transformers(bpe, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = make_model("bpe", bpe).eval()
+    model = make_model("bpe", bpe, False, 0, "model.visual_positions=1d").eval()  # 2-D embeddings are Tessera's own
     save_model(model, str(tmp_path / "m"))
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
     ids = torch.tensor([[1, 20, model.vocab.image_start, model.vocab.height_token(4), model.vocab.visual_base + 3, 2]])

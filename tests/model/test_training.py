@@ -34,7 +34,7 @@ def test_trainable_mode_changes_exactly_its_parameters(trainable, interface, bpe
     embeddings = ("lm.model.embed_tokens.weight", "lm.lm_head.weight")
     for name, b in before.items():
         a = after[name]
-        interface_part = name.startswith(("code_embed.", "depth_heads."))
+        interface_part = name.startswith(("code_embed.", "depth_heads.", "grid_rows.", "grid_cols."))
         if trainable == "all":
             assert not torch.equal(a, b), f"{name} did not train in mode all"
         elif name in embeddings:
@@ -56,7 +56,7 @@ def test_new_mode_trains_new_rows_and_visual_experts_only(bpe):
     after = snapshot(model)
     old = model.vocab.text_size
     for name, b in before.items():
-        if ".visual." in name:
+        if ".visual." in name or name.startswith(("grid_rows.", "grid_cols.")):  # MoT experts, 2-D positions
             assert not torch.equal(after[name], b), name
         elif name in ("lm.model.embed_tokens.weight", "lm.lm_head.weight"):
             assert torch.equal(after[name][:old], b[:old]) and not torch.equal(after[name][old:], b[old:])
