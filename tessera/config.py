@@ -94,6 +94,9 @@ class SynthConfig:
     """Visual question answering conversations (image + question/answer turns) about training scenes."""
     num_heldout: int = 48
     """Held-out scenes; each gets attribute, count and POPE-style existence questions."""
+    backgrounds: Literal["varied", "plain"] = "varied"
+    """`varied`: tinted flat or gradient backgrounds with mild noise; `plain`: the same objects on
+    flat grey backgrounds (five levels) with faint noise (see `tessera.pipelines.shapes`)."""
     inject_faults: bool = True
     """Also write bad inputs (corrupt, truncated, missing captions, decompression bombs,
     unsafe paths, duplicates) so the rejects path is always exercised."""

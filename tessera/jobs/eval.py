@@ -26,6 +26,22 @@ def heldout_rows(ev, held, limit: int = 48) -> list[dict]:
     return rows
 
 
+def chance_levels(questions: list[dict]) -> dict:
+    """Per question type: uniform chance over the valid answers, and the majority answer's share
+    on this held-out set (the best a model that ignores the image can do)."""
+    from collections import Counter
+
+    from tessera.model.evaluate import CHANCE
+
+    by_type: dict[str, Counter] = {}
+    for q in questions:
+        by_type.setdefault(q["type"], Counter())[q["answer"]] += 1
+    majority = {t: round(c.most_common(1)[0][1] / sum(c.values()), 4) for t, c in sorted(by_type.items())}
+    vqa_types = [t for t in majority if t != "exists"]
+    return {"uniform_by_type": {t: round(CHANCE[t], 4) for t in majority}, "majority_by_type": majority,
+            "vqa_uniform": round(float(sum(CHANCE[t] for t in vqa_types) / max(1, len(vqa_types))), 4)}
+
+
 def evaluate_model(cfg: TesseraConfig) -> dict:
     from tessera.model.assets import load_assets, load_model, read_info
     from tessera.model.evaluate import Evaluator, HeldOut, plot_generations
@@ -78,7 +94,7 @@ def evaluate_model(cfg: TesseraConfig) -> dict:
                  "pope_yes_ratio": questions["pope_yes_ratio"], "generation_accuracy": gen["generation_accuracy"],
                  "analyser_accuracy": analyser_accuracy, "vqa_by_type": questions["vqa_by_type"],
                  "valid_answer_rate": questions["valid_answer_rate"], **ppl},
-        "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists)},
+        "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists), **chance_levels(held.questions)},
         "counts": {"captions": captions["captions"], "questions": questions["questions"], "generated": gen["generated"]},
         "examples": {"captions": captions["caption_examples"], "questions": questions["question_examples"]},
         "generated_png": png, "seconds": seconds, "wall_time_s": round(time.perf_counter() - t0, 2),
@@ -92,7 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     report = evaluate_model(cfg)
     e = report["eval"]
     print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc {e['pope_accuracy']:.3f} "
-          f"F1 {e['pope_f1']:.3f}  generation {e['generation_accuracy']}  (analyser {e['analyser_accuracy']:.3f})")
+          f"F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation {e['generation_accuracy']}  "
+          f"(analyser {e['analyser_accuracy']:.3f})")
+    chance = report["chance"]["uniform_by_type"]
+    print("[tessera] eval VQA by type (uniform chance): "
+          + ", ".join(f"{t} {a:.2f} ({chance.get(t, 0):.2f})" for t, a in e["vqa_by_type"].items()))
     print(f"[tessera] eval report: {cfg.resolve(cfg.eval.output)}/report.json")
     return report
 

@@ -4,7 +4,9 @@ A scene is a list of objects, each with a shape, colour, size and a cell of a 3x
 (distinct cells, so objects never overlap and positions have one right name). Pictures
 are rendered with 4x supersampling on varied backgrounds (flat or gradient, light or
 dark) with mild noise and a random jitter inside the cell, so a tokenizer must learn
-real shapes rather than a lookup table. Everything is a pure function of a
+real shapes rather than a lookup table. `backgrounds="plain"` draws the same objects on flat
+grey backgrounds (five levels) with faint noise: a world sized for a CPU, whose few background
+codes a coarse tokenizer and the visual BPE can spend little on. Everything is a pure function of a
 `numpy.random.Generator`, so the world is deterministic given the seed.
 """
 
@@ -50,25 +52,44 @@ class Scene:
     background2: tuple[int, int, int]
     gradient: bool
     noise_seed: int
+    noise: float = 4.0
+    """Standard deviation of the pixel noise."""
 
     def to_dict(self) -> dict:
         return {"objects": [asdict(o) for o in self.objects], "background": list(self.background),
-                "background2": list(self.background2), "gradient": self.gradient, "noise_seed": self.noise_seed}
+                "background2": list(self.background2), "gradient": self.gradient, "noise_seed": self.noise_seed,
+                "noise": self.noise}
 
     @staticmethod
     def from_dict(d: dict) -> "Scene":
         return Scene(tuple(ShapeObject(**o) for o in d["objects"]), tuple(d["background"]), tuple(d["background2"]),
-                     bool(d["gradient"]), int(d["noise_seed"]))
+                     bool(d["gradient"]), int(d["noise_seed"]), float(d.get("noise", 4.0)))
+
+
+BACKGROUND_LEVELS = (35, 60, 170, 200, 225)
+BACKGROUNDS = ("varied", "plain")
 
 
 def sample_background(rng: np.random.Generator) -> tuple[int, int, int]:
     """Muted greys/tints, light or dark, far from the saturated object colours."""
-    base = int(rng.choice([35, 60, 170, 200, 225]))
+    base = int(rng.choice(BACKGROUND_LEVELS))
     tint = rng.integers(-15, 16, size=3)
     return tuple(int(np.clip(base + t, 0, 255)) for t in tint)
 
 
-def sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, num_objects: int | None = None, backgrounds: str = "varied") -> Scene:
+    """A random scene. `backgrounds="plain"` makes the same draws (so the same objects) and then
+    flattens the background to the nearest grey level, without gradient, with faint noise."""
+    scene = _sample_scene(rng, num_objects)
+    if backgrounds == "varied":
+        return scene
+    if backgrounds != "plain":
+        raise ValueError(f"backgrounds must be one of {BACKGROUNDS}, got {backgrounds!r}")
+    grey = min(BACKGROUND_LEVELS, key=lambda b: abs(b - float(np.mean(scene.background))))
+    return Scene(scene.objects, (grey,) * 3, (grey,) * 3, False, scene.noise_seed, noise=1.0)
+
+
+def _sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
     n = int(num_objects if num_objects is not None else rng.integers(1, 4))
     cells = rng.choice(len(POSITIONS), size=n, replace=False)
     objects = tuple(
@@ -134,7 +155,7 @@ def render_scene(scene: Scene, resolution: int, offsets: list[tuple[float, float
             draw.polygon(poly, fill=colour)
     img = canvas.resize((resolution, resolution), Image.Resampling.LANCZOS)
     arr = np.asarray(img).astype(np.int16)
-    arr += rng.normal(0, 4.0, size=arr.shape).round().astype(np.int16)  # mild sensor-like noise
+    arr += rng.normal(0, scene.noise, size=arr.shape).round().astype(np.int16)  # mild sensor-like noise
     return np.clip(arr, 0, 255).astype(np.uint8)
 
 

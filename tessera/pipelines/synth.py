@@ -46,9 +46,9 @@ def encode_image(arr: np.ndarray | Image.Image, fmt: str = "PNG", **kwargs) -> b
     return buf.getvalue()
 
 
-def image_text_pair(seed: int, index: int, resolution: int) -> tuple[np.ndarray, str, dict]:
+def image_text_pair(seed: int, index: int, resolution: int, backgrounds: str = "varied") -> tuple[np.ndarray, str, dict]:
     rng = _rng(seed, _STREAM_IMAGE, index)
-    scene = shapes.sample_scene(rng)
+    scene = shapes.sample_scene(rng, backgrounds=backgrounds)
     return shapes.render_scene(scene, resolution), shapes.caption(scene, rng), scene.to_dict()
 
 
@@ -92,11 +92,11 @@ def write_webdataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
     os.makedirs(out, exist_ok=True)
     rows = []
     for i in indices:
-        arr, cap, scene = image_text_pair(seed, i, cfg.resolution)
+        arr, cap, scene = image_text_pair(seed, i, cfg.resolution, cfg.backgrounds)
         rows.append({"__key__": f"img-{i:06d}", "jpg": encode_image(arr, "JPEG", quality=95), "txt": cap,
                      "json": json.dumps({"caption": cap, "scene": scene}).encode()})
     if faults and rows:
-        base_rgb, base_cap, _ = image_text_pair(seed, indices[0], cfg.resolution)
+        base_rgb, base_cap, _ = image_text_pair(seed, indices[0], cfg.resolution, cfg.backgrounds)
         for name, data in awkward_images(base_rgb).items():
             rows.append({"__key__": f"ok-{name}", "jpg": data, "txt": f"{base_cap} ({name})"})
         good = rows[0]["jpg"]
@@ -126,7 +126,7 @@ def write_hf_dataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
 
     ids, images, caps, scenes = [], [], [], []
     for i in indices:
-        arr, cap, scene = image_text_pair(seed, i, cfg.resolution)
+        arr, cap, scene = image_text_pair(seed, i, cfg.resolution, cfg.backgrounds)
         ids.append(f"img-{i:06d}")
         images.append({"bytes": encode_image(arr), "path": None})
         caps.append(cap)
@@ -143,10 +143,10 @@ def write_hf_dataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
     return len(ids)
 
 
-def _video_script(rng: np.random.Generator, seconds: float) -> tuple[shapes.Scene, list[tuple[float, float]], list[dict]]:
+def _video_script(rng: np.random.Generator, seconds: float, backgrounds: str = "varied") -> tuple[shapes.Scene, list[tuple[float, float]], list[dict]]:
     """A scene whose objects each move one cell (or stay), and timed subtitles describing it."""
     n = int(rng.integers(1, 3))
-    scene = shapes.sample_scene(rng, num_objects=n)
+    scene = shapes.sample_scene(rng, num_objects=n, backgrounds=backgrounds)
     moves, end_objects = [], []
     starts = {shapes.POSITIONS.index(o.position) for o in scene.objects}
     taken: set[int] = set()
@@ -162,7 +162,7 @@ def _video_script(rng: np.random.Generator, seconds: float) -> tuple[shapes.Scen
         taken.add((row + dy) * 3 + col + dx)
         moves.append((dx, dy, verb))
         end_objects.append(shapes.ShapeObject(obj.shape, obj.colour, obj.size, shapes.POSITIONS[(row + dy) * 3 + col + dx]))
-    end_scene = shapes.Scene(tuple(end_objects), scene.background, scene.background2, scene.gradient, scene.noise_seed)
+    end_scene = shapes.Scene(tuple(end_objects), scene.background, scene.background2, scene.gradient, scene.noise_seed, scene.noise)
     third = seconds / 3
     subs = [{"start": 0.0, "end": round(third, 3), "text": shapes.caption(scene)}]
     motion = " and ".join(f"the {o.colour} {o.shape} {m[2]}" for o, m in zip(scene.objects, moves))
@@ -193,7 +193,7 @@ def write_videos(out: str, cfg, seed: int, faults: bool) -> int:
     written = 0
     for i in range(cfg.num_videos):
         rng = _rng(seed, _STREAM_VIDEO, i)
-        scene, moves, subs = _video_script(rng, cfg.video_seconds)
+        scene, moves, subs = _video_script(rng, cfg.video_seconds, cfg.backgrounds)
         frames = []
         for f in range(n_frames):
             t = f / (n_frames - 1)
@@ -225,7 +225,7 @@ def write_documents(out: str, cfg, seed: int, faults: bool) -> int:
         n_images = int(rng.integers(2, 5))
         texts, images = [f"Document {d}: a page about shapes."], [None]
         for k in range(n_images):
-            scene = shapes.sample_scene(rng)
+            scene = shapes.sample_scene(rng, backgrounds=cfg.backgrounds)
             png = encode_image(shapes.render_scene(scene, cfg.resolution))
             if rng.random() < 0.25:  # some documents embed their images
                 ref = "data:image/png;base64," + base64.b64encode(png).decode()
@@ -255,9 +255,9 @@ def write_documents(out: str, cfg, seed: int, faults: bool) -> int:
     return len(lines)
 
 
-def _scene_png(img_dir: str, name: str, rng: np.random.Generator, resolution: int) -> shapes.Scene:
+def _scene_png(img_dir: str, name: str, rng: np.random.Generator, resolution: int, backgrounds: str = "varied") -> shapes.Scene:
     """Sample a scene from `rng`, render it and write it as `img_dir/name` (PNG)."""
-    scene = shapes.sample_scene(rng)
+    scene = shapes.sample_scene(rng, backgrounds=backgrounds)
     with open(os.path.join(img_dir, name), "wb") as f:
         f.write(encode_image(shapes.render_scene(scene, resolution)))
     return scene
@@ -275,7 +275,7 @@ def write_instructions(out: str, cfg, seed: int) -> int:
     for i in range(cfg.num_instruct):
         rng = _rng(seed, _STREAM_INSTRUCT, i)
         name = f"vqa-{i:05d}.png"
-        scene = _scene_png(img_dir, name, rng, cfg.resolution)
+        scene = _scene_png(img_dir, name, rng, cfg.resolution, cfg.backgrounds)
         texts, images, roles = [None], [f"images/{name}"], [None]
         qs = shapes.questions(scene, rng)
         for k in rng.permutation(len(qs)):  # any question type may come first
@@ -297,7 +297,7 @@ def write_heldout(out: str, cfg, seed: int) -> int:
         for i in range(cfg.num_heldout):
             rng = _rng(seed, _STREAM_HELDOUT, i)
             name = f"heldout-{i:04d}.png"
-            scene = _scene_png(img_dir, name, rng, cfg.resolution)
+            scene = _scene_png(img_dir, name, rng, cfg.resolution, cfg.backgrounds)
             fs.write(json.dumps({"id": f"heldout-{i:04d}", "image": f"images/{name}", "caption": shapes.caption(scene),
                                  "scene": scene.to_dict()}) + "\n")
             for j, q in enumerate(shapes.questions(scene, rng)):
