@@ -228,8 +228,10 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
             start = progress.get("positions", {}).get(str(r), [0, 0])[0]
         items = [{"group": g, "files": [index.files[s] for s, _ in grp], "rows": [index.rows[s] for s, _ in grp],
                   "epochs": [e for _, e in grp]} for g, grp in enumerate(groups) if g % world == r and g >= start]
+        # packed ahead of training (materialised in the object store): packing tasks running beside
+        # the steps would take CPU from the worker's torch threads on a small machine
         datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            pack_groups, fn_kwargs={"spec": spec}, batch_size=1, num_cpus=0.25)
+            pack_groups, fn_kwargs={"spec": spec}, batch_size=1, num_cpus=0.25).materialize()
     return datasets, {"plan_samples": len(plan), "groups": len(groups), "estimated_rows_per_rank": per_rank, **stats}
 
 

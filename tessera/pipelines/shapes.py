@@ -193,17 +193,23 @@ def parse_caption(text: str) -> list[ShapeObject]:
     return objects
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[dict]:
-    """Held-out questions about one scene: attributes, a count, and POPE-style existence
-    probes (half present, half absent objects)."""
-    out = []
-    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+def object_questions(scene: Scene, obj: ShapeObject) -> list[dict]:
+    """Colour, shape, size and (when the description is unique) position of one object."""
     where = "in the center" if obj.position == "center" else f"at the {obj.position}"
-    out.append({"type": "colour", "question": f"What colour is the {obj.shape} {where}?", "answer": obj.colour})
-    out.append({"type": "shape", "question": f"What shape is {where}?", "answer": obj.shape})
-    out.append({"type": "size", "question": f"What size is the {obj.shape} {where}?", "answer": obj.size})
+    out = [{"type": "colour", "question": f"What colour is the {obj.shape} {where}?", "answer": obj.colour},
+           {"type": "shape", "question": f"What shape is {where}?", "answer": obj.shape},
+           {"type": "size", "question": f"What size is the {obj.shape} {where}?", "answer": obj.size}]
     if sum((o.size, o.colour, o.shape) == (obj.size, obj.colour, obj.shape) for o in scene.objects) == 1:
         out.append({"type": "position", "question": f"Where is the {obj.size} {obj.colour} {obj.shape}?", "answer": obj.position})
+    return out
+
+
+def questions(scene: Scene, rng: np.random.Generator, every_object: bool = False) -> list[dict]:
+    """Questions about one scene: attributes of one object (of every object with
+    `every_object`, as the training VQA asks), a count, and POPE-style existence probes (half
+    present, half absent objects). The held-out set uses one object per scene."""
+    obj = scene.objects[int(rng.integers(len(scene.objects)))]
+    out = [q for o in (scene.objects if every_object else (obj,)) for q in object_questions(scene, o)]
     out.append({"type": "count", "question": "How many objects are there?", "answer": NUMBER_WORDS[len(scene.objects)]})
     present = {(o.colour, o.shape) for o in scene.objects}
     probe = scene.objects[int(rng.integers(len(scene.objects)))]

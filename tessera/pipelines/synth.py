@@ -277,7 +277,7 @@ def write_instructions(out: str, cfg, seed: int) -> int:
         name = f"vqa-{i:05d}.png"
         scene = _scene_png(img_dir, name, rng, cfg.resolution, cfg.backgrounds)
         texts, images, roles = [None], [f"images/{name}"], [None]
-        qs = shapes.questions(scene, rng)
+        qs = shapes.questions(scene, rng, every_object=True)  # independent turns: more answers per image token
         for k in rng.permutation(len(qs)):  # any question type may come first
             q = qs[int(k)]
             texts += [q["question"], q["answer"]]

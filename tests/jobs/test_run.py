@@ -10,6 +10,7 @@ from tests.conftest import TINY, TINY_BPE, TINY_TOKENIZER
 E2E_TRAIN = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128",
     "train.cpus_per_worker=1.0", "train.checkpoint_every=100", "train.log_every=20", "train.pack_group=32", "train.t2i_rate=0.2",
+    "train.probe_every=150", "train.probe_questions=3",
     "train.output={root}/train-e2e", "train.storage_path={root}/train-e2e-ray",
     "train.stages=[{name: embeddings, steps: 10, trainable: embeddings, lr: 0.01, warmup_steps: 2, batch_size: 4, seq_len: 256,"
     " mixture: {weights: {kind=image_text: 1.0}}}, {name: all, steps: 300, trainable: all, lr: 0.01, warmup_steps: 10,"
@@ -19,9 +20,6 @@ E2E_TRAIN = [
 KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eval.pope_f1", "eval.generation_accuracy",
         "eval.analyser_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
         "time.train", "time.eval", "time.prepare"]
-
-# uniform-guess accuracy per question type of the shapes world
-CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2, "position": 1 / 9, "count": 1 / 3}
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +45,21 @@ def test_report_has_the_documented_keys(run_report, world_root):
 
 
 def test_trained_model_answers_heldout_questions_in_the_task_vocabulary(run_report, world_root):
-    """The miniature model (64 wide, 310 CPU steps) learns the task: it answers held-out questions
-    with a valid answer of the question's type (a colour for a colour question, ...) and some are
-    right. Beating a uniform guess among the valid answers needs more training than a test can
-    afford (the demo's model does: see README "Results"); the uniform-chance figure is computed
-    here so a regression in the other direction is visible in the failure message."""
-    questions = [json.loads(line) for line in (world_root / "synth" / "heldout" / "questions.jsonl").read_text().splitlines()]
-    asked = [q for q in questions if q["type"] in CHANCE]
-    chance = sum(CHANCE[q["type"]] for q in asked) / len(asked)
+    """The miniature run (64 wide, 310 CPU steps on a 24-image world) learns the task's format:
+    held-out questions get a valid answer of their type (a colour for a colour question, ...).
+    Whether answers are *right* beyond what an image-blind model can reach is not claimed at this
+    size: `tests/model/test_learning.py` tests that, in a world where learning fits in a test."""
     e = run_report["eval"]
-    assert e["valid_answer_rate"] > 0.6, (e, chance)
-    assert e["vqa_accuracy"] > 0.1, (e, chance)
-    assert e["caption_accuracy"] > 0.05, (e, chance)
+    assert e["valid_answer_rate"] > 0.6, e
+    assert set(run_report["chance"]["uniform_by_type"]) >= {"colour", "shape", "size", "count"}
+
+
+def test_the_probe_logs_heldout_accuracy_per_type_during_training(run_report, world_root):
+    from tessera.jobs.train import read_metrics
+
+    probed = [m for m in read_metrics(str(world_root / "train-e2e" / "metrics.csv")) if m["probe_colour"] is not None]
+    assert [int(m["step"]) for m in probed] == [10, 160, 310]  # each stage's end, and every 150 steps of a stage
+    assert all(0.0 <= m[f"probe_{t}"] <= 1.0 for m in probed for t in ("colour", "shape", "size", "count", "exists"))
 
 
 def test_rerun_after_success_skips_every_stage(run_report, world_root):
