@@ -194,8 +194,13 @@ def read_metrics(path: str) -> list[dict]:
 # ----------------------------------------------------------------------------- driver
 
 
-def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: dict, progress: dict | None):
-    """One Ray Dataset per rank: that rank's packing groups from its resume position on."""
+def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: dict):
+    """One Ray Dataset per rank: that rank's packing groups, always from the stage's beginning.
+
+    A resumed worker skips to the data position stored in the checkpoint Ray Train restored
+    (`_rows`); the driver never guesses it from checkpoint folders, because the newest folder may
+    be one Ray Train never recorded (a stop or crash right after the report), and a stream that
+    started past the restored position would run dry."""
     import ray.data
 
     from tessera.model.data import BuildSpec, pack_groups
@@ -223,11 +228,8 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
     ctx.execution_options.preserve_order = True  # the stream order is part of the data position
     datasets = {}
     for r in range(world):
-        start = 0
-        if progress:
-            start = progress.get("positions", {}).get(str(r), [0, 0])[0]
         items = [{"group": g, "files": [index.files[s] for s, _ in grp], "rows": [index.rows[s] for s, _ in grp],
-                  "epochs": [e for _, e in grp]} for g, grp in enumerate(groups) if g % world == r and g >= start]
+                  "epochs": [e for _, e in grp]} for g, grp in enumerate(groups) if g % world == r]
         # packed ahead of training (materialised in the object store): packing tasks running beside
         # the steps would take CPU from the worker's torch threads on a small machine
         datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
@@ -268,28 +270,6 @@ def _probe_items(cfg: TesseraConfig, builder, assets) -> list[dict]:
 
 def stage_t2i_rate(tc, stage) -> float:
     return tc.t2i_rate if stage.t2i_rate is None else stage.t2i_rate
-
-
-def _latest_positions(storage_path: str, run_name: str) -> dict | None:
-    """Where a resumed stage's datasets may start: per rank, the earliest data position of any
-    retained checkpoint of the stage's Ray Train run. Ray may resume from a checkpoint older
-    than the newest directory (one reported just before a crash may not be registered), so the
-    datasets start no later than any of them; the workers then skip exactly to their own."""
-    root = os.path.join(storage_path, run_name)
-    if not os.path.isdir(root):
-        return None
-    pos: dict[str, list] = {}
-    for d in sorted(os.listdir(root)):
-        path = os.path.join(root, d)
-        if not (d.startswith("checkpoint_") and os.path.isdir(path)):
-            continue
-        for f in os.listdir(path):
-            if f.startswith("position_rank"):
-                rank = f.removeprefix("position_rank").removesuffix(".json")
-                with open(os.path.join(path, f)) as fh:
-                    nxt = json.load(fh)["next"]
-                pos[rank] = min(pos.get(rank, nxt), nxt)
-    return {"positions": pos} if pos else None
 
 
 def _image_tokens(index, builder, n: int = 32) -> float:
@@ -402,7 +382,7 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
         t = time.perf_counter()
         print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
               f"loss on {stage.loss_mask}, t2i_rate {stage_t2i_rate(tc, stage)}, trainable {stage.trainable}", flush=True)
-        datasets, data_info = _stage_datasets(cfg, index, i, spec_kwargs, _latest_positions(storage_path, run_name))
+        datasets, data_info = _stage_datasets(cfg, index, i, spec_kwargs)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": prev_model, "vocabulary": vocab.to_dict(),
