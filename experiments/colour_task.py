@@ -2,7 +2,7 @@
 <shape>?", real VQ codes from a trained tokenizer, the project's sequences, packing, model and
 stage trainer in process; held-out accuracy every 50 steps (see tests/model/test_learning.py).
 
-    python experiments/colour_task.py --tokenizer runs/demo/tokenizer --scenes 5000 --steps 300 --batch 32
+    PYTHONPATH=. python experiments/colour_task.py --tokenizer runs/demo/tokenizer --scenes 5000 --steps 300 --batch 32
 """
 
 import argparse

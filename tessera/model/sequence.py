@@ -25,7 +25,7 @@ image that do not depend on each other, as the shapes world's VQA) numbers its
 shared prefix (turn 0). With the per-turn mask of `tessera.model.unified.packed_attention_mask` each
 turn attends only to the prefix and to itself, and its positions continue from the prefix as if
 it were the only question: training sees exactly what single-turn evaluation sees, and no
-answer can be copied from another turn, while one image still carries ~7 answers.
+answer can be copied from another turn, while one image still carries all its answers.
 
 Visual tokens carry their 2-D place: `cells[t]` is the (row, column) of the anchor cell of
 token t's tile (bpe) or of its cell (rvq), -1 for every other token.
