@@ -573,6 +573,10 @@ class TrainConfig:
     def effective_seed(self, run_seed: int) -> int:
         return run_seed if self.seed < 0 else self.seed
 
+    def t2i_rate_of(self, stage: "StageConfig") -> float:
+        """A stage's caption-first rate: its own, else `train.t2i_rate`."""
+        return self.t2i_rate if stage.t2i_rate is None else stage.t2i_rate
+
     def __post_init__(self):
         _check(bool(self.stages), "train.stages", "at least one stage")
         names = [s.name for s in self.stages]

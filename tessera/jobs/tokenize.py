@@ -28,7 +28,7 @@ def tokenize(cfg: TesseraConfig) -> dict:
 
     from tessera.tokenize import tokens
     from tessera.tokenize.ray_job import TokenizeActor
-    from tessera.tokenize.text import load_text_tokenizer, text_tokenizer_identity, train_text_tokenizer
+    from tessera.tokenize.text import load_text_tokenizer, segment_text, text_tokenizer_identity, train_text_tokenizer
     from tessera.tokenize.tokenizer import tokenizer_identity
 
     kc = cfg.tokenize
@@ -57,9 +57,8 @@ def tokenize(cfg: TesseraConfig) -> dict:
     if not kc.text_tokenizer and not os.path.exists(os.path.join(text_dir, "tokenizer.json")):
         with timer("text-tokenizer"):
             texts = ray.data.read_parquet(files).select_columns(["texts"])
-            corpus = [t for b in texts.iter_batches(batch_format="pyarrow", batch_size=None)
+            corpus = [segment_text(t) for b in texts.iter_batches(batch_format="pyarrow", batch_size=None)
                       for row in b.column("texts").to_pylist() for t in row if t]
-            corpus = [" " + t.lstrip() for t in corpus]  # the form encode_segments gives every segment
             train_text_tokenizer(corpus, kc.text_vocab_size, text_dir)
     text_id = text_tokenizer_identity(text_dir)
     load_text_tokenizer(text_dir)  # fail here, before the pipeline, if it cannot load

@@ -222,7 +222,7 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
             break
         n *= 2
     spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.train.effective_seed(cfg.run.seed),
-                     stage=stage_index, t2i_rate=stage_t2i_rate(tc, stage), cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
+                     stage=stage_index, t2i_rate=tc.t2i_rate_of(stage), cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
     stats = _plan_statistics(index, plan, spec, groups[:2])
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the stream order is part of the data position
@@ -268,10 +268,6 @@ def _probe_items(cfg: TesseraConfig, builder, assets) -> list[dict]:
     return Evaluator(None, builder, assets.text_tokenizer, tokenizer, held).probe_items(cfg.train.probe_questions)
 
 
-def stage_t2i_rate(tc, stage) -> float:
-    return tc.t2i_rate if stage.t2i_rate is None else stage.t2i_rate
-
-
 def _image_tokens(index, builder, n: int = 32) -> float:
     from tessera.model.data import read_row
 
@@ -313,7 +309,6 @@ def plot_loss(metrics: list[dict], stages: list[dict], path: str) -> str:
     for a in axes[:, 0]:
         for s in stages:
             a.axvline(s["start_step"], color="grey", lw=0.8)
-        for s in stages:
             a.text(s["start_step"], a.get_ylim()[1], f" {s['name']}", va="top", fontsize=8, color="grey")
     axes[-1, 0].set_xlabel("global step")
     fig.tight_layout()
@@ -381,7 +376,7 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
         _write_state(out, status="running", stage=stage.name, stage_index=i, ray_train_run=os.path.join(storage_path, run_name))
         t = time.perf_counter()
         print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
-              f"loss on {stage.loss_mask}, t2i_rate {stage_t2i_rate(tc, stage)}, trainable {stage.trainable}", flush=True)
+              f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}", flush=True)
         datasets, data_info = _stage_datasets(cfg, index, i, spec_kwargs)
         trainer = TorchTrainer(
             train_loop_per_worker,

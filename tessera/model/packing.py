@@ -43,9 +43,9 @@ def _place(row: dict, seq: Sequence, start: int, doc: int) -> None:
     row["input_ids"][sl] = seq.ids
     row["position_ids"][sl] = seq.field("positions")
     row["doc_ids"][sl] = doc
-    row["turn_ids"][sl] = seq.field("turns")
-    row["cells"][sl] = seq.field("cells")
     turns = seq.field("turns")
+    row["turn_ids"][sl] = turns
+    row["cells"][sl] = seq.field("cells")
     # a turn's first token is not predicted from the end of another turn (it cannot see it)
     crosses = (turns[:-1] != turns[1:]) & (turns[:-1] != 0)
     tgt = np.where(seq.loss[1:] & ~crosses, seq.ids[1:], IGNORE)

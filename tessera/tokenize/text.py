@@ -29,6 +29,11 @@ def train_text_tokenizer(texts: Iterable[str], vocab_size: int, directory: str):
     return fast
 
 
+def segment_text(text: str) -> str:
+    """The canonical, word-initial form of a text segment (see `encode_segments`)."""
+    return " " + text.lstrip()
+
+
 def encode_segments(tokenizer, texts: list[str]) -> list[list[int]]:
     """Text positions -> token ids, each segment in its word-initial form (a leading space).
 
@@ -38,7 +43,7 @@ def encode_segments(tokenizer, texts: list[str]) -> list[list[int]]:
     canonical form for the same word everywhere, in training (`tokenize`) and in prompts (`eval`)."""
     if not texts:
         return []
-    return tokenizer([" " + t.lstrip() for t in texts], add_special_tokens=False)["input_ids"]
+    return tokenizer([segment_text(t) for t in texts], add_special_tokens=False)["input_ids"]
 
 
 def load_text_tokenizer(path: str):

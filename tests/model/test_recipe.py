@@ -97,7 +97,6 @@ def test_a_stage_without_caption_first_pairs_has_no_image_targets(bpe, tmp_path)
     """Defect 3: under `answers`, caption-first pairs put their image tokens under the loss
     (55 % of the demo's stage-3 targets). A stage's own `t2i_rate: 0` removes them."""
     from tessera.config import load_config
-    from tessera.jobs.train import stage_t2i_rate
 
     model = make_model("bpe", bpe)
     path = write_rows(tmp_path, [token_row(f"c{i}") for i in range(24)])
@@ -109,8 +108,8 @@ def test_a_stage_without_caption_first_pairs_has_no_image_targets(bpe, tmp_path)
         image_share[rate] = float((t >= model.vocab.text_size).mean())
     assert image_share[0.0] == 0.0 and image_share[1.0] > 0.5
     tc = load_config("configs/demo.yaml").train
-    assert [stage_t2i_rate(tc, s) for s in tc.stages][-1] == 0.0, "the demo's answer stage trains understanding only"
-    assert stage_t2i_rate(tc, tc.stages[0]) == tc.t2i_rate
+    assert [tc.t2i_rate_of(s) for s in tc.stages][-1] == 0.0, "the demo's answer stage trains understanding only"
+    assert tc.t2i_rate_of(tc.stages[0]) == tc.t2i_rate
 
 
 def test_packed_rows_are_shuffled_within_a_group_deterministically(bpe, tmp_path):
