@@ -92,16 +92,31 @@ def test_state_dict_round_trip_continues_identically(bpe):
 
 
 def test_gradient_accumulation_matches_one_big_batch(bpe):
+    """Accumulation decides the gradient; compare it before the optimizer step. (Adam's first step is
+    about lr * sign(grad), so a parameter whose gradient is ~0 can flip sign on float noise: comparing
+    parameters after the step fails on one element in a thousand on some CPUs.)"""
     a, b = make_model("bpe", bpe), make_model("bpe", bpe)
     stage = StageConfig(name="s", steps=3, trainable="all", lr=1e-2, warmup_steps=1)
     ta = StageTrainer(a, stage, 0.0, 0.0, torch.device("cpu"))
     tb = StageTrainer(b, stage, 0.0, 0.0, torch.device("cpu"))
+    grads = {}
+    for name, trainer in (("whole", ta), ("halves", tb)):
+        step = trainer.optimizer.step
+
+        def record(*args, _name=name, _trainer=trainer, _step=step, **kwargs):
+            grads[_name] = [None if p.grad is None else p.grad.clone() for p in _trainer.params]
+            return _step(*args, **kwargs)
+        trainer.optimizer.step = record
     _, b1, _ = batch_of(a, bpe, n=2, seq_len=96, packed=False)
     whole = ta.train_step([b1])
     halves = tb.train_step([{k: v[:1] for k, v in b1.items()}, {k: v[1:] for k, v in b1.items()}])
     assert whole["loss"] == pytest.approx(halves["loss"], rel=1e-5)
-    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
-        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
+    assert len(grads["whole"]) == len(grads["halves"]) > 0
+    assert sum(g is not None for g in grads["whole"]) > 0
+    for g, h in zip(grads["whole"], grads["halves"]):
+        assert (g is None) == (h is None)
+        if g is not None:
+            torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
 
 
 def test_mixture_proportions_and_curriculum_order():
