@@ -23,7 +23,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from tessera.bpe import _core
+from tessera.bpe.core import _core
 
 DIRS = ("h", "v")
 

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tessera.bpe import _core
+from tessera.bpe.core import _core
 from tessera.bpe.fit import DIRS, Corpus, FitParams, FitResult, merged_shape, run_fit
 
 FORMAT = "tessera-visual-bpe/1"
