@@ -568,7 +568,10 @@ class TrainConfig:
     seed: int = -1
     """Seed of model init, data order and sequence draws; -1 = run.seed (ablations vary this alone)."""
     fault_step: int = -1
-    """Test hook: the worker of rank 0 kills its process once after this global step (once per run root)."""
+    """Test hook: once per run root, after this global step (and its checkpoint, if one is due), the
+    worker of rank 0 kills its process (`fault_mode: exit`) or blocks like a stuck job until the job is
+    stopped (`hang`)."""
+    fault_mode: Literal["exit", "hang"] = "exit"
 
     def effective_seed(self, run_seed: int) -> int:
         return run_seed if self.seed < 0 else self.seed

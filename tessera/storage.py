@@ -23,6 +23,11 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return fs, path
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (so it survives a change of directory); URIs unchanged."""
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
 def is_local(uri: str) -> bool:
     return isinstance(resolve(uri)[0], pafs.LocalFileSystem)
 
@@ -67,6 +72,15 @@ def list_files(uri: str, suffix: str = "", recursive: bool = False) -> list[str]
     return sorted(out)
 
 
+def list_dirs(uri: str) -> list[str]:
+    """Directories directly under `uri`, sorted, in the same form as `uri`."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path))
+    return sorted(join(uri, i.base_name) for i in infos if i.type == pafs.FileType.Directory)
+
+
 def file_size(uri: str) -> int:
     fs, path = resolve(uri)
     return fs.get_file_info(path).size or 0
@@ -91,6 +105,23 @@ def write_bytes(uri: str, data: bytes) -> None:
     else:  # one object PUT is atomic on object stores
         with fs.open_output_stream(path) as f:
             f.write(data)
+
+
+def append_text(uri: str, text: str) -> None:
+    """Append to a small log file (metrics). Local files are appended in place; object stores have no
+    append, so the object is rewritten whole (one PUT: readers see the old or the new log, never half)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text)
+        return
+    old = read_bytes(uri) if exists(uri) else b""
+    write_bytes(uri, old + text.encode())
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode()
 
 
 def read_json(uri: str) -> Any:

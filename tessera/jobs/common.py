@@ -36,6 +36,10 @@ def parse_args(verb: str, argv: list[str] | None, description: str) -> tuple[Tes
     except ConfigError as e:
         print(f"tessera {verb}: {e}", file=sys.stderr)
         raise SystemExit(2) from e
+    if submission().get("runtime_env", {}).get("working_dir") and "://" not in cfg.run.root and not os.path.isabs(cfg.run.root):
+        print(f"[tessera] warning: run.root {cfg.run.root!r} is relative and this job runs in Ray's temporary copy of "
+              f"the uploaded working dir ({os.getcwd()}): outputs land there, on this node only. On a cluster give "
+              "--set run.root=<an absolute shared path or a URI every node sees>.", file=sys.stderr, flush=True)
     return cfg, args
 
 
@@ -64,6 +68,53 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+# runtime_env keys a resubmission can carry over (the uploaded working_dir / py_modules are temporary
+# `gcs://` packages of the original submission: a resubmission uploads the checkout again)
+RESUBMITTABLE_ENV = ("env_vars", "pip", "uv", "conda", "image_uri", "container", "excludes")
+
+
+def submission() -> dict:
+    """What Ray's job supervisor told this driver (`RAY_JOB_CONFIG_JSON_ENV_VAR`): the submission id,
+    metadata and runtime env of the `ray job submit` that started it; {} when not a submitted job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return {}
+    try:
+        job = json.loads(raw)
+    except ValueError:
+        return {}
+    metadata = job.get("metadata") or {}
+    return {"submission_id": metadata.get("job_submission_id"), "metadata": metadata, "runtime_env": job.get("runtime_env") or {}}
+
+
+def resubmit_record(module: str, argv: list[str]) -> dict:
+    """What `tessera resume` needs to submit this command again, on this cluster or another: the
+    module and arguments, the runtime env (minus the temporary uploaded packages), whether it ran from
+    an uploaded working dir (then the resubmission uploads one again) or else the directory it ran in."""
+    job = submission()
+    env = job.get("runtime_env", {})
+    uploaded = bool(env.get("working_dir"))
+    return {"command": ["python", "-m", module, *argv], "working_dir": uploaded, "cwd": None if uploaded else os.getcwd(),
+            "runtime_env": {k: v for k, v in env.items() if k in RESUBMITTABLE_ENV}}
+
+
+def ray_job_record() -> dict:
+    """The Ray job this driver runs as: submission id (when submitted) and the dashboard address that
+    reports its status (for `tessera runs` / `tessera resume`)."""
+    import ray
+
+    record = {"submission_id": submission().get("submission_id")}
+    try:
+        record["job_id"] = ray.get_runtime_context().get_job_id()
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+        record["dashboard"] = (url if "://" in url else f"http://{url}") if url else None
+    except Exception:  # noqa: BLE001 - best effort: a run without it is still listed, just without Ray's status
+        pass
+    return record
 
 
 def fingerprint(*parts) -> str:

@@ -8,10 +8,11 @@ success only checks, and a run interrupted anywhere resumes at the interrupted s
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from tessera import storage
-from tessera.jobs.common import parse_args, ray_session
+from tessera.jobs.common import parse_args, ray_session, resubmit_record
 from tessera.jobs.eval import evaluate_model
 from tessera.jobs.fit_bpe import fit_bpe
 from tessera.jobs.prepare import prepare
@@ -97,6 +98,7 @@ def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("run", argv, "Run the whole graph: synth -> prepare -> train-tokenizer -> tokenize -> fit-bpe -> train -> eval.")
+    resubmit = resubmit_record("tessera.jobs.run", list(argv if argv is not None else sys.argv[1:]))  # resume re-runs the graph
     t0 = time.perf_counter()
     synth_result = run_synth(cfg)
     stages: dict = {"synth": {"seconds": synth_result["seconds"], "skipped": synth_result["skipped"]}}
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ray_session(cfg.ray):
         for name, fn, section in STAGES:
             t = time.perf_counter()
-            reports[name] = fn(cfg)
+            reports[name] = fn(cfg, resubmit) if fn is train else fn(cfg)
             stages[name] = {"seconds": round(time.perf_counter() - t, 3), "skipped": reports[name].get("skipped", False)}
     report = build_report(cfg, stages, reports, time.perf_counter() - t0)
     prep, tok, toks, bpe = (reports[n] for n in ("prepare", "train-tokenizer", "tokenize", "fit-bpe"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record
 from tessera.manifest import dataset_files
 
 PROBE_TYPES = ("colour", "shape", "size", "position", "count", "exists")
@@ -167,27 +168,30 @@ def train_loop_per_worker(config: dict) -> None:
             marker = config["fault_marker"]
             if not os.path.exists(marker):
                 open(marker, "w").close()
+                if tc.fault_mode == "hang":
+                    print(f"[train] fault hook: blocking after global step {offset + step} until stopped", flush=True)
+                    while True:
+                        time.sleep(1)
                 print(f"[train] fault hook: killing worker after global step {offset + step}", flush=True)
                 os._exit(1)
 
 
-def _append_csv(path: str, row: dict) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS, restval="")
-        if new:
-            w.writeheader()
-        w.writerow(row)
+def _append_csv(uri: str, row: dict) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, restval="")
+    if not storage.exists(uri):
+        w.writeheader()
+    w.writerow(row)
+    storage.append_text(uri, buf.getvalue())
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(uri: str) -> list[dict]:
     """The metrics log, one row per logged step (a step re-done after a resume keeps its last entry)."""
-    if not os.path.exists(path):
+    if not storage.exists(uri):
         return []
     by_step: dict[int, dict] = {}
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            by_step[int(r["step"])] = {k: (r[k] if k == "stage" else float(r[k]) if r.get(k) else None) for k in METRIC_FIELDS}
+    for r in csv.DictReader(io.StringIO(storage.read_text(uri))):
+        by_step[int(r["step"])] = {k: (r[k] if k == "stage" else float(r[k]) if r.get(k) else None) for k in METRIC_FIELDS}
     return [by_step[k] for k in sorted(by_step)]
 
 
@@ -318,13 +322,16 @@ def plot_loss(metrics: list[dict], stages: list[dict], path: str) -> str:
 
 
 def _write_state(out: str, **fields) -> None:
-    path = os.path.join(out, "state.json")
-    state = storage.read_json(path) if os.path.exists(path) else {}
+    """`<train.output>/state.json`: what `tessera runs` lists and `tessera resume` resubmits (read through
+    `tessera.storage`, so a run root on any `pyarrow.fs` URI is visible)."""
+    uri = storage.join(out, "state.json")
+    state = storage.read_json(uri) if storage.exists(uri) else {}
     state.update(fields, updated=time.time())
-    storage.write_json(path, state)
+    storage.write_json(uri, state)
 
 
-def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
+def train(cfg: TesseraConfig, resubmit: dict | None = None) -> dict:
+    """`resubmit`: how to submit this command again (`common.resubmit_record`), for `tessera resume`."""
     """Run (or resume, or skip) the staged training; returns its report. Ray must be initialised."""
     import torch
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -335,13 +342,13 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
     from tessera.model.sequence import SequenceBuilder
 
     tc, mc = cfg.train, cfg.model
-    out = os.path.abspath(cfg.resolve(tc.output))
+    out = storage.absolute(cfg.resolve(tc.output))
     tokens_dir = storage.join(cfg.resolve(tc.tokens), "tokens")
     files = dataset_files(tokens_dir)
     inputs = storage.read_json(storage.join(tokens_dir, "manifest.json"))["files"]
     assets = load_assets(mc, cfg.resolve)
     identities = {"tokenizer": assets.tokenizer_identity, "text_tokenizer": assets.text_identity, "bpe": assets.bpe_identity}
-    train_section = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("fault_step", "max_failures", "log_every")}
+    train_section = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("fault_step", "fault_mode", "max_failures", "log_every")}
     fp = fingerprint(cfg.section_fingerprint("model", "run"), train_section, inputs, identities)
     state = JobState(out, fp)
     if state.is_complete():
@@ -355,10 +362,11 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
     index = build_index(files)
     index.image_tokens = _image_tokens(index, builder)
     probe = _probe_items(cfg, builder, assets) if tc.probe_every > 0 else []
-    storage_path = os.path.abspath(cfg.resolve(tc.storage_path))
-    metrics_csv = os.path.join(out, "metrics.csv")
-    _write_state(out, run=cfg.run.name, status="running", entrypoint=entrypoint or sys.argv, cwd=os.getcwd(),
-                 stages=[s.name for s in tc.stages], storage_path=storage_path, fingerprint=fp)
+    storage_path = storage.absolute(cfg.resolve(tc.storage_path))
+    metrics_csv = storage.join(out, "metrics.csv")
+    _write_state(out, run=cfg.run.name, status="running", resubmit=resubmit or resubmit_record("tessera.jobs.train", sys.argv[1:]),
+                 ray=ray_job_record(), stages=[s.name for s in tc.stages], steps_total=sum(s.steps for s in tc.stages),
+                 storage_path=storage_path, fingerprint=fp)
     spec_kwargs = dict(vocabulary=tuple(vocab.to_dict().items()), bpe_path=os.path.abspath(cfg.resolve(mc.bpe)),
                        codebooks=tuple(mc.codebooks), depth=depth, codebook_sizes=tuple(sizes),
                        bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth)
@@ -373,7 +381,7 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
             print(f"[train] stage {i} {stage.name!r}: complete, skipped")
             continue
         run_name = f"{cfg.run.name}-train-{fp}-{i}-{stage.name}"
-        _write_state(out, status="running", stage=stage.name, stage_index=i, ray_train_run=os.path.join(storage_path, run_name))
+        _write_state(out, status="running", stage=stage.name, stage_index=i, ray_train_run=storage.join(storage_path, run_name))
         t = time.perf_counter()
         print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
               f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}", flush=True)
@@ -432,9 +440,9 @@ def train(cfg: TesseraConfig, entrypoint: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("train", argv, "Train the unified model through the configured stages (Ray Train).")
-    entry = [sys.executable, "-m", "tessera.jobs.train", *(argv if argv is not None else sys.argv[1:])]
+    resubmit = resubmit_record("tessera.jobs.train", list(argv if argv is not None else sys.argv[1:]))
     with ray_session(cfg.ray):
-        report = train(cfg, entry)
+        report = train(cfg, resubmit)
     print(f"[tessera] train: model {report['model']}; loss curve {report['loss_curve']}; report {cfg.resolve(cfg.train.output)}/report.json")
     return report
 

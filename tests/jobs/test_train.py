@@ -56,11 +56,13 @@ def test_stages_run_in_order_and_outputs_load(uninterrupted):
 def test_runs_lists_the_run_with_stage_step_and_checkpoint(uninterrupted, world_root):
     from tessera.jobs.runs import list_runs
 
-    runs = {r["path"]: r for r in list_runs(str(world_root.parent))}
+    runs = {r["path"]: r for r in list_runs(str(world_root.parent), ask_ray=False)}
     clean = runs[str(world_root / "train-clean")]
-    assert clean["status"] == "complete" and clean["stage"] == "all" and clean["step"] == 7
-    assert clean["checkpoint"] and os.path.isdir(clean["checkpoint"])
-    assert clean["entrypoint"]
+    assert clean["status"] == "complete" and clean["stage"] == "all" and clean["step"] == clean["steps_total"] == 7
+    assert clean["checkpoint"]["step"] == 7 and os.path.isdir(clean["checkpoint"]["path"])
+    assert clean["loss"] == losses(uninterrupted[0])[-1][2] and clean["submission_id"] is None
+    record = clean["state"]["resubmit"]
+    assert record["command"][:3] == ["python", "-m", "tessera.jobs.train"] and record["working_dir"] is False
 
 
 def test_killed_worker_is_recovered_and_losses_match(uninterrupted, world_root):
@@ -119,7 +121,8 @@ def head_node(tmp_path):
 
     gcs, dash, agent, agent_grpc, metrics = (free_port() for _ in range(5))
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))  # `python` = this env's
     env.pop("RAY_ADDRESS", None)
     subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
@@ -145,40 +148,130 @@ def wait_job(client, job_id, timeout=900):
     raise TimeoutError(job_id)
 
 
-def test_ray_job_submit_fails_then_resume_resubmits_and_continues_exactly(uninterrupted, world_root, head_node):
-    """Submitted with `ray job submit`'s API to a `ray start --head` cluster; the job dies at global
-    step 6 (stage 2, one step past its step-2 checkpoint; no retries). `tessera resume` re-submits
-    the recorded entrypoint; stage 1 is skipped, stage 2 continues from its checkpoint and every
-    loss equals the uninterrupted run's."""
-    import shlex
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+JOB_OVERRIDES = [*TINY_TOKENIZER, *TINY_BPE, *TINY_TRAIN, "train.output={root}/train-job", "train.storage_path={root}/train-job-ray",
+                 "eval.model={root}/train-job/model", "eval.output={root}/eval-job", "eval.num_generate=2",
+                 "eval.num_captions=4", "eval.num_questions=8"]
+
+
+def readme_submit(dashboard, verb, overrides, wait=True):
+    """The README's command exactly, run from the checkout with RAY_ADDRESS set:
+    `ray job submit --working-dir . -- python -m tessera.jobs.<verb> --set ...`. Returns (submission id, output)."""
+    import re
+    import subprocess
     import sys
 
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", *([] if wait else ["--no-wait"]),
+           "--working-dir", ".", "--", "python", "-m", f"tessera.jobs.{verb}", *[a for o in overrides for a in ("--set", o)]]
+    done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, RAY_ADDRESS=dashboard), capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    found = re.search(r"raysubmit_[A-Za-z0-9]+", out)
+    assert found, out[-3000:]
+    return found.group(0), out
+
+
+def wait_until(condition, what, timeout=300):
+    import time
+
+    t = time.time()
+    while not condition():
+        if time.time() - t > timeout:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+
+
+def recorded_step(output):
+    from tessera.jobs.runs import recorded_checkpoint
+    from tessera import storage
+
+    path = os.path.join(output, "state.json")
+    if not os.path.exists(path):
+        return None
+    ckpt = recorded_checkpoint(storage.read_json(path).get("ray_train_run"))
+    return ckpt and ckpt["step"]
+
+
+def stop_and_check(client, job, output, step, stage):
+    """`ray job stop`, then `tessera runs` shows what Ray says, the stage, and the last *recorded* checkpoint."""
+    import subprocess
+    import sys
+
+    from ray.job_submission import JobStatus
+
+    from tessera.jobs.runs import list_runs
+
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "job", "stop", "--address", client._address, job],
+                   check=True, capture_output=True, timeout=120)
+    assert wait_job(client, job)[0] == JobStatus.STOPPED
+    (run,) = [r for r in list_runs(os.path.dirname(output)) if r["path"] == output]
+    assert run["status"] == "stopped" and run["ray_status"] == "STOPPED" and run["submission_id"] == job
+    assert run["stage"] == stage and run["checkpoint"]["step"] == step and run["steps_total"] == 7
+    return run
+
+
+def plant_unrecorded_checkpoint(recorded: str) -> str:
+    """What a stop between a checkpoint's upload and Ray Train recording it leaves: a newer checkpoint
+    folder the snapshot does not list (here one whose data position is further on, so trusting it
+    would change every later loss)."""
+    import json
+    import shutil
+    import time
+
+    planted = os.path.join(os.path.dirname(recorded), "checkpoint_" + time.strftime("%Y-%m-%d_%H-%M-%S") + ".999999")
+    shutil.copytree(recorded, planted)
+    path = os.path.join(planted, "position_rank0.json")
+    position = json.load(open(path))
+    json.dump({"next": [position["next"][0] + 1, 0], "step": position["step"] + 1}, open(path, "w"))
+    return planted
+
+
+def test_every_verb_through_the_readme_command_and_stops_at_any_moment_resume_exactly(uninterrupted, world_root, head_node):
+    """On a `ray start --head` cluster, every verb is submitted with the README's `ray job submit
+    --working-dir .` (the upstream ones find their outputs complete; fit-bpe, train and eval import the
+    compiled BPE core from an upload without it). Training is stopped with `ray job stop` inside stage 1
+    and inside stage 2, each time just after a recorded checkpoint, and once more a checkpoint folder
+    Ray Train never recorded is left behind; `tessera resume` continues each time, and every logged loss
+    equals the uninterrupted run's."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from tessera.jobs.resume import main as resume
-    from tessera.jobs.resume import submit
-
-    dashboard, _ = head_node
-    cfg = train_config(world_root, "train-job", "train.fault_step=6", "train.max_failures=0")
-    overrides = [*TINY_TOKENIZER, *TINY_BPE, *TINY_TRAIN, "train.output={root}/train-job", "train.storage_path={root}/train-job-ray",
-                 "train.fault_step=6", "train.max_failures=0"]
+    from tessera.jobs.runs import list_runs
     from tests.conftest import TINY
 
-    args = [sys.executable, "-m", "tessera.jobs.train", *[a for o in [*TINY, *overrides, f"run.root={world_root}"] for a in ("--set", o)]]
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dashboard, _ = head_node
     client = JobSubmissionClient(dashboard)
-    job = submit(client, f"cd {shlex.quote(repo)} && " + " ".join(shlex.quote(a) for a in args))
-    status, logs = wait_job(client, job)
-    assert status == JobStatus.FAILED, logs[-3000:]
-    import json
+    overrides = [f"run.root={world_root}", *TINY, *JOB_OVERRIDES]
+    for verb in ("synth", "prepare", "train_tokenizer", "tokenize", "fit_bpe"):
+        job, out = readme_submit(dashboard, verb, overrides)
+        status, logs = wait_job(client, job)
+        assert status == JobStatus.SUCCEEDED, f"{verb}: {logs[-3000:]}"
+    cfg = train_config(world_root, "train-job")
+    output = cfg.resolve(cfg.train.output)
 
-    state = json.load(open(os.path.join(cfg.resolve(cfg.train.output), "state.json")))
-    assert state["status"] == "failed" and state["stage"] == "all"
-    job2 = resume([str(world_root), "--output", cfg.resolve(cfg.train.output), "--address", dashboard])
-    status, logs = wait_job(client, job2)
+    job, _ = readme_submit(dashboard, "train", [*overrides, "train.fault_step=2", "train.fault_mode=hang"], wait=False)
+    wait_until(lambda: recorded_step(output) == 2, "stage 1's step-2 checkpoint recorded")
+    stop_and_check(client, job, output, 2, "embeddings")
+
+    job = resume([str(world_root), "--output", output, "--address", dashboard, "--set", "train.fault_step=5"])
+    assert job.startswith("tessera-") and client.get_job_info(job).metadata["tessera_run"] == cfg.run.name
+    wait_until(lambda: recorded_step(output) == 5, "stage 2's step-2 checkpoint recorded")
+    run = stop_and_check(client, job, output, 5, "all")
+
+    plant_unrecorded_checkpoint(run["checkpoint"]["path"])
+    (again,) = [r for r in list_runs(str(world_root)) if r["path"] == output]
+    assert again["checkpoint"] == run["checkpoint"], "the unrecorded folder is never reported as the checkpoint"
+    job = resume([str(world_root), "--output", output, "--address", dashboard])
+    status, logs = wait_job(client, job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "stage 0 'embeddings': complete, skipped" in logs and "resumed at step 2" in logs
     assert losses(cfg) == losses(uninterrupted[0])
+    (done,) = [r for r in list_runs(str(world_root)) if r["path"] == output]
+    assert done["status"] == "complete" and done["step"] == 7 and done["ray_status"] == "SUCCEEDED"
+
+    job, _ = readme_submit(dashboard, "eval", overrides)
+    status, logs = wait_job(client, job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert os.path.exists(os.path.join(world_root, "eval-job", "report.json"))
 
 
 class _Shard:
