@@ -70,6 +70,15 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         ray.shutdown()
 
 
+def worker_print(message: str) -> None:
+    """One console line from a Ray Train worker, exactly once. Ray Train patches `print` on its workers
+    to log through the root logger *and* echo to a redirected stdout, which printed every line twice
+    in a submitted job's log; the process's own stdout is what Ray forwards to the driver."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()
+
+
 # runtime_env keys a resubmission can carry over (the uploaded working_dir / py_modules are temporary
 # `gcs://` packages of the original submission: a resubmission uploads the checkout again)
 RESUBMITTABLE_ENV = ("env_vars", "pip", "uv", "conda", "image_uri", "container", "excludes")

@@ -34,7 +34,7 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record, worker_print
 from tessera.manifest import dataset_files
 
 PROBE_TYPES = ("colour", "shape", "size", "position", "count", "exists")
@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict) -> None:
             with open(os.path.join(d, f"position_rank{rank}.json")) as f:
                 position = tuple(json.load(f)["next"])
         if rank == 0:
-            print(f"[train] stage {i} {stage.name!r}: resumed at step {trainer.step}, data position {position}", flush=True)
+            worker_print(f"[train] stage {i} {stage.name!r}: resumed at step {trainer.step}, data position {position}")
     micro = stage.batch_size // (world * tc.grad_accum)
     rows = _rows(ray.train.get_dataset_shard(f"rank{rank}"), micro, position, stage.name, rank, world)
     offset = config["step_offset"]
@@ -150,9 +150,9 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 _append_csv(metrics_path, metrics)
                 probed = " ".join(f"{k[6:]} {v:.2f}" for k, v in metrics.items() if k.startswith("probe_"))
-                print(f"[train] {stage.name} step {step}/{stage.steps} (global {offset + step}) loss {m['loss']:.4f} "
-                      f"text {m['text_loss']:.3f} image {m['image_loss']:.3f} lr {m['lr']:.2e} "
-                      f"{metrics['tokens_per_s']:.0f} tok/s" + (f" | probe {probed}" if probed else ""), flush=True)
+                worker_print(f"[train] {stage.name} step {step}/{stage.steps} (global {offset + step}) loss {m['loss']:.4f} "
+                             f"text {m['text_loss']:.3f} image {m['image_loss']:.3f} lr {m['lr']:.2e} "
+                             f"{metrics['tokens_per_s']:.0f} tok/s" + (f" | probe {probed}" if probed else ""))
             if save:
                 with tempfile.TemporaryDirectory() as tmp:
                     if rank == 0:
@@ -169,10 +169,10 @@ def train_loop_per_worker(config: dict) -> None:
             if not os.path.exists(marker):
                 open(marker, "w").close()
                 if tc.fault_mode == "hang":
-                    print(f"[train] fault hook: blocking after global step {offset + step} until stopped", flush=True)
+                    worker_print(f"[train] fault hook: blocking after global step {offset + step} until stopped")
                     while True:
                         time.sleep(1)
-                print(f"[train] fault hook: killing worker after global step {offset + step}", flush=True)
+                worker_print(f"[train] fault hook: killing worker after global step {offset + step}")
                 os._exit(1)
 
 

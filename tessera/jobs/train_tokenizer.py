@@ -22,7 +22,7 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session, worker_print
 from tessera.manifest import dataset_files
 
 
@@ -51,7 +51,7 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as d:
             trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False))
         if rank == 0:
-            print(f"[train-tokenizer] resumed at step {trainer.step}")
+            worker_print(f"[train-tokenizer] resumed at step {trainer.step}")
     per_worker = cfg.train.batch_size // world
     shard = ray.train.get_dataset_shard("train")
     t0, last = time.perf_counter(), {}
@@ -71,8 +71,8 @@ def train_loop_per_worker(config: dict) -> None:
                 else:
                     ray.train.report(metrics)
                 if rank == 0:
-                    print(f"[train-tokenizer] step {step}/{cfg.train.steps} loss {last['loss']:.4f} "
-                          f"({metrics['images_per_s']} img/s)", flush=True)
+                    worker_print(f"[train-tokenizer] step {step}/{cfg.train.steps} loss {last['loss']:.4f} "
+                                 f"({metrics['images_per_s']} img/s)")
 
 
 def _image_dataset(files: list[str], image_size: int, split: str):

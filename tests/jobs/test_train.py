@@ -232,6 +232,8 @@ def test_every_verb_through_the_readme_command_and_stops_at_any_moment_resume_ex
     and inside stage 2, each time just after a recorded checkpoint, and once more a checkpoint folder
     Ray Train never recorded is left behind; `tessera resume` continues each time, and every logged loss
     equals the uninterrupted run's."""
+    import re
+
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from tessera.jobs.resume import main as resume
@@ -263,7 +265,8 @@ def test_every_verb_through_the_readme_command_and_stops_at_any_moment_resume_ex
     job = resume([str(world_root), "--output", output, "--address", dashboard])
     status, logs = wait_job(client, job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "stage 0 'embeddings': complete, skipped" in logs and "resumed at step 2" in logs
+    assert "stage 0 'embeddings': complete, skipped" in logs and logs.count("'all': resumed at step 2") == 1
+    assert re.findall(r"\[train\] all step \d/4", logs) == ["[train] all step 3/4", "[train] all step 4/4"], "each line once"
     assert losses(cfg) == losses(uninterrupted[0])
     (done,) = [r for r in list_runs(str(world_root)) if r["path"] == output]
     assert done["status"] == "complete" and done["step"] == 7 and done["ray_status"] == "SUCCEEDED"
