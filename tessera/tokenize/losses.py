@@ -57,7 +57,11 @@ def lpips_model() -> nn.Module:
         import lpips
 
         cached = glob.glob(os.path.join(torch.hub.get_dir(), "checkpoints", "alexnet-*.pth"))
-        _LPIPS = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=not cached, verbose=False)
+        # the random backbone is drawn from a fixed seed, not the caller's RNG: the same perceptual loss
+        # in every process (each Ray Train rank) and whatever ran before (test order changed it)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _LPIPS = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=not cached, verbose=False)
         _LPIPS.eval()
         for p in _LPIPS.parameters():
             p.requires_grad_(False)
