@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from tessera.bpe.fit import Corpus, make_shard
+from tessera.bpe.shards import Corpus, make_shard
 
 
 @ray.remote(num_cpus=0.5)

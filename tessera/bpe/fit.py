@@ -12,18 +12,17 @@ ends with the same merges as an uninterrupted fit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
 
 import numpy as np
 
 from tessera.bpe.core import _core
+from tessera.bpe.shards import Corpus, LocalShards, ShardSet
 
 DIRS = ("h", "v")
 
@@ -55,90 +54,6 @@ class FitParams:
     def to_dict(self) -> dict:
         return {"codebook_size": self.codebook_size, "num_merges": self.num_merges, "alpha": self.alpha,
                 "top_k": self.top_k, "min_frequency": self.min_frequency, "max_tile": list(self.max_tile)}
-
-
-@dataclass
-class Corpus:
-    """Grids concatenated row-major: `cells` (N,) int32, `offsets` (G + 1,), `heights`/`widths` (G,)."""
-
-    cells: np.ndarray
-    offsets: np.ndarray
-    heights: np.ndarray
-    widths: np.ndarray
-
-    @staticmethod
-    def from_grids(grids: Iterable[np.ndarray], codebook_size: int) -> "Corpus":
-        parts, hs, ws = [], [], []
-        for i, g in enumerate(grids):
-            g = np.asarray(g)
-            if g.ndim != 2 or g.size == 0:
-                raise ValueError(f"grid {i}: expected a non-empty 2-D array, got shape {g.shape}")
-            if not np.issubdtype(g.dtype, np.integer):
-                raise ValueError(f"grid {i}: expected integer codes, got {g.dtype}")
-            if g.min() < 0 or g.max() >= codebook_size:
-                raise ValueError(f"grid {i}: codes must lie in [0, {codebook_size}), got [{g.min()}, {g.max()}]")
-            parts.append(np.ascontiguousarray(g, dtype=np.int32).ravel())
-            hs.append(g.shape[0])
-            ws.append(g.shape[1])
-        if not parts:
-            raise ValueError("no grids to fit on")
-        sizes = np.array([p.size for p in parts], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        return Corpus(np.concatenate(parts), offsets, np.array(hs, np.int32), np.array(ws, np.int32))
-
-    @property
-    def num_grids(self) -> int:
-        return len(self.heights)
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for arr in (self.cells, self.offsets, self.heights, self.widths):
-            h.update(np.ascontiguousarray(arr).tobytes())
-        return h.hexdigest()[:16]
-
-    def split(self, n: int) -> list["Corpus"]:
-        """n contiguous shards with about equal numbers of cells (whole grids each)."""
-        n = max(1, min(n, self.num_grids))
-        bounds = np.searchsorted(self.offsets, np.linspace(0, self.offsets[-1], n + 1)[1:-1])
-        edges = [0, *sorted(set(int(b) for b in bounds if 0 < b < self.num_grids)), self.num_grids]
-        out = []
-        for g0, g1 in zip(edges[:-1], edges[1:]):
-            c0, c1 = self.offsets[g0], self.offsets[g1]
-            out.append(Corpus(self.cells[c0:c1], self.offsets[g0:g1 + 1] - c0, self.heights[g0:g1], self.widths[g0:g1]))
-        return out
-
-
-class ShardSet(Protocol):
-    def count(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
-    def apply(self, a: int, b: int, d: int, new_id: int, h: int, w: int) -> list[tuple[np.ndarray, np.ndarray, int]]: ...
-    def tiles(self) -> list[np.ndarray]: ...
-    def stats(self) -> dict: ...
-
-
-def make_shard(corpus: Corpus, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int]) -> "_core.Shard":
-    return _core.Shard(corpus.cells if tiles is None else tiles, corpus.offsets.tolist(), corpus.heights.tolist(),
-                       corpus.widths.tolist(), shape_h, shape_w)
-
-
-class LocalShards:
-    """Shards in this process (num_workers=1)."""
-
-    def __init__(self, corpora: list[Corpus], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int]):
-        self.shards = [make_shard(c, None if tiles is None else t, shape_h, shape_w)
-                       for c, t in zip(corpora, tiles or [None] * len(corpora))]
-
-    def count(self):
-        return [s.count() for s in self.shards]
-
-    def apply(self, a, b, d, new_id, h, w):
-        return [s.apply(a, b, d, new_id, h, w) for s in self.shards]
-
-    def tiles(self):
-        return [s.tiles() for s in self.shards]
-
-    def stats(self):
-        return {"cells": sum(s.num_cells() for s in self.shards), "tiles": sum(s.num_tiles() for s in self.shards),
-                "index_entries": sum(s.index_entries() for s in self.shards)}
 
 
 @dataclass

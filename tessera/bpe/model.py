@@ -15,7 +15,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tessera.bpe.core import _core
-from tessera.bpe.fit import DIRS, Corpus, FitParams, FitResult, merged_shape, run_fit
+from tessera.bpe.fit import DIRS, FitParams, FitResult, merged_shape, run_fit
+from tessera.bpe.shards import Corpus
 
 FORMAT = "tessera-visual-bpe/1"
 
