@@ -45,34 +45,6 @@ METRIC_FIELDS = ["step", "stage", "stage_index", "stage_step", "loss", "text_los
 # ----------------------------------------------------------------------------- worker
 
 
-def _rows(shard, micro: int, position: tuple[int, int], stage: str, rank: int, world: int):
-    """Micro-batches of packed rows from this rank's stream, in data-position order, from `position` on.
-
-    Rows are re-ordered here by (group, row) rather than trusting the arrival order of blocks:
-    this rank's groups are position[0], +world, +2*world, ..., and a group is released once all
-    its rows (`rows_in_group`) have arrived. The stream is then a pure function of the plan."""
-    import torch
-
-    g0, r0 = position
-    expected = g0 if g0 % world == rank else g0 + (rank - g0) % world
-    pending: dict[int, list] = {}
-    ready: list[dict] = []
-    for batch in shard.iter_torch_batches(batch_size=micro, dtypes=torch.int64):
-        for i in range(len(batch["group"])):
-            g = int(batch["group"][i])
-            if g >= expected:
-                pending.setdefault(g, []).append({k: v[i] for k, v in batch.items()})
-        while expected in pending and len(pending[expected]) == int(pending[expected][0]["rows_in_group"]):
-            rows = sorted(pending.pop(expected), key=lambda r: int(r["row"]))
-            ready += [r for r in rows if expected > g0 or int(r["row"]) >= r0]
-            expected += world
-        while len(ready) >= micro:
-            chunk, ready = ready[:micro], ready[micro:]
-            yield {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}
-    raise RuntimeError(f"stage {stage!r}: the data stream ran out before the stage's steps were done; "
-                       "raise train.pack_group or check the mixture")
-
-
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
@@ -80,6 +52,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from tessera.model.assets import load_model
     from tessera.model.evaluate import run_probe
+    from tessera.model.stream import RowStream, model_inputs
     from tessera.model.trainer import StageTrainer
     from tessera.model.unified import TesseraModel
     from tessera.model.vocab import Vocabulary
@@ -90,7 +63,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, math.ceil(tc.cpus_per_worker)))  # Ray sets OMP_NUM_THREADS=1
-    torch.manual_seed(cfg.train.effective_seed(cfg.run.seed) * 1000 + i * 10 + rank)
+    # (seed, stage, rank) through a SeedSequence: distinct streams at any worker count (seed*1000 + i*10 + rank collided)
+    torch.manual_seed(int(np.random.SeedSequence([cfg.train.effective_seed(cfg.run.seed), i, rank]).generate_state(1)[0]))
     device = ray.train.torch.get_device()
     if config["init_model"]:
         model = load_model(config["init_model"])
@@ -112,25 +86,24 @@ def train_loop_per_worker(config: dict) -> None:
                                              parallel_strategy_kwargs={"find_unused_parameters": True})
 
     trainer = StageTrainer(model, stage, tc.weight_decay, tc.grad_clip, device, wrap)
-    position = (0, 0)
-    checkpoint = ray.train.get_checkpoint()
+    micro = stage.batch_size // (world * tc.grad_accum)
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    stream = RowStream(lambda: shard.iter_torch_batches(batch_size=micro, dtypes=torch.int64), micro, rank, world, stage.name)
+    checkpoint = ray.train.get_checkpoint()  # the last one Ray Train recorded; the data position is inside it
     if checkpoint:
         with checkpoint.as_directory() as d:
             trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False))
             with open(os.path.join(d, f"position_rank{rank}.json")) as f:
-                position = tuple(json.load(f)["next"])
+                stream.load_state_dict(json.load(f))
         if rank == 0:
-            worker_print(f"[train] stage {i} {stage.name!r}: resumed at step {trainer.step}, data position {position}")
-    micro = stage.batch_size // (world * tc.grad_accum)
-    rows = _rows(ray.train.get_dataset_shard(f"rank{rank}"), micro, position, stage.name, rank, world)
+            worker_print(f"[train] stage {i} {stage.name!r}: resumed at step {trainer.step}, data position {stream.position}")
+    rows = iter(stream)
     offset = config["step_offset"]
     metrics_path = config["metrics_csv"]
     t_last, tokens_since = time.perf_counter(), 0
     while trainer.step < stage.steps:
         micro_batches = [next(rows) for _ in range(tc.grad_accum)]
-        last = micro_batches[-1]
-        position = (int(last["group"][-1]), int(last["row"][-1]) + 1)
-        m = trainer.train_step([{k: v for k, v in b.items() if k not in ("group", "row", "rows_in_group")} for b in micro_batches])
+        m = trainer.train_step([model_inputs(b) for b in micro_batches])
         step = trainer.step
         tokens_since += m["tokens"] * world
         save = step % tc.checkpoint_every == 0 or step == stage.steps
@@ -158,7 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
                     if rank == 0:
                         torch.save(trainer.state_dict(), os.path.join(tmp, "state.pt"))
                     with open(os.path.join(tmp, f"position_rank{rank}.json"), "w") as f:
-                        json.dump({"next": list(position), "step": step}, f)
+                        json.dump({**stream.state_dict(), "step": step}, f)
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
                 if rank == 0:
                     storage.write_json(config["progress"], {"step": step, "global_step": offset + step, "stage": stage.name})
@@ -202,7 +175,7 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
     """One Ray Dataset per rank: that rank's packing groups, always from the stage's beginning.
 
     A resumed worker skips to the data position stored in the checkpoint Ray Train restored
-    (`_rows`); the driver never guesses it from checkpoint folders, because the newest folder may
+    (`RowStream.load_state_dict`); the driver never guesses it from checkpoint folders, because the newest folder may
     be one Ray Train never recorded (a stop or crash right after the report), and a stream that
     started past the restored position would run dry."""
     import ray.data

@@ -39,7 +39,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = config_from_dict({"tokenizer": config["tokenizer"]}).tokenizer
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(config["seed"] + rank)
+    torch.manual_seed(int(np.random.SeedSequence([config["seed"], rank]).generate_state(1)[0]))  # no collision across runs
     # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs this worker reserved
     torch.set_num_threads(max(1, math.ceil(config["cpus_per_worker"])))
     device = ray.train.torch.get_device()
