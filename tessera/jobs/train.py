@@ -133,8 +133,6 @@ def train_loop_per_worker(config: dict) -> None:
                     with open(os.path.join(tmp, f"position_rank{rank}.json"), "w") as f:
                         json.dump({**stream.state_dict(), "step": step}, f)
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-                if rank == 0:
-                    storage.write_json(config["progress"], {"step": step, "global_step": offset + step, "stage": stage.name})
             else:
                 ray.train.report(metrics)
         if rank == 0 and tc.fault_step == offset + step:
@@ -363,7 +361,6 @@ def train(cfg: TesseraConfig, resubmit: dict | None = None) -> dict:
             train_loop_per_worker,
             train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": prev_model, "vocabulary": vocab.to_dict(),
                                "codebook_sizes": sizes, "depth": depth, "step_offset": offset, "metrics_csv": metrics_csv,
-                               "progress": os.path.join(stage_dir, "progress.json"),
                                "fault_marker": os.path.join(out, f"fault-{tc.fault_step}.marker"), "probe": probe},
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
