@@ -334,7 +334,9 @@ class TokenizerTrainConfig:
 
 @dataclass
 class TokenizerConfig:
-    preset: Literal["vq", "dual"] = "vq"
+    preset: Literal["vq", "dual", "oracle"] = "vq"
+    """vq | dual (DualToken) | oracle: the shapes world's objects read from the pixels, one code per
+    3x3 cell (no weights; the learning study's ceiling, see tessera/tokenize/oracle.py)."""
     output: str = "{root}/tokenizer"
     image_size: int = 64
     vq: VQConfig = field(default_factory=VQConfig)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 import time
 
@@ -78,6 +77,7 @@ def render_tiles(bpe, tokenizer_dir: str, usage: collections.Counter, n: int, pa
 
 def fit_bpe(cfg: TesseraConfig) -> dict:
     from tessera.bpe import VisualBPE
+    from tessera.tokenize.tokenizer import codebooks, read_config
 
     bc = cfg.bpe
     out = os.path.abspath(cfg.resolve(bc.output))
@@ -92,10 +92,10 @@ def fit_bpe(cfg: TesseraConfig) -> dict:
     train, held, manifest = load_grids(tokens_dir, bc.codebook, bc.depth, bc.heldout_every)
     if not train:
         raise ValueError(f"no image grids in {tokens_dir}")
-    with open(os.path.join(manifest["tokenizer"]["path"], "config.json")) as f:
-        tok = json.load(f)["tokenizer"]
-    rvq = tok["vq"]["rvq"] if tok["preset"] == "vq" else tok["dual"][f"{bc.codebook}_rvq"]
-    K = rvq["codebook_size"]
+    geometry = codebooks(read_config(manifest["tokenizer"]["path"])[0])
+    if bc.codebook not in geometry:
+        raise ValueError(f"bpe.codebook={bc.codebook!r}: the visual tokenizer writes only {sorted(geometry)}")
+    K = geometry[bc.codebook][0]
     load_s = time.perf_counter() - t0
 
     bpe = VisualBPE.fit(train, K, bc.num_merges, alpha=bc.alpha, top_k=bc.top_k, min_frequency=bc.min_frequency,

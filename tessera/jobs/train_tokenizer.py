@@ -148,10 +148,6 @@ def _plots(out: str, images, recs, ev: dict) -> dict:
 
 def train_tokenizer(cfg: TesseraConfig) -> dict:
     """Run (or resume, or skip) tokenizer training; returns its report. Ray must be initialised."""
-    import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from tessera.tokenize.data import to_tensor
     from tessera.tokenize.tokenizer import build_tokenizer, save_tokenizer
     from tessera.tokenize.train import evaluate
@@ -176,29 +172,14 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
         seconds["align"] = round(time.perf_counter() - t, 2)
 
     t = time.perf_counter()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"tokenizer": tok_cfg, "seed": cfg.run.seed, "log_every": 25, "cpus_per_worker": tc.train.cpus_per_worker},
-        scaling_config=ScalingConfig(num_workers=tc.train.num_workers, use_gpu=tc.train.use_gpu,
-                                     resources_per_worker={"CPU": tc.train.cpus_per_worker}),
-        run_config=RunConfig(name=f"{cfg.run.name}-tokenizer", storage_path=os.path.join(out, "ray_train"),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=tc.train.max_failures)),
-        # decoded once and cached in the object store: small corpora then cost no decode per epoch
-        datasets={"train": _image_dataset(files, tc.image_size, "train").select_columns(["image"]).materialize()},
-    )
-    result = trainer.fit()
+    if tc.preset == "oracle":  # no weights to learn: the analyser reads the scene (tessera.tokenize.oracle)
+        run_cfg, steps, final_metrics = tc, 0, {}
+        model = build_tokenizer(run_cfg).eval()
+    else:
+        run_cfg, model, steps, final_metrics = _fit(cfg, tok_cfg, files, out)
     seconds["train"] = round(time.perf_counter() - t, 2)
     fault_point("train-tokenizer:after_fit")
-
-    # ---- final weights -> tokenizer directory
-    run_cfg = config_from_dict({"tokenizer": tok_cfg}).tokenizer
-    model = build_tokenizer(run_cfg)
-    with result.checkpoint.as_directory() as d:
-        train_state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
-    model.load_state_dict(train_state["model"])
-    model.eval()
-    weights_hash = save_tokenizer(model, run_cfg, out, {"trained_steps": train_state["step"]})
+    weights_hash = save_tokenizer(model, run_cfg, out, {"trained_steps": steps})
 
     # ---- held-out evaluation
     t = time.perf_counter()
@@ -213,17 +194,63 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
     recs = ev.pop("reconstructions")
     if tc.preset == "dual":
         ev["semantic_retrieval_r1"], ev["retrieval_chance"] = _retrieval(model, held, out)
+    if tc.preset == "oracle":
+        ev["scene_match"] = _oracle_fidelity(model, images, held["caption"])
     seconds["eval"] = round(time.perf_counter() - t, 2)
     pngs = _plots(out, images, recs, ev)
     h, w = model.grid_shape(tc.image_size)
     report = {
-        "job": "train-tokenizer", "preset": tc.preset, "steps": train_state["step"], "grid": [h, w],
+        "job": "train-tokenizer", "preset": tc.preset, "steps": steps, "grid": [h, w],
         "heldout_images": len(images), "heldout_is_disjoint": truly_heldout, "tokenizer": {"path": out, "hash": weights_hash},
-        "metrics": ev, "final_train_metrics": result.metrics, "seconds": seconds,
+        "metrics": ev, "final_train_metrics": final_metrics, "seconds": seconds,
         "wall_time_s": round(time.perf_counter() - t0, 2), "pngs": pngs, "config": cfg.to_dict(),
     }
     state.finish(report)
     return report
+
+
+def _fit(cfg: TesseraConfig, tok_cfg: dict, files: list[str], out: str):
+    """Train the tokenizer's weights on Ray Train (resuming from its last checkpoint) ->
+    (its config, the trained model in eval mode, steps, the last reported metrics)."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from tessera.tokenize.tokenizer import build_tokenizer
+
+    tc = cfg.tokenizer
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"tokenizer": tok_cfg, "seed": cfg.run.seed, "log_every": 25, "cpus_per_worker": tc.train.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=tc.train.num_workers, use_gpu=tc.train.use_gpu,
+                                     resources_per_worker={"CPU": tc.train.cpus_per_worker}),
+        run_config=RunConfig(name=f"{cfg.run.name}-tokenizer", storage_path=os.path.join(out, "ray_train"),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=tc.train.max_failures)),
+        # decoded once and cached in the object store: small corpora then cost no decode per epoch
+        datasets={"train": _image_dataset(files, tc.image_size, "train").select_columns(["image"]).materialize()},
+    )
+    result = trainer.fit()
+
+    run_cfg = config_from_dict({"tokenizer": tok_cfg}).tokenizer
+    model = build_tokenizer(run_cfg)
+    with result.checkpoint.as_directory() as d:
+        train_state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
+    model.load_state_dict(train_state["model"])
+    return run_cfg, model.eval(), train_state["step"], result.metrics
+
+
+def _oracle_fidelity(model, images, captions) -> float:
+    """Share of held-out captioned images whose oracle codes name exactly the caption's objects
+    (the oracle is only as true as the analyser that reads the pixels)."""
+    from tessera.pipelines.shapes import parse_caption
+    from tessera.tokenize.oracle import grid_objects
+
+    keep = [i for i, c in enumerate(captions) if c and parse_caption(c)]
+    if not keep:
+        return float("nan")
+    grids = model.encode(images[keep])["pixel"][..., 0].numpy()
+    return float(np.mean([set(grid_objects(g)) == set(parse_caption(captions[i])) for g, i in zip(grids, keep)]))
 
 
 def _retrieval(model, held: dict, out: str) -> tuple[float, float]:

@@ -60,17 +60,11 @@ class ModelAssets:
 def load_assets(cfg: ModelConfig, resolve=lambda s: s) -> ModelAssets:
     from tessera.bpe.model import VisualBPE
     from tessera.tokenize.text import load_text_tokenizer, text_tokenizer_identity
-    from tessera.tokenize.tokenizer import tokenizer_identity
+    from tessera.tokenize.tokenizer import codebooks, read_config, tokenizer_identity
 
     tok_dir = resolve(cfg.tokenizer)
-    with open(os.path.join(tok_dir, "config.json")) as f:
-        meta = json.load(f)
-    tcfg = meta["tokenizer"]
-    if meta["preset"] == "vq":
-        sizes, depths = {"pixel": tcfg["vq"]["rvq"]["codebook_size"]}, {"pixel": tcfg["vq"]["rvq"]["depth"]}
-    else:
-        sizes = {"pixel": tcfg["dual"]["pixel_rvq"]["codebook_size"], "semantic": tcfg["dual"]["semantic_rvq"]["codebook_size"]}
-        depths = {"pixel": tcfg["dual"]["pixel_rvq"]["depth"], "semantic": tcfg["dual"]["semantic_rvq"]["depth"]}
+    geometry = codebooks(read_config(tok_dir)[0])
+    sizes, depths = {k: v[0] for k, v in geometry.items()}, {k: v[1] for k, v in geometry.items()}
     text_path = resolve(cfg.text_tokenizer)
     bpe, bpe_id = None, None
     if cfg.interface == "bpe":

@@ -22,6 +22,7 @@ from tessera.model.sequence import SequenceBuilder
 from tessera.model.unified import TesseraModel
 from tessera.pipelines import analyser, shapes
 from tessera.tokenize.text import encode_segments
+from tessera.tokenize.tokenizer import tokenizer_device
 
 ATTRIBUTES = ("shape", "colour", "size", "position")
 # uniform chance per question type (the yes/no probes are balanced)
@@ -93,7 +94,7 @@ class Evaluator:
         """A token row holding one held-out image, encoded by the visual tokenizer."""
         if image_path not in self._rows:
             img = torch.from_numpy(self.heldout.images[image_path]).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
-            codes = self.tokenizer.encode(img.to(next(self.tokenizer.parameters()).device))
+            codes = self.tokenizer.encode(img.to(tokenizer_device(self.tokenizer)))
             row = {"sample_id": image_path, "is_image": [True], "grid_shapes": [], "pixel_codes": [], "semantic_codes": []}
             for name in ("pixel", "semantic"):
                 if name in codes:

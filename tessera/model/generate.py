@@ -15,6 +15,7 @@ import torch
 
 from tessera.model.rvq_heads import pick
 from tessera.model.unified import TesseraModel
+from tessera.tokenize.tokenizer import tokenizer_device
 
 
 class Decoder:
@@ -141,6 +142,6 @@ def decode_pixels(tokenizer, codes: np.ndarray, interface: str) -> np.ndarray:
     """Generated codes -> uint8 RGB (H_img, W_img, 3) through the visual tokenizer's decoder
     (the pixel codebook; a bpe grid is the BPE's depth)."""
     grid = codes[:, :, None] if interface == "bpe" else codes[:, :, 0, :]
-    device = next(tokenizer.parameters()).device
+    device = tokenizer_device(tokenizer)
     img = tokenizer.decode(torch.from_numpy(np.ascontiguousarray(grid)).long().unsqueeze(0).to(device))[0]
     return ((img.float().permute(1, 2, 0).cpu().numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Build, save and load a visual tokenizer (`vq` or `dual` preset) as a directory:
+"""Build, save and load a visual tokenizer (`vq`, `dual` or `oracle` preset) as a directory:
 `model.safetensors` + `config.json` (preset, the tokenizer config, content hash).
 
 API of a loaded tokenizer (`VQTokenizer` / `DualTokenizer`):
@@ -25,9 +25,39 @@ def build_tokenizer(cfg: TokenizerConfig, encoder: nn.Module | None = None) -> n
         from tessera.tokenize.vq import VQTokenizer
 
         return VQTokenizer(cfg.vq)
+    if cfg.preset == "oracle":
+        from tessera.tokenize.oracle import OracleTokenizer
+
+        return OracleTokenizer(cfg.image_size)
     from tessera.tokenize.dual import DualTokenizer
 
     return DualTokenizer(cfg.dual, cfg.image_size, encoder=encoder)
+
+
+def codebooks(cfg: TokenizerConfig) -> dict[str, tuple[int, int]]:
+    """Codebook name -> (size, RVQ depth) of the codes the tokenizer writes: the one place that
+    reads them off a tokenizer config (BPE fitting and the model's vocabulary both ask here)."""
+    if cfg.preset == "vq":
+        return {"pixel": (cfg.vq.rvq.codebook_size, cfg.vq.rvq.depth)}
+    if cfg.preset == "oracle":
+        from tessera.tokenize.oracle import CODEBOOK_SIZE
+
+        return {"pixel": (CODEBOOK_SIZE, 1)}
+    return {"pixel": (cfg.dual.pixel_rvq.codebook_size, cfg.dual.pixel_rvq.depth),
+            "semantic": (cfg.dual.semantic_rvq.codebook_size, cfg.dual.semantic_rvq.depth)}
+
+
+def read_config(directory: str) -> tuple[TokenizerConfig, dict]:
+    """A tokenizer directory's config.json -> (TokenizerConfig, the whole file)."""
+    with open(os.path.join(directory, "config.json")) as f:
+        meta = json.load(f)
+    return config_from_dict({"tokenizer": meta["tokenizer"]}).tokenizer, meta
+
+
+def tokenizer_device(model: nn.Module) -> torch.device:
+    """Where a tokenizer's weights live (cpu for the weightless oracle)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def file_hash(path: str) -> str:
@@ -56,9 +86,7 @@ def save_tokenizer(model: nn.Module, cfg: TokenizerConfig, directory: str, extra
 def load_tokenizer(directory: str, device: str | torch.device = "cpu") -> tuple[nn.Module, TokenizerConfig, dict]:
     from safetensors.torch import load_file
 
-    with open(os.path.join(directory, "config.json")) as f:
-        meta = json.load(f)
-    cfg = config_from_dict({"tokenizer": meta["tokenizer"]}).tokenizer
+    cfg, meta = read_config(directory)
     if cfg.preset == "dual":
         cfg.dual.siglip_path = ""  # the weights below hold the encoder; never refetch
     model = build_tokenizer(cfg)

@@ -46,3 +46,21 @@ def test_train_tokenizer_job_writes_a_loadable_tokenizer_and_resumes(prepared, w
     # complete: a third run does nothing
     code, out = _run(root, ray_cluster)
     assert code == 0 and "nothing to do" in out, out
+
+
+def test_oracle_preset_writes_a_weightless_tokenizer_with_its_fidelity(prepared, world_root, ray_cluster, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    os.symlink(world_root / "synth", root / "synth")
+    os.symlink(world_root / "prepare", root / "prepare")
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster)
+    env.pop("TESSERA_FAULT", None)
+    sets = [*TINY, "tokenizer.preset=oracle", "tokenizer.image_size=32", "tokenizer.train.heldout_images=8", f"run.root={root}"]
+    proc = subprocess.run([sys.executable, "-m", "tessera.jobs.train_tokenizer", *[a for o in sets for a in ("--set", o)]],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((root / "tokenizer" / "report.json").read_text())
+    assert report["preset"] == "oracle" and report["steps"] == 0 and report["grid"] == [3, 3]
+    assert 0.0 <= report["metrics"]["scene_match"] <= 1.0 and report["metrics"]["pixel_usage"][0] > 0
+    model, cfg, _ = load_tokenizer(str(root / "tokenizer"))
+    assert cfg.preset == "oracle" and not list(model.parameters())
