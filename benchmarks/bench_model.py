@@ -58,7 +58,7 @@ def time_training(model, rows, batch_rows, device, steps):
         i = (s * batch_rows) % max(1, len(rows) - batch_rows + 1)
         batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_rows]).items()}
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model.loss(batch)["loss"]
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

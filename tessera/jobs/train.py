@@ -21,12 +21,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -34,7 +32,8 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record, worker_print
+from tessera.jobs.common import (JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record,
+                                 run_ray_train_loop, worker_print)
 from tessera.manifest import dataset_files
 
 PROBE_TYPES = ("colour", "shape", "size", "position", "count", "exists")
@@ -46,16 +45,14 @@ METRIC_FIELDS = ["step", "stage", "stage_index", "stage_step", "loss", "text_los
 
 
 def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: build the Ray-free `StageLoop` over this rank's shard, then hand it to the adapter."""
     import ray.train
     import torch
-    from ray.train import Checkpoint
 
-    from tessera.model.assets import load_model
     from tessera.model.evaluate import run_probe
-    from tessera.model.stream import RowStream, model_inputs
+    from tessera.model.loop import StageLoop
+    from tessera.model.stream import RowStream
     from tessera.model.trainer import StageTrainer
-    from tessera.model.unified import TesseraModel
-    from tessera.model.vocab import Vocabulary
 
     cfg = config_from_dict(config["cfg"])
     tc, i = cfg.train, config["stage_index"]
@@ -63,88 +60,72 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, math.ceil(tc.cpus_per_worker)))  # Ray sets OMP_NUM_THREADS=1
-    # (seed, stage, rank) through a SeedSequence: distinct streams at any worker count (seed*1000 + i*10 + rank collided)
-    torch.manual_seed(int(np.random.SeedSequence([cfg.train.effective_seed(cfg.run.seed), i, rank]).generate_state(1)[0]))
+    # (seed, stage, rank) through a SeedSequence: distinct streams at any worker count
+    torch.manual_seed(int(np.random.SeedSequence([tc.effective_seed(cfg.run.seed), i, rank]).generate_state(1)[0]))
     device = ray.train.torch.get_device()
+    model = _initial_model(cfg, config).to(device)
+    trainer = StageTrainer(model, stage, tc.weight_decay, tc.grad_clip, device, _parallel_wrapper(tc.strategy, world))
+    micro = stage.batch_size // (world * tc.grad_accum)
+    shard = ray.train.get_dataset_shard(f"rank{rank}")
+    stream = RowStream(lambda: shard.iter_torch_batches(batch_size=micro, dtypes=torch.int64), micro, rank, world, stage.name)
+    probe = (lambda: run_probe(model, config["probe"])) if config["probe"] and rank == 0 else None
+    loop = StageLoop(trainer, stream, stage.steps, grad_accum=tc.grad_accum, world=world, log_every=tc.log_every,
+                     checkpoint_every=tc.checkpoint_every, probe_every=tc.probe_every, probe=probe,
+                     offset=config["step_offset"], stage_name=stage.name, stage_index=i)
+    log = (lambda step: _log_step(config["metrics_csv"], stage, step.metrics)) if rank == 0 else None
+    fault = (lambda step: _fault_hook(tc, config["fault_marker"], config["step_offset"] + step.step)) if rank == 0 else None
+    run_ray_train_loop(loop, rank, f"[train] stage {i} {stage.name!r}:", on_log=log, after_step=fault)
+
+
+def _initial_model(cfg: TesseraConfig, config: dict):
+    """The previous stage's model, or a fresh one (from the run's seed) for the first stage."""
+    from tessera.model.assets import load_model
+    from tessera.model.unified import TesseraModel
+    from tessera.model.vocab import Vocabulary
+
     if config["init_model"]:
-        model = load_model(config["init_model"])
-    else:
-        model = TesseraModel.create(cfg.model, Vocabulary.from_dict(config["vocabulary"]), config["codebook_sizes"],
-                                    config["depth"], seed=cfg.train.effective_seed(cfg.run.seed))
-    model.to(device)
+        return load_model(config["init_model"])
+    return TesseraModel.create(cfg.model, Vocabulary.from_dict(config["vocabulary"]), config["codebook_sizes"],
+                               config["depth"], seed=cfg.train.effective_seed(cfg.run.seed))
+
+
+def _parallel_wrapper(strategy: str, world: int):
+    """module -> its data-parallel form: none for one worker, FSDP2 per decoder layer, or DDP."""
+    import ray.train.torch
 
     def wrap(module):
         if world == 1:
             return module
-        if tc.strategy == "fsdp":
+        if strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
             for layer in module.model.decoder_layers():
                 fully_shard(layer)
             return fully_shard(module)
-        return ray.train.torch.prepare_model(module, move_to_device=False,
-                                             parallel_strategy_kwargs={"find_unused_parameters": True})
+        return ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
+    return wrap
 
-    trainer = StageTrainer(model, stage, tc.weight_decay, tc.grad_clip, device, wrap)
-    micro = stage.batch_size // (world * tc.grad_accum)
-    shard = ray.train.get_dataset_shard(f"rank{rank}")
-    stream = RowStream(lambda: shard.iter_torch_batches(batch_size=micro, dtypes=torch.int64), micro, rank, world, stage.name)
-    checkpoint = ray.train.get_checkpoint()  # the last one Ray Train recorded; the data position is inside it
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False))
-            with open(os.path.join(d, f"position_rank{rank}.json")) as f:
-                stream.load_state_dict(json.load(f))
-        if rank == 0:
-            worker_print(f"[train] stage {i} {stage.name!r}: resumed at step {trainer.step}, data position {stream.position}")
-    rows = iter(stream)
-    offset = config["step_offset"]
-    metrics_path = config["metrics_csv"]
-    t_last, tokens_since = time.perf_counter(), 0
-    while trainer.step < stage.steps:
-        micro_batches = [next(rows) for _ in range(tc.grad_accum)]
-        m = trainer.train_step([model_inputs(b) for b in micro_batches])
-        step = trainer.step
-        tokens_since += m["tokens"] * world
-        save = step % tc.checkpoint_every == 0 or step == stage.steps
-        probe = bool(config["probe"]) and rank == 0 and (step % tc.probe_every == 0 or step == stage.steps)
-        if step % tc.log_every == 0 or save or step == 1 or probe:
-            now = time.perf_counter()
-            real = sum(int((b["doc_ids"] > 0).sum()) for b in micro_batches)
-            metrics = {"step": offset + step, "stage": stage.name, "stage_index": i, "stage_step": step,
-                       "loss": round(m["loss"], 6), "text_loss": round(m["text_loss"], 6),
-                       "image_loss": round(m["image_loss"], 6), "lr": m["lr"], "grad_norm": round(m["grad_norm"], 4),
-                       "tokens_per_s": round(tokens_since / max(now - t_last, 1e-9), 1),
-                       "packing_efficiency": round(real / sum(b["doc_ids"].numel() for b in micro_batches), 4)}
-            if probe:
-                metrics.update({f"probe_{t}": round(a, 4) for t, a in run_probe(model, config["probe"]).items()})
-                now = time.perf_counter()  # the probe's time is not training time
-            t_last, tokens_since = now, 0
-            if rank == 0:
-                _append_csv(metrics_path, metrics)
-                probed = " ".join(f"{k[6:]} {v:.2f}" for k, v in metrics.items() if k.startswith("probe_"))
-                worker_print(f"[train] {stage.name} step {step}/{stage.steps} (global {offset + step}) loss {m['loss']:.4f} "
-                             f"text {m['text_loss']:.3f} image {m['image_loss']:.3f} lr {m['lr']:.2e} "
-                             f"{metrics['tokens_per_s']:.0f} tok/s" + (f" | probe {probed}" if probed else ""))
-            if save:
-                with tempfile.TemporaryDirectory() as tmp:
-                    if rank == 0:
-                        torch.save(trainer.state_dict(), os.path.join(tmp, "state.pt"))
-                    with open(os.path.join(tmp, f"position_rank{rank}.json"), "w") as f:
-                        json.dump({**stream.state_dict(), "step": step}, f)
-                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(metrics)
-        if rank == 0 and tc.fault_step == offset + step:
-            marker = config["fault_marker"]
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                if tc.fault_mode == "hang":
-                    worker_print(f"[train] fault hook: blocking after global step {offset + step} until stopped")
-                    while True:
-                        time.sleep(1)
-                worker_print(f"[train] fault hook: killing worker after global step {offset + step}")
-                os._exit(1)
+
+def _log_step(metrics_csv: str, stage, metrics: dict) -> None:
+    """Rank 0: one metrics.csv row and one console line per logged step."""
+    _append_csv(metrics_csv, metrics)
+    probed = " ".join(f"{k[6:]} {v:.2f}" for k, v in metrics.items() if k.startswith("probe_"))
+    worker_print(f"[train] {stage.name} step {metrics['stage_step']}/{stage.steps} (global {metrics['step']}) "
+                 f"loss {metrics['loss']:.4f} text {metrics['text_loss']:.3f} image {metrics['image_loss']:.3f} "
+                 f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s" + (f" | probe {probed}" if probed else ""))
+
+
+def _fault_hook(tc, marker: str, global_step: int) -> None:
+    """The test hook `train.fault_step`: once per run (a marker file), kill the worker or block until stopped."""
+    if tc.fault_step != global_step or os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    if tc.fault_mode == "hang":
+        worker_print(f"[train] fault hook: blocking after global step {global_step} until stopped")
+        while True:
+            time.sleep(1)
+    worker_print(f"[train] fault hook: killing worker after global step {global_step}")
+    os._exit(1)
 
 
 def _append_csv(uri: str, row: dict) -> None:
@@ -225,7 +206,7 @@ def _plan_statistics(index, plan: list, spec, first_groups: list) -> dict:
     for g, grp in enumerate(first_groups):
         rows, _ = build_group(spec, [index.files[s] for s, _ in grp], [index.rows[s] for s, _ in grp], [e for _, e in grp], g)
         for r in rows:
-            t = r["targets"][r["targets"] != IGNORE]
+            t = r["labels"][r["labels"] != IGNORE]
             targets += len(t)
             image_targets += int((t >= dict(spec.vocabulary)["text_size"]).sum())
     return {"draws_by_tag": {k: round(v / len(plan), 4) for k, v in sorted(tags.items())},

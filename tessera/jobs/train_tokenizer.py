@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -22,19 +21,18 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session, worker_print
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session, run_ray_train_loop, worker_print
 from tessera.manifest import dataset_files
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Ray Train worker: the Ray-free `TokenizerLoop` over this worker's shard, run by the shared adapter."""
     import ray.train
     import torch
-    from ray.train import Checkpoint
 
     from tessera.tokenize.data import to_tensor
     from tessera.tokenize.tokenizer import build_tokenizer
-    from tessera.tokenize.train import TokenizerTrainer
+    from tessera.tokenize.train import ImageStream, TokenizerLoop, TokenizerTrainer
 
     cfg = config_from_dict({"tokenizer": config["tokenizer"]}).tokenizer
     ctx = ray.train.get_context()
@@ -45,34 +43,16 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = build_tokenizer(cfg).to(device)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True}) if world > 1 else model
-    trainer = TokenizerTrainer(model, cfg, device)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            trainer.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=False))
-        if rank == 0:
-            worker_print(f"[train-tokenizer] resumed at step {trainer.step}")
-    per_worker = cfg.train.batch_size // world
     shard = ray.train.get_dataset_shard("train")
-    t0, last = time.perf_counter(), {}
-    while trainer.step < cfg.train.steps:
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, dtypes=torch.uint8):
-            if trainer.step >= cfg.train.steps:
-                break
-            last = trainer.train_step(to_tensor(batch["image"]).to(device))
-            step = trainer.step
-            save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
-            if step % config["log_every"] == 0 or save:
-                metrics = {**last, "images_per_s": round(step * cfg.train.batch_size / (time.perf_counter() - t0), 2)}
-                if save and rank == 0:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        torch.save(trainer.state_dict(), os.path.join(tmp, "state.pt"))
-                        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(metrics)
-                if rank == 0:
-                    worker_print(f"[train-tokenizer] step {step}/{cfg.train.steps} loss {last['loss']:.4f} "
-                                 f"({metrics['images_per_s']} img/s)")
+    per_worker = cfg.train.batch_size // world
+    # the shard's order is fixed (materialised dataset), so (epoch, batch) names the next batch exactly
+    stream = ImageStream(lambda epoch: (to_tensor(b["image"]) for b in shard.iter_torch_batches(
+        batch_size=per_worker, drop_last=True, dtypes=torch.uint8)))
+    loop = TokenizerLoop(TokenizerTrainer(model, cfg, device), stream, cfg.train.steps, log_every=config["log_every"],
+                         checkpoint_every=cfg.train.checkpoint_every, images_per_step=cfg.train.batch_size)
+    log = (lambda step: worker_print(f"[train-tokenizer] step {step.step}/{cfg.train.steps} loss {step.metrics['loss']:.4f} "
+                                     f"({step.metrics['images_per_s']} img/s)")) if rank == 0 else None
+    run_ray_train_loop(loop, rank, "[train-tokenizer]", on_log=log)
 
 
 def _image_dataset(files: list[str], image_size: int, split: str):

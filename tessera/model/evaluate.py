@@ -203,10 +203,10 @@ class Evaluator:
         text_sum = image_sum = 0.0
         n_text = n_image = 0
         for b in batches:
-            out = self.model.loss(collate([b]))
-            nt, n = int(out["text_targets"]), int(out["targets"])
-            text_sum += float(out["text_loss"]) * nt
-            image_sum += float(out["image_loss"]) * (n - nt)
+            out = self.model(**collate([b]))
+            nt, n = int(out.num_text_targets), int(out.num_targets)
+            text_sum += float(out.text_loss) * nt
+            image_sum += float(out.image_loss) * (n - nt)
             n_text, n_image = n_text + nt, n_image + n - nt
         return {"text_perplexity": float(np.exp(text_sum / max(1, n_text))), "image_perplexity": float(np.exp(image_sum / max(1, n_image)))}
 

@@ -59,10 +59,10 @@ class Decoder:
         pos = torch.arange(first, first + len(run_ids), device=self.device).unsqueeze(0)
         cells_t = torch.from_numpy(np.stack(run_cells)).to(self.device).unsqueeze(0)
         with autocast(self.device):
-            hidden, logits, past = self.model(x, pos, codes=self._codes_tensor(run_codes), past_key_values=self.past,
-                                              use_cache=self.use_cache, cells=cells_t)
-        self.past = past if self.use_cache else None
-        return hidden[0, -1].float(), logits[0, -1].float()
+            out = self.model(x, pos, codes=self._codes_tensor(run_codes), past_key_values=self.past,
+                             use_cache=self.use_cache, cells=cells_t)
+        self.past = out.past_key_values if self.use_cache else None
+        return out.last_hidden_state[0, -1].float(), out.logits[0, -1].float()
 
 
 def autocast(device: torch.device):

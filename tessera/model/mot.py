@@ -1,12 +1,17 @@
 """Mixture-of-Transformers (BAGEL): modality experts that share self-attention.
 
-Each decoder layer's position-wise parts (the FFN; with `attention=True` also the q/k/v/o
-projections and both norms) are wrapped in `ModalityRouted`, which holds a text expert (the
-original module) and a visual expert (initialised as an exact copy). Attention itself runs
-over the whole sequence, so text and visual positions still see each other.
+`MoTDecoderLayer` is a `Qwen2DecoderLayer` (as `modular_qwen2.py` subclasses Llama's layers)
+with a visual expert beside each position-wise part: the FFN (`visual_mlp`) and, with
+`attention=True`, the q/k/v/o projections (`MoTAttention`) and both norms. The text expert keeps
+the base layer's own module names, so its weights are the base model's; the visual expert starts
+as an exact copy. Attention itself runs over the whole sequence, so text and visual positions
+still see each other.
 
-Which positions are visual is set once per forward by the model on a shared `Router`
-(`visual_mask`, (B, L) bool), so the Hugging Face decoder code runs unchanged.
+Which positions are visual arrives as the `visual_mask` keyword (B, L) bool, which
+`Qwen2Model.forward` passes to every decoder layer with its other keyword arguments: no shared
+mutable state. Both experts run on every position and `torch.where` keeps each position's own
+(twice the expert FLOPs of an index-and-scatter, but no data-dependent shapes, so no host
+synchronisation in the training step and one graph for `torch.compile`).
 """
 
 from __future__ import annotations
@@ -15,52 +20,120 @@ import copy
 
 import torch
 from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import (
+    ALL_ATTENTION_FUNCTIONS,
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class Router:
-    """Per-forward routing state shared by every `ModalityRouted` of a model (not a Module)."""
-
-    def __init__(self):
-        self.visual_mask: torch.Tensor | None = None
-
-
-class ModalityRouted(nn.Module):
-    """Applies `text` to text positions and `visual` to visual positions of x (B, L, *)."""
-
-    def __init__(self, text: nn.Module, visual: nn.Module, router: Router):
-        super().__init__()
-        self.text = text
-        self.visual = visual
-        self._router = router
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self._router.visual_mask
-        if mask is None or not bool(mask.any()):
-            return self.text(x)
-        if mask.shape != x.shape[:2]:
-            raise ValueError(f"routing mask {tuple(mask.shape)} does not match hidden states {tuple(x.shape[:2])}")
-        if bool(mask.all()):
-            return self.visual(x)
-        text_out = self.text(x[~mask])  # (n_text, D')
-        visual_out = self.visual(x[mask])  # (n_visual, D')
-        out = text_out.new_empty(*mask.shape, text_out.shape[-1])
-        out[~mask] = text_out
-        out[mask] = visual_out.to(text_out.dtype)
-        return out
+def routed(text: nn.Module, visual: nn.Module, x: torch.Tensor, visual_mask: torch.Tensor | None) -> torch.Tensor:
+    """text(x) at text positions, visual(x) at visual positions. x (B, L, D), visual_mask (B, L) bool | None."""
+    if visual_mask is None:
+        return text(x)
+    return torch.where(visual_mask.unsqueeze(-1), visual(x).to(x.dtype), text(x))
 
 
-def apply_mot(decoder_layers: nn.ModuleList, router: Router, attention: bool = False) -> None:
-    """Wrap each layer's FFN (and with `attention` its projections and norms) in place."""
-    for layer in decoder_layers:
-        layer.mlp = ModalityRouted(layer.mlp, copy.deepcopy(layer.mlp), router)
+class MoTAttention(Qwen2Attention):
+    """Qwen2 attention whose q/k/v/o projections have a visual expert (`visual_q_proj`, ...)."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        for name in PROJECTIONS:
+            setattr(self, f"visual_{name}", copy.deepcopy(getattr(self, name)))
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, visual_mask=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        def project(name, x):
+            return routed(getattr(self, name), getattr(self, f"visual_{name}"), x, visual_mask)
+
+        query_states = project("q_proj", hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = project("k_proj", hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = project("v_proj", hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        attn_output, attn_weights = attention(
+            self, query_states, key_states, value_states, attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+            sliding_window=self.sliding_window, **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return project("o_proj", attn_output), attn_weights
+
+
+class MoTDecoderLayer(Qwen2DecoderLayer):
+    """A Qwen2 decoder layer with a visual FFN expert (and, with `attention`, visual attention
+    projections and norms). forward(..., visual_mask=(B, L) bool) -> hidden states (B, L, D)."""
+
+    def __init__(self, config, layer_idx: int, attention: bool = False):
+        super().__init__(config, layer_idx)
+        self.mot_attention = attention
         if attention:
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                proj = getattr(layer.self_attn, name)
-                setattr(layer.self_attn, name, ModalityRouted(proj, copy.deepcopy(proj), router))
-            for name in ("input_layernorm", "post_attention_layernorm"):
-                norm = getattr(layer, name)
-                setattr(layer, name, ModalityRouted(norm, copy.deepcopy(norm), router))
+            self.self_attn = MoTAttention(config, layer_idx)
+            self.visual_input_layernorm = copy.deepcopy(self.input_layernorm)
+            self.visual_post_attention_layernorm = copy.deepcopy(self.post_attention_layernorm)
+        self.visual_mlp = copy.deepcopy(self.mlp)
+
+    @classmethod
+    def from_layer(cls, layer: Qwen2DecoderLayer, config, layer_idx: int, attention: bool = False) -> "MoTDecoderLayer":
+        """The base layer's weights as the text expert, and an exact copy of them as the visual expert."""
+        new = cls(config, layer_idx, attention).to(next(layer.parameters()).dtype)
+        missing, unexpected = new.load_state_dict(layer.state_dict(), strict=False)
+        assert not unexpected and all(".visual_" in f".{k}" for k in missing), (missing, unexpected)
+        new.copy_text_to_visual()
+        return new
+
+    @torch.no_grad()
+    def copy_text_to_visual(self) -> None:
+        pairs = [(self.mlp, self.visual_mlp)]
+        if self.mot_attention:
+            pairs += [(self.input_layernorm, self.visual_input_layernorm),
+                      (self.post_attention_layernorm, self.visual_post_attention_layernorm)]
+            pairs += [(getattr(self.self_attn, n), getattr(self.self_attn, f"visual_{n}")) for n in PROJECTIONS]
+        for text, visual in pairs:
+            visual.load_state_dict(text.state_dict())
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, visual_mask=None, **kwargs):
+        both = self.mot_attention
+        residual = hidden_states
+        if both:
+            hidden_states = routed(self.input_layernorm, self.visual_input_layernorm, hidden_states, visual_mask)
+            kwargs["visual_mask"] = visual_mask
+        else:
+            hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                          past_key_values=past_key_values, use_cache=use_cache,
+                                          position_embeddings=position_embeddings, **kwargs)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        if both:
+            hidden_states = routed(self.post_attention_layernorm, self.visual_post_attention_layernorm, hidden_states, visual_mask)
+        else:
+            hidden_states = self.post_attention_layernorm(hidden_states)
+        return residual + routed(self.mlp, self.visual_mlp, hidden_states, visual_mask)
+
+
+def apply_mot(lm, attention: bool = False) -> None:
+    """Replace every decoder layer of a Qwen2-architecture causal LM by its `MoTDecoderLayer`, in place."""
+    layers = lm.model.layers
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, Qwen2DecoderLayer):
+            raise ValueError(f"MoT needs Qwen2-style decoder layers; layer {i} is {type(layer).__name__}")
+        layers[i] = MoTDecoderLayer.from_layer(layer, lm.config, i, attention)
+
+
+def is_visual_expert(name: str) -> bool:
+    return ".visual_" in f".{name}"
 
 
 def visual_expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if ".visual." in n]
+    return [(n, p) for n, p in model.named_parameters() if is_visual_expert(n)]

@@ -5,7 +5,7 @@ A packed row of length L holds several sequences back to back; `doc_ids` numbers
 for independent turns), `turn_ids` carry its turns and `cells` the (row, column) of its visual
 tokens, so with the mask of `tessera.model.unified.packed_attention_mask` every sequence sees exactly
 what it would see alone.
-`targets[t]` is the token at t+1 when that token is a target of the same document, else -100:
+`labels[t]` is the token at t+1 when that token is a target of the same document, else -100:
 no loss ever crosses a document boundary.
 
 Packing is first-fit decreasing within one call (one packing group of the train job), a pure
@@ -19,7 +19,7 @@ import numpy as np
 from tessera.model.sequence import Sequence
 from tessera.model.unified import IGNORE
 
-ROW_FIELDS = ("input_ids", "position_ids", "doc_ids", "turn_ids", "cells", "targets")
+ROW_FIELDS = ("input_ids", "position_ids", "doc_ids", "turn_ids", "cells", "labels")
 
 
 def _empty_row(seq_len: int, pad_id: int, code_shape: tuple[int, ...] | None) -> dict:
@@ -29,7 +29,7 @@ def _empty_row(seq_len: int, pad_id: int, code_shape: tuple[int, ...] | None) ->
         "doc_ids": np.zeros(seq_len, np.int64),
         "turn_ids": np.zeros(seq_len, np.int64),
         "cells": np.full((seq_len, 2), -1, np.int64),
-        "targets": np.full(seq_len, IGNORE, np.int64),
+        "labels": np.full(seq_len, IGNORE, np.int64),
     }
     if code_shape is not None:
         row["codes"] = np.zeros((seq_len,) + code_shape, np.int64)
@@ -49,7 +49,7 @@ def _place(row: dict, seq: Sequence, start: int, doc: int) -> None:
     # a turn's first token is not predicted from the end of another turn (it cannot see it)
     crosses = (turns[:-1] != turns[1:]) & (turns[:-1] != 0)
     tgt = np.where(seq.loss[1:] & ~crosses, seq.ids[1:], IGNORE)
-    row["targets"][start:start + n - 1] = tgt
+    row["labels"][start:start + n - 1] = tgt
     if "codes" in row and seq.codes is not None:
         codes = np.maximum(seq.codes, 0)  # -1 (no code) -> 0; only <|cell|> positions read codes
         row["codes"][sl] = codes

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tessera.config import StageConfig, TrainableLayers
+from tessera.model.mot import visual_expert_parameters
 from tessera.model.unified import TesseraModel
 
 
@@ -56,7 +57,7 @@ def select_trainable(model: TesseraModel, trainable) -> tuple[list[nn.Parameter]
         elif trainable in ("embeddings", "new"):
             guard_old_rows = True
             if trainable == "new":
-                chosen += [p for n, p in model.named_parameters() if ".visual." in n]
+                chosen += [p for _, p in visual_expert_parameters(model)]
         else:
             raise ValueError(f"unknown trainable mode {trainable!r}")
     seen, unique = set(), []
@@ -86,17 +87,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-class WithLoss(nn.Module):
-    """forward(batch) = model.loss(batch), so DDP / FSDP wrap the call that computes gradients."""
-
-    def __init__(self, model: TesseraModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict) -> dict:
-        return self.model.loss(batch)
-
-
 class StageTrainer:
     def __init__(self, model: TesseraModel, stage: StageConfig, weight_decay: float, grad_clip: float,
                  device: torch.device, wrap=None):
@@ -104,7 +94,7 @@ class StageTrainer:
         stage's trainable parameters are chosen."""
         self.model, self.stage, self.device, self.grad_clip = model, stage, device, grad_clip
         params, self.hooks = select_trainable(model, stage.trainable)
-        self.wrapped = (wrap or (lambda m: m))(WithLoss(model))
+        self.wrapped = (wrap or (lambda m: m))(model)  # DDP / FSDP wrap the model's own forward(labels=...)
         embeddings = {id(p) for p in _embedding_params(model)}
         decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
         no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
@@ -120,27 +110,30 @@ class StageTrainer:
         return torch.autocast("cpu", enabled=False)
 
     def train_step(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over micro-batches (gradient accumulation). Returns float metrics."""
+        """One optimizer step over micro-batches (gradient accumulation): each micro-batch's mean loss is
+        weighted by its share of the step's targets. Returns the step's metrics as 0-d tensors on the
+        device (loss, text_loss, image_loss, grad_norm, tokens) and the learning rate: nothing here
+        waits for the device; a caller reads them (`float`) only on the steps it logs."""
         self.wrapped.train()
-        total_targets = sum(int((b["targets"] != -100).sum()) for b in micro_batches)
-        sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
-        tokens = 0
+        micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+        total_targets = sum((b["labels"] != -100).sum() for b in micro_batches).clamp(min=1)
+        sums = {k: torch.zeros((), device=self.device) for k in ("loss", "text_loss", "image_loss")}
+        tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         for b in micro_batches:
-            b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
             with self.autocast():
-                out = self.wrapped(b)
-            share = float(out["targets"]) / max(1, total_targets)
-            (out["loss"] * share).backward()
+                out = self.wrapped(**b)
+            share = out.num_targets / total_targets
+            (out.loss * share).backward()
             for k in sums:
-                sums[k] += float(out[k].detach()) * share
-            tokens += int((b["doc_ids"] > 0).sum())
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else torch.tensor(0.0)
+                sums[k] += getattr(out, k).detach().float() * share
+            tokens += (b["doc_ids"] > 0).sum()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else torch.zeros(())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
-        return {**sums, "lr": lr, "grad_norm": float(norm), "tokens": tokens}
+        return {**sums, "lr": lr, "grad_norm": norm.detach(), "tokens": tokens}
 
     def state_dict(self) -> dict:
         """A snapshot (copies, not views of the live tensors)."""

@@ -2,7 +2,8 @@
 
     lm            Qwen2ForCausalLM (tiny from config, or `from_pretrained`), vocabulary extended
                   by `Vocabulary.num_new` rows; the text rows stay bit-identical
-    router        MoT routing state (when `mot`): visual positions use the visual experts
+    (mot)         every decoder layer is a `MoTDecoderLayer` with visual experts; the visual
+                  positions' mask goes to the layers as the `visual_mask` keyword
     code_embed    rvq interface: codes (N, C, D) -> input embedding (N, hidden)
     depth_heads   rvq interface: one DepthHead per codebook
 
@@ -13,22 +14,44 @@ Inputs are packed rows (see `tessera.model.packing`): `input_ids`, `position_ids
 and `turn_ids` (B, L), `cells` (B, L, 2); `codes` (B, L, C, D) at `<|cell|>` positions for the
 rvq interface. A 4-D boolean mask built from `doc_ids` and `turn_ids` keeps attention inside each
 document and each independent turn (plus its shared prefix).
+
+`forward(..., labels=None)` follows `transformers`' causal-LM contract: it returns a
+`CausalLMOutputWithPast` (here `TesseraOutput`, which adds the text / image split of the loss
+and the target counts for logging) whose `loss` is set when `labels` (B, L) are given (-100 = no
+loss). `labels` are already shifted: `labels[t]` is the token predicted from position t (the
+packer aligns them), unlike `Qwen2ForCausalLM`, which shifts inside.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tessera.config import ModelConfig
-from tessera.model.mot import Router, apply_mot
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from tessera.model.mot import apply_mot
 from tessera.model.rvq_heads import CodeEmbedding, DepthHead, depth_loss
 from tessera.model.vocab import Vocabulary
 
 IGNORE = -100
+
+
+@dataclass
+class TesseraOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` (loss, logits (B, L, V), past_key_values) plus what training logs:
+    the loss over text targets and over image targets, the number of targets (all on device,
+    detached), and the final hidden states (B, L, H) that the rvq depth heads read."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    num_targets: torch.LongTensor | None = None
+    num_text_targets: torch.LongTensor | None = None
 
 
 def build_base_lm(cfg: ModelConfig, text_size: int, seed: int = 0):
@@ -97,9 +120,6 @@ class TesseraModel(nn.Module):
     def __init__(self, lm, vocab: Vocabulary, cfg: ModelConfig, codebook_sizes: list[int] | None = None, depth: int = 1):
         super().__init__()
         self.lm, self.vocab, self.cfg = lm, vocab, cfg
-        self.router = Router()
-        if cfg.mot:
-            apply_mot(lm.model.layers, self.router, attention=cfg.mot_attention)
         self.codebook_sizes = list(codebook_sizes or [])
         self.depth = depth
         if vocab.interface == "rvq":
@@ -114,6 +134,8 @@ class TesseraModel(nn.Module):
             self.grid_cols = nn.Embedding(cfg.max_grid, hidden)
             for emb in (self.grid_rows, self.grid_cols):
                 nn.init.normal_(emb.weight, std=0.02)
+        if cfg.mot:  # last: building the experts draws random numbers, which must not change the parts above
+            apply_mot(lm, attention=cfg.mot_attention)
 
     # ------------------------------------------------------------------ construction
 
@@ -133,16 +155,16 @@ class TesseraModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor, codes: torch.Tensor | None, cells: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids [+ (B, L, C, D) codes] [+ (B, L, 2) anchor cells, -1 = none] -> (B, L, hidden)."""
-        if int(input_ids.max()) >= self.vocab.size or int(input_ids.min()) < 0:
-            bad = input_ids[(input_ids >= self.vocab.size) | (input_ids < 0)][0]
-            raise ValueError(f"token id {int(bad)} outside the vocabulary of {self.vocab.size} ids")
+        """(B, L) ids [+ (B, L, C, D) codes] [+ (B, L, 2) anchor cells, -1 = none] -> (B, L, hidden).
+        Rows are checked where they are built (`SequenceBuilder` names the sample); here an asynchronous
+        device assertion guards the embedding lookup without making the host wait for the device."""
+        in_vocabulary = ((input_ids >= 0) & (input_ids < self.vocab.size)).all()
+        torch._assert_async(in_vocabulary, f"a token id outside the vocabulary of {self.vocab.size} ids")
         embeds = self.lm.get_input_embeddings()(input_ids)
         if self.vocab.interface == "rvq" and codes is not None:
-            at_cell = input_ids == self.vocab.cell
-            if bool(at_cell.any()):
-                embeds = embeds.clone()
-                embeds[at_cell] = self.code_embed(codes[at_cell]).to(embeds.dtype)
+            at_cell = (input_ids == self.vocab.cell).unsqueeze(-1)
+            cell_embeds = self.code_embed(codes.clamp(min=0).flatten(0, 1)).view_as(embeds)  # every position: no indexing
+            embeds = torch.where(at_cell, cell_embeds.to(embeds.dtype), embeds)
         if cells is not None and hasattr(self, "grid_rows"):
             placed = (cells[..., 0] >= 0).unsqueeze(-1)
             rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)
@@ -155,49 +177,42 @@ class TesseraModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
                 codes: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                 attention_mask: torch.Tensor | None = None, turn_ids: torch.Tensor | None = None,
-                cells: torch.Tensor | None = None):
-        """-> (hidden (B, L, H), logits (B, L, V), past_key_values)."""
+                cells: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                target_codes: torch.Tensor | None = None) -> TesseraOutput:
+        """Logits (B, L, V) for packed rows; with `labels` (B, L) also the mean loss over targets
+        (and for the rvq interface the depth loss of each `<|cell|>` target's `target_codes`)."""
         embeds = self.embed(input_ids, codes, cells)
         if attention_mask is None and doc_ids is not None:
             attention_mask = packed_attention_mask(doc_ids, turn_ids)
-        self.router.visual_mask = self.visual_mask(input_ids) if self.cfg.mot else None
-        try:
-            out = self.lm.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                                past_key_values=past_key_values, use_cache=use_cache)
-        finally:
-            self.router.visual_mask = None
+        routing = {"visual_mask": self.visual_mask(input_ids)} if self.cfg.mot else {}
+        out = self.lm.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
+                            past_key_values=past_key_values, use_cache=use_cache, **routing)
         hidden = out.last_hidden_state
-        return hidden, self.lm.lm_head(hidden), out.past_key_values
+        logits = self.lm.lm_head(hidden)
+        result = TesseraOutput(logits=logits, past_key_values=out.past_key_values, last_hidden_state=hidden)
+        if labels is not None:
+            self._add_loss(result, labels, target_codes)
+        return result
 
-    def loss(self, batch: dict) -> dict:
-        """Mean loss over targets, plus the text and image parts (for logging).
-
-        batch: input_ids, position_ids, doc_ids, targets (B, L) [-100 = no loss]; rvq also
-        codes and target_codes (B, L, C, D). Each rvq cell target adds its depth loss."""
-        hidden, logits, _ = self(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"),
-                                 turn_ids=batch.get("turn_ids"), cells=batch.get("cells"))
-        targets = batch["targets"]
-        valid = targets != IGNORE
-        n = valid.sum().clamp(min=1)
-        ce = F.cross_entropy(logits[valid].float(), targets[valid], reduction="none")
-        is_text = targets[valid] < self.vocab.text_size
-        total = ce.sum()
-        image_sum = ce[~is_text].sum()
+    def _add_loss(self, out: TesseraOutput, labels: torch.Tensor, target_codes: torch.Tensor | None) -> None:
+        """Masked sums instead of boolean indexing: no data-dependent shapes, no host sync (bpe interface)."""
+        valid = labels != IGNORE
+        is_text = valid & (labels < self.vocab.text_size)
+        is_image = valid & ~is_text
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none").view_as(labels)
+        total, image_sum = (ce * valid).sum(), (ce * is_image).sum()
         if self.vocab.interface == "rvq":
-            cell_targets = valid & (targets == self.vocab.cell)
-            if bool(cell_targets.any()):
-                h, tc = hidden[cell_targets], batch["target_codes"][cell_targets]  # (N, H), (N, C, D)
+            cell_targets = valid & (labels == self.vocab.cell)
+            h, tc = out.last_hidden_state[cell_targets], target_codes[cell_targets]  # (N, H), (N, C, D): indexing syncs
+            if len(h):
                 d_loss = sum(depth_loss(head(h, tc[:, c]), tc[:, c]) for c, head in enumerate(self.depth_heads))
-                d_sum = d_loss / len(self.depth_heads) * cell_targets.sum()
-                total = total + d_sum
-                image_sum = image_sum + d_sum
-        n_text = is_text.sum()
-        return {
-            "loss": total / n,
-            "text_loss": (ce[is_text].sum() / n_text.clamp(min=1)).detach(),
-            "image_loss": (image_sum / (~is_text).sum().clamp(min=1)).detach(),
-            "targets": n.detach(), "text_targets": n_text.detach(),
-        }
+                d_sum = d_loss / len(self.depth_heads) * len(h)
+                total, image_sum = total + d_sum, image_sum + d_sum
+        n, n_text = valid.sum(), is_text.sum()
+        out.loss = total / n.clamp(min=1)
+        out.text_loss = ((ce * is_text).sum() / n_text.clamp(min=1)).detach()
+        out.image_loss = (image_sum / is_image.sum().clamp(min=1)).detach()
+        out.num_targets, out.num_text_targets = n.detach(), n_text.detach()
 
     # ------------------------------------------------------------------ parameter groups
 

@@ -1,19 +1,24 @@
-"""Tokenizer training without Ray: the optimiser state, one step, and held-out metrics.
+"""Tokenizer training without Ray: the optimiser state, one step, the loop, and held-out metrics.
 
-`TokenizerTrainer.train_step(images)` is what the Ray Train loop calls per batch;
-`state_dict()`/`load_state_dict()` carry model, discriminator, both optimisers, EMA
-codebooks (buffers of the model) and the step, so a resumed run continues exactly there.
+`TokenizerTrainer.train_step(images)` is one step; its `state_dict()`/`load_state_dict()`
+carry model, discriminator, both optimisers, EMA codebooks (buffers of the model) and the step.
+`ImageStream` hands out a rank's image batches epoch after epoch and owns the data position
+(epoch, batch). `TokenizerLoop` steps the trainer over the stream (the `tessera.loop` contract),
+so a resumed run continues with the same weights *and* the same next batch.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import TokenizerConfig
+from tessera.loop import LoopStep
 from tessera.tokenize.losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, lpips_model, reconstruction_loss
 
 
@@ -63,7 +68,7 @@ class TokenizerTrainer:
                 g_loss = -self.disc(rec).mean()
                 weight = adaptive_gan_weight(rec_loss, g_loss, unwrap(self.model).last_layer, lc)
                 loss = loss + weight * g_loss
-                metrics.update(loss_gan=float(g_loss), gan_weight=float(weight))
+                metrics.update(loss_gan=float(g_loss.detach()), gan_weight=float(weight))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
@@ -74,9 +79,9 @@ class TokenizerTrainer:
             self.opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             self.opt_d.step()
-            metrics["loss_disc"] = float(d_loss)
+            metrics["loss_disc"] = float(d_loss.detach())
         self.step += 1
-        metrics.update(loss=float(loss), step=self.step, lr=self.opt.param_groups[0]["lr"])
+        metrics.update(loss=float(loss.detach()), step=self.step, lr=self.opt.param_groups[0]["lr"])
         return metrics
 
     def state_dict(self) -> dict:
@@ -89,6 +94,80 @@ class TokenizerTrainer:
         self.opt.load_state_dict(state["opt"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.step = int(state["step"])
+
+
+class ImageStream:
+    """A rank's image batches, epoch after epoch; `state_dict()` is the data position
+    {"next": [epoch, batch]} (the next batch not handed out). `batches(epoch)` -> an iterable of
+    (B, 3, H, W) tensors in a fixed order per epoch (a Ray dataset shard, a list in tests)."""
+
+    def __init__(self, batches: Callable[[int], Iterable[torch.Tensor]]):
+        self.batches = batches
+        self.position: tuple[int, int] = (0, 0)
+
+    def state_dict(self) -> dict:
+        return {"next": list(self.position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = (int(state["next"][0]), int(state["next"][1]))
+
+    def __iter__(self):
+        epoch, skip = self.position
+        while True:
+            seen = 0
+            for k, images in enumerate(self.batches(epoch)):
+                seen += 1
+                if k < skip:
+                    continue
+                self.position = (epoch, k + 1)
+                yield images
+            if seen == 0:
+                raise RuntimeError("the image dataset has no full batch for this worker; lower tokenizer.train.batch_size")
+            epoch, skip = epoch + 1, 0
+            self.position = (epoch, 0)
+
+
+class TokenizerLoop:
+    """`steps` optimizer steps of a `TokenizerTrainer` over an `ImageStream` (see `tessera.loop`)."""
+
+    def __init__(self, trainer: TokenizerTrainer, stream: ImageStream, steps: int, *, log_every: int = 25,
+                 checkpoint_every: int = 200, images_per_step: int = 1):
+        self.trainer, self.stream, self.steps = trainer, stream, steps
+        self.log_every, self.checkpoint_every, self.images_per_step = log_every, checkpoint_every, images_per_step
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.stream.position
+
+    def state_dict(self) -> dict:
+        return self.trainer.state_dict()
+
+    def position_state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict, position: dict) -> None:
+        self.trainer.load_state_dict(state)
+        self.stream.load_state_dict(position)
+
+    def __iter__(self):
+        if self.trainer.step >= self.steps:
+            return
+        t0, start = time.perf_counter(), self.trainer.step
+        for images in self.stream:
+            m = self.trainer.train_step(images.to(self.trainer.device))
+            step = self.trainer.step
+            save = step % self.checkpoint_every == 0 or step == self.steps
+            metrics = None
+            if step % self.log_every == 0 or save:
+                rate = (step - start) * self.images_per_step / max(time.perf_counter() - t0, 1e-9)
+                metrics = {**m, "images_per_s": round(rate, 2)}
+            yield LoopStep(step, metrics, save)
+            if step >= self.steps:
+                return
 
 
 # ----------------------------------------------------------------------------- metrics

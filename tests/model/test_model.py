@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tessera.bpe.model import VisualBPE
 from tessera.config import load_config
@@ -79,10 +80,14 @@ def batch_of(model, bpe, n=3, seq_len=128, packed=True):
 def test_forward_backward(interface, mot, bpe):
     model = make_model(interface, bpe, mot)
     _, batch, _ = batch_of(model, bpe)
-    out = model.loss(batch)
-    assert torch.isfinite(out["loss"]) and out["loss"] > 0
-    assert out["text_targets"] > 0 and out["targets"] > out["text_targets"]
-    out["loss"].backward()
+    out = model(**batch)  # transformers' contract: forward(..., labels) -> CausalLMOutputWithPast with the loss
+    assert isinstance(out, CausalLMOutputWithPast) and out.logits.shape[:2] == batch["input_ids"].shape
+    assert torch.isfinite(out.loss) and out.loss > 0
+    assert out.num_text_targets > 0 and out.num_targets > out.num_text_targets
+    assert int(out.num_targets) == int((batch["labels"] != -100).sum())
+    unlabelled = model(**{k: v for k, v in batch.items() if k not in ("labels", "target_codes")})
+    assert unlabelled.loss is None and torch.equal(unlabelled.logits, out.logits)
+    out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is None or torch.isfinite(g).all() for g in grads.values())
     assert grads["lm.model.embed_tokens.weight"].abs().sum() > 0
@@ -90,8 +95,9 @@ def test_forward_backward(interface, mot, bpe):
         assert grads["code_embed.proj.weight"].abs().sum() > 0
         assert all(grads[f"depth_heads.{c}.classifiers.{d}.weight"].abs().sum() > 0 for c in range(2) for d in range(DEPTH))
     if mot:
-        assert grads["lm.model.layers.0.mlp.visual.up_proj.weight"].abs().sum() > 0
-        assert grads["lm.model.layers.0.mlp.text.up_proj.weight"].abs().sum() > 0
+        assert grads["lm.model.layers.0.visual_mlp.up_proj.weight"].abs().sum() > 0
+        assert grads["lm.model.layers.0.mlp.up_proj.weight"].abs().sum() > 0
+        assert grads["lm.model.layers.0.self_attn.visual_q_proj.weight"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("interface", ["bpe", "rvq"])
@@ -100,16 +106,16 @@ def test_packed_logits_equal_unpacked(interface, bpe):
     seqs, batch, stats = batch_of(model, bpe, n=4, seq_len=256)
     assert stats["rows"] == 1 and stats["sequences"] == 4
     with torch.no_grad():
-        _, packed, _ = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"))
+        packed = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes")).logits
         start = 0
         for s in seqs:
             rows, _ = pad([s], len(s), model.vocab.pad_id)
             alone = collate(rows)
-            _, logits, _ = model(alone["input_ids"], alone["position_ids"], alone["doc_ids"], alone.get("codes"))
+            logits = model(alone["input_ids"], alone["position_ids"], alone["doc_ids"], alone.get("codes")).logits
             torch.testing.assert_close(packed[0, start:start + len(s)], logits[0], atol=1e-5, rtol=1e-5)
             start += len(s)
     # no target crosses a document boundary
-    docs, targets = batch["doc_ids"][0], batch["targets"][0]
+    docs, targets = batch["doc_ids"][0], batch["labels"][0]
     for t in range(len(docs) - 1):
         if docs[t] != docs[t + 1]:
             assert targets[t] == -100
@@ -142,21 +148,36 @@ def test_mot_routes_positions_to_their_expert(expert, bpe):
     visual = model.visual_mask(batch["input_ids"])
     real = batch["doc_ids"] > 0
     with torch.no_grad():
-        _, before, _ = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+        before = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"]).logits
         # the last layer's FFN comes after all attention: only its own positions can change
-        getattr(model.lm.model.layers[-1].mlp, expert).down_proj.weight.add_(0.5)
-        _, after, _ = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"])
+        layer = model.lm.model.layers[-1]
+        (layer.visual_mlp if expert == "visual" else layer.mlp).down_proj.weight.add_(0.5)
+        after = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"]).logits
     changed = (before - after).abs().amax(-1) > 1e-6
     routed = visual if expert == "visual" else ~visual
     assert changed[routed & real].all()
     assert not changed[~routed & real].any()
 
 
-def test_mot_visual_expert_starts_as_copy(bpe):
+def test_mot_visual_expert_starts_as_copy_of_the_base_layer(bpe):
+    from tessera.model.mot import MoTDecoderLayer, visual_expert_parameters
+
+    base = make_model("bpe", bpe, mot=False)
     model = make_model("bpe", bpe, mot=True)
-    for layer in model.lm.model.layers:
-        for (_, a), (_, b) in zip(layer.mlp.text.named_parameters(), layer.mlp.visual.named_parameters()):
-            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    base_state = base.state_dict()
+    for name, p in model.state_dict().items():  # the text expert keeps the base layer's names and weights
+        if name in base_state:
+            assert torch.equal(p, base_state[name]), name
+    visual = dict(visual_expert_parameters(model))
+    assert visual and all(".visual_" in n for n in visual)
+    for i, layer in enumerate(model.lm.model.layers):
+        assert isinstance(layer, MoTDecoderLayer)
+        for n, p in layer.visual_mlp.named_parameters():
+            text = dict(layer.mlp.named_parameters())[n]
+            assert torch.equal(p, text) and p.data_ptr() != text.data_ptr()
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert torch.equal(getattr(layer.self_attn, f"visual_{proj}").weight, getattr(layer.self_attn, proj).weight)
+    assert set(model.state_dict()) - set(base_state) == set(k for k in model.state_dict() if ".visual_" in k)
 
 
 def test_cfg_dropout_rate_observed(bpe):
@@ -196,7 +217,7 @@ def test_out_of_vocabulary_names_the_sample(bpe):
     row["text_ids"][1] = [5, TEXT + 7]
     with pytest.raises(BadSample, match="broken-sample"):
         builder_for(model, bpe).build(row)
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
         model(torch.tensor([[1, model.vocab.size + 3]]))
 
 
@@ -243,8 +264,8 @@ def test_save_load_identical_logits(interface, mot, bpe, tmp_path):
     assert info["vocabulary"]["visual_size"] == model.vocab.visual_size and info["bpe"]["hash"] == bpe.hash
     loaded = load_model(str(tmp_path / "m"))
     with torch.no_grad():
-        a = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"))[1]
-        b = loaded(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"))[1]
+        a = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes")).logits
+        b = loaded(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes")).logits
     assert torch.equal(a, b)
 
 
@@ -256,4 +277,4 @@ def test_bpe_model_loads_with_plain_transformers(bpe, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
     ids = torch.tensor([[1, 20, model.vocab.image_start, model.vocab.height_token(4), model.vocab.visual_base + 3, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(plain(ids).logits, model(ids)[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -53,18 +53,18 @@ def test_independent_turns_see_only_the_image_and_their_own_question(bpe):
         assert multi.turns is not None and set(multi.turns.tolist()) == {0, 1, 2, 3}
         rows, _ = pack([multi], 256, model.vocab.pad_id)
         with torch.no_grad():
-            _, logits_multi, _ = model(**{k: v for k, v in collate(rows).items() if k not in ("targets", "target_codes")})
+            logits_multi = model(**{k: v for k, v in collate(rows).items() if k not in ("labels", "target_codes")}).logits
         for k in range(3):
             alone = b.build(single_turn(row, k), "answers")
             assert alone.turns is None
             r1, _ = pack([alone], 256, model.vocab.pad_id)
             with torch.no_grad():
-                _, logits_alone, _ = model(**{kk: v for kk, v in collate(r1).items() if kk not in ("targets", "target_codes")})
+                logits_alone = model(**{kk: v for kk, v in collate(r1).items() if kk not in ("labels", "target_codes")}).logits
             at_multi = np.flatnonzero(multi.turns == k + 1)
             at_alone = np.arange(len(alone) - len(at_multi), len(alone))  # the turn is the single sequence's tail
             torch.testing.assert_close(logits_multi[0, at_multi], logits_alone[0, at_alone], atol=1e-5, rtol=1e-5)
         # every answer is a target; no target is predicted across two turns
-        t = rows[0]["targets"]
+        t = rows[0]["labels"]
         answer_targets = [int(i) for i in np.flatnonzero(t != IGNORE)]
         assert len(answer_targets) == 3 * 2  # one answer token + <eos> per turn
         assert all(multi.turns[i] == multi.turns[i + 1] for i in answer_targets)
@@ -103,7 +103,7 @@ def test_a_stage_without_caption_first_pairs_has_no_image_targets(bpe, tmp_path)
     image_share = {}
     for rate in (0.0, 1.0):
         rows, _ = build_group(spec_for(model, bpe, tmp_path, t2i_rate=rate), [path] * 24, list(range(24)), [0] * 24)
-        t = np.concatenate([r["targets"] for r in rows])
+        t = np.concatenate([r["labels"] for r in rows])
         t = t[t != IGNORE]
         image_share[rate] = float((t >= model.vocab.text_size).mean())
     assert image_share[0.0] == 0.0 and image_share[1.0] > 0.5
@@ -167,6 +167,6 @@ def test_visual_tokens_carry_their_anchor_cells(bpe):
         batch = collate(rows)
         moved = {**batch, "cells": torch.where(batch["cells"] >= 0, (batch["cells"] + 1) % GRID[0], batch["cells"])}
         with torch.no_grad():
-            a = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"), cells=batch["cells"])[1]
-            b = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"), cells=moved["cells"])[1]
+            a = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"), cells=batch["cells"]).logits
+            b = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"), cells=moved["cells"]).logits
         assert not torch.allclose(a, b)
