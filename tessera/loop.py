@@ -2,14 +2,19 @@
 
 A loop (`tessera.model.loop.StageLoop`, `tessera.tokenize.train.TokenizerLoop`) owns a trainer
 and a resumable data stream and yields one `LoopStep` per optimizer step. Its state is two
-`state_dict`s: `state_dict()` (model, optimizers, schedule, RNG, step: the same on every rank,
-so rank 0 saves it) and `position_state_dict()` (this rank's data position). The worker
-(`tessera.jobs.common.run_ray_train_loop`) restores both from the checkpoint Ray Train recorded
-and reports what the loop yields; nothing else about training lives in the Ray layer.
+`state_dict`s: `state_dict()` (model, optimizers, schedule, RNG, step) and
+`position_state_dict()` (this rank's data position). `save_checkpoint(directory, rank)` /
+`load_checkpoint(directory, rank)` put both in a checkpoint directory; every rank calls them (the
+stage trainer writes through `torch.distributed.checkpoint`, a collective under FSDP2), and each
+rank's data position is its own `position_rank<r>.json` beside the trainer's files. The worker
+(`tessera.jobs.common.run_ray_train_loop`) restores from the checkpoint Ray Train recorded and
+reports what the loop yields; nothing else about training lives in the Ray layer.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -34,4 +39,18 @@ class ResumableLoop(Protocol):
 
     def load_state_dict(self, state: dict, position: dict) -> None: ...
 
+    def save_checkpoint(self, directory: str, rank: int) -> None: ...
+
+    def load_checkpoint(self, directory: str, rank: int) -> None: ...
+
     def __iter__(self) -> Iterator[LoopStep]: ...
+
+
+def write_position(directory: str, rank: int, position: dict, step: int) -> None:
+    with open(os.path.join(directory, f"position_rank{rank}.json"), "w") as f:
+        json.dump({**position, "step": step}, f)
+
+
+def read_position(directory: str, rank: int) -> dict:
+    with open(os.path.join(directory, f"position_rank{rank}.json")) as f:
+        return json.load(f)

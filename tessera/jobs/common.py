@@ -81,21 +81,18 @@ def worker_print(message: str) -> None:
 
 def run_ray_train_loop(loop, rank: int, prefix: str, on_log=None, after_step=None) -> None:
     """The whole Ray Train side of a Ray-free loop (`tessera.loop`): restore the loop from the checkpoint
-    Ray Train recorded (its state from rank 0's `state.pt`, this rank's data position from
-    `position_rank<r>.json`, both inside that one checkpoint, so they can never disagree), then report every
-    step the loop yields, with a checkpoint when one is due. `on_log(step)` runs on logged steps,
+    Ray Train recorded (trainer state and this rank's data position both inside that one checkpoint, so
+    they can never disagree), then report every step the loop yields, with a checkpoint when one is due
+    (every rank writes its part into its own directory; Ray Train merges them into one checkpoint). `on_log(step)` runs on logged steps,
     `after_step(step)` after every step (fault hooks); `prefix` starts the console line of a resume."""
     import tempfile
 
     import ray.train
-    import torch
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)
-            with open(os.path.join(d, f"position_rank{rank}.json")) as f:
-                loop.load_state_dict(state, json.load(f))
+            loop.load_checkpoint(d, rank)
         if rank == 0:
             worker_print(f"{prefix} resumed at step {loop.step}, data position {loop.position}")
     for step in loop:
@@ -103,10 +100,7 @@ def run_ray_train_loop(loop, rank: int, prefix: str, on_log=None, after_step=Non
             on_log(step)
         if step.checkpoint:
             with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    torch.save(loop.state_dict(), os.path.join(tmp, "state.pt"))
-                with open(os.path.join(tmp, f"position_rank{rank}.json"), "w") as f:
-                    json.dump({**loop.position_state_dict(), "step": step.step}, f)
+                loop.save_checkpoint(tmp, rank)
                 ray.train.report(step.metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         elif step.metrics is not None:
             ray.train.report(step.metrics)

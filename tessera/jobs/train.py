@@ -93,15 +93,13 @@ def _parallel_wrapper(strategy: str, world: int):
     """module -> its data-parallel form: none for one worker, FSDP2 per decoder layer, or DDP."""
     import ray.train.torch
 
+    from tessera.model.trainer import fsdp_wrap
+
     def wrap(module):
         if world == 1:
             return module
         if strategy == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in module.model.decoder_layers():
-                fully_shard(layer)
-            return fully_shard(module)
+            return fsdp_wrap(module)
         return ray.train.torch.prepare_model(module, move_to_device=False, parallel_strategy_kwargs={"find_unused_parameters": True})
     return wrap
 
@@ -285,11 +283,11 @@ def _write_state(out: str, **fields) -> None:
 def train(cfg: TesseraConfig, resubmit: dict | None = None) -> dict:
     """`resubmit`: how to submit this command again (`common.resubmit_record`), for `tessera resume`."""
     """Run (or resume, or skip) the staged training; returns its report. Ray must be initialised."""
-    import torch
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from tessera.model.assets import load_assets, load_model, save_model
+    from tessera.model.trainer import load_trained_weights
     from tessera.model.mixture import build_index
     from tessera.model.sequence import SequenceBuilder
 
@@ -363,7 +361,7 @@ def train(cfg: TesseraConfig, resubmit: dict | None = None) -> dict:
 
             model = TesseraModel.create(mc, vocab, sizes, depth, seed=cfg.train.effective_seed(cfg.run.seed))
         with result.checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=False)["model"])
+            load_trained_weights(model, d)  # DCP: the whole model from every rank's shards
         prev_model = os.path.join(stage_dir, "model")
         save_model(model, prev_model, identities, {"stage": stage.name, "global_step": offset + stage.steps})
         stage_info.update(seconds=round(time.perf_counter() - t, 2), final_metrics=result.metrics, data=data_info)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from tessera.loop import LoopStep
+from tessera.loop import LoopStep, read_position, write_position
 from tessera.model.stream import RowStream, model_inputs
 from tessera.model.trainer import StageTrainer
 
@@ -49,6 +49,15 @@ class StageLoop:
     def load_state_dict(self, state: dict, position: dict) -> None:
         self.trainer.load_state_dict(state)
         self.stream.load_state_dict(position)
+
+    def save_checkpoint(self, directory: str, rank: int) -> None:
+        """Every rank: its trainer shards (DCP) and its data position."""
+        self.trainer.save(directory)
+        write_position(directory, rank, self.stream.state_dict(), self.trainer.step)
+
+    def load_checkpoint(self, directory: str, rank: int) -> None:
+        self.trainer.load(directory)
+        self.stream.load_state_dict(read_position(directory, rank))
 
     def __iter__(self):
         rows = iter(self.stream)

@@ -38,11 +38,12 @@ def _interface_params(model: TesseraModel) -> list[nn.Parameter]:
     return [p for m in mods for p in m.parameters()]
 
 
-def select_trainable(model: TesseraModel, trainable) -> tuple[list[nn.Parameter], list]:
-    """Set requires_grad for a stage; returns (trainable params, gradient hook handles)."""
+def select_trainable(model: TesseraModel, trainable) -> bool:
+    """Set requires_grad for a stage. Returns whether the old (text) rows of the embeddings must stay
+    frozen inside trainable embedding matrices (modes `embeddings` and `new`)."""
     for p in model.parameters():
         p.requires_grad_(False)
-    hooks, guard_old_rows = [], False
+    guard_old_rows = False
     if trainable == "all":
         chosen = list(model.parameters())
     else:
@@ -60,22 +61,24 @@ def select_trainable(model: TesseraModel, trainable) -> tuple[list[nn.Parameter]
                 chosen += [p for _, p in visual_expert_parameters(model)]
         else:
             raise ValueError(f"unknown trainable mode {trainable!r}")
-    seen, unique = set(), []
     for p in chosen:
-        if id(p) not in seen:
-            seen.add(id(p))
-            p.requires_grad_(True)
-            unique.append(p)
-    if guard_old_rows:
-        old = model.vocab.text_size
+        p.requires_grad_(True)
+    return guard_old_rows
 
-        def keep_old_rows(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            grad[:old] = 0
-            return grad
 
-        hooks = [p.register_hook(keep_old_rows) for p in _embedding_params(model)]
-    return unique, hooks
+def zero_rows_below(grad: torch.Tensor, rows: int) -> None:
+    """In place: zero the gradient of rows [0, rows) of an embedding matrix, whole or an FSDP2 row shard
+    (a DTensor sharded on dim 0: only the local rows whose global index is below `rows`)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(grad, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = grad.to_local()
+        _, offset = compute_local_shape_and_global_offset(grad.shape, grad.device_mesh, grad.placements)
+        local[: max(0, min(rows - offset[0], local.shape[0]))] = 0
+    else:
+        grad[:rows] = 0
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -87,14 +90,36 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
+def fsdp_wrap(model: TesseraModel) -> TesseraModel:
+    """FSDP2: shard every decoder layer, then the rest (embeddings, head, interface) as the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.decoder_layers():
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def load_trained_weights(model: TesseraModel, directory: str) -> TesseraModel:
+    """The model weights of a `StageTrainer.save` checkpoint into one whole (unsharded) model, in a single
+    process without a process group (the driver after a stage): DCP reshards whatever layout saved it."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=directory)
+    model.load_state_dict(state["model"])
+    return model
+
+
 class StageTrainer:
     def __init__(self, model: TesseraModel, stage: StageConfig, weight_decay: float, grad_clip: float,
                  device: torch.device, wrap=None):
-        """`wrap(module) -> module`: the data-parallel wrapper (DDP / FSDP), applied after the
-        stage's trainable parameters are chosen."""
+        """`wrap(module) -> module`: the data-parallel wrapper (DDP / FSDP2), applied after the stage's
+        trainable parameters are chosen and before the optimizer is built (FSDP2 replaces every parameter
+        by its sharded DTensor: an optimizer built first would step the unsharded originals)."""
         self.model, self.stage, self.device, self.grad_clip = model, stage, device, grad_clip
-        params, self.hooks = select_trainable(model, stage.trainable)
+        self.guard_old_rows = select_trainable(model, stage.trainable)
         self.wrapped = (wrap or (lambda m: m))(model)  # DDP / FSDP wrap the model's own forward(labels=...)
+        params = [p for p in model.parameters() if p.requires_grad]
         embeddings = {id(p) for p in _embedding_params(model)}
         decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
         no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
@@ -127,6 +152,10 @@ class StageTrainer:
             for k in sums:
                 sums[k] += getattr(out, k).detach().float() * share
             tokens += (b["doc_ids"] > 0).sum()
+        if self.guard_old_rows:  # the text rows stay bit-identical: no gradient, and no weight decay (see above)
+            for p in _embedding_params(self.model):
+                if p.grad is not None:
+                    zero_rows_below(p.grad, self.model.vocab.text_size)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip) if self.grad_clip > 0 else torch.zeros(())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -148,6 +177,36 @@ class StageTrainer:
         self.step = state["step"]
         set_rng_state(state["rng"])
 
+
+    # ------------------------------------------------------------------ checkpoints (every rank)
+
+    def _checkpoint_state(self) -> dict:
+        """Model and optimizer through `torch.distributed.checkpoint.state_dict` (each rank's FSDP2 shards
+        as DTensors, or the whole tensors without FSDP), plus scheduler, step and RNG."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optim": optim, "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "rng": rng_state()}
+
+    def save(self, directory: str) -> None:
+        """Write a checkpoint with `torch.distributed.checkpoint` (DCP): called on every rank (a collective
+        under FSDP2), each rank writes its own shards; one `.metadata` describes the whole."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._checkpoint_state(), checkpoint_id=directory)
+
+    def load(self, directory: str) -> None:
+        """Restore from `save`'s directory, resharding to this run's layout (any world size)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._checkpoint_state()
+        dcp.load(state, checkpoint_id=directory)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"])
 
 def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),

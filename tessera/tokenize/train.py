@@ -10,6 +10,7 @@ so a resumed run continues with the same weights *and* the same next batch.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Callable, Iterable
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import TokenizerConfig
-from tessera.loop import LoopStep
+from tessera.loop import LoopStep, read_position, write_position
 from tessera.tokenize.losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, lpips_model, reconstruction_loss
 
 
@@ -152,6 +153,16 @@ class TokenizerLoop:
     def load_state_dict(self, state: dict, position: dict) -> None:
         self.trainer.load_state_dict(state)
         self.stream.load_state_dict(position)
+
+    def save_checkpoint(self, directory: str, rank: int) -> None:
+        """Rank 0 writes the trainer's `state.pt` (DDP: the same on every rank); every rank its data position."""
+        if rank == 0:
+            torch.save(self.trainer.state_dict(), os.path.join(directory, "state.pt"))
+        write_position(directory, rank, self.stream.state_dict(), self.trainer.step)
+
+    def load_checkpoint(self, directory: str, rank: int) -> None:
+        self.trainer.load_state_dict(torch.load(os.path.join(directory, "state.pt"), map_location="cpu", weights_only=False))
+        self.stream.load_state_dict(read_position(directory, rank))
 
     def __iter__(self):
         if self.trainer.step >= self.steps:
