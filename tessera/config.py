@@ -352,8 +352,8 @@ class TokenizerConfig:
 @dataclass
 class TokenizeConfig:
     output: str = "{root}/tokens"
-    tokenizer: str = "{root}/tokenizer"
-    """Directory of the trained visual tokenizer (output of train-tokenizer)."""
+    tokenizer: str = ""
+    """Directory of the trained visual tokenizer; empty = `tokenizer.output`."""
     text_tokenizer: str = ""
     """`from_pretrained` path of the base LLM's tokenizer; empty = train a byte-level BPE on the prepared texts."""
     text_vocab_size: int = 2048
@@ -381,10 +381,10 @@ class TokenizeConfig:
 @dataclass
 class BPEConfig:
     output: str = "{root}/bpe"
-    tokens: str = "{root}/tokens"
-    """Output directory of `tokenize` (its `tokens/` table is read)."""
-    tokenizer: str = "{root}/tokenizer"
-    """Visual tokenizer used to render the frequent-tiles PNG (empty = no PNG)."""
+    tokens: str = ""
+    """Output directory of `tokenize` (its `tokens/` table is read); empty = `tokenize.output`."""
+    tokenizer: str = ""
+    """Visual tokenizer used to render the frequent-tiles PNG; empty = `tokenizer.output`, `none` = no PNG."""
     codebook: Literal["pixel", "semantic"] = "pixel"
     depth: int = 0
     """Which RVQ depth's codes the BPE runs on."""
@@ -459,9 +459,12 @@ class ModelConfig:
     time_tokens: int = 64
     time_step: float = 0.5
     """Video frame timestamps are tokens `<t=k>`, k = round(seconds / time_step), clipped to time_tokens - 1."""
-    tokenizer: str = "{root}/tokenizer"
-    text_tokenizer: str = "{root}/tokens/text_tokenizer"
-    bpe: str = "{root}/bpe/merges.json"
+    tokenizer: str = ""
+    """Visual tokenizer directory; empty = `tokenizer.output`."""
+    text_tokenizer: str = ""
+    """Text tokenizer; empty = `tokenize.text_tokenizer`, or the one `tokenize` trained (`<tokenize.output>/text_tokenizer`)."""
+    bpe: str = ""
+    """Visual BPE merges; empty = `<bpe.output>/merges.json`."""
 
     def __post_init__(self):
         _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", f"divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
@@ -540,7 +543,8 @@ class TrainConfig:
     """`tessera train`: the staged curriculum on Ray Train (DESIGN.md "Training curriculum")."""
 
     output: str = "{root}/train"
-    tokens: str = "{root}/tokens"
+    tokens: str = ""
+    """Output directory of `tokenize`; empty = `tokenize.output`."""
     storage_path: str = "{root}/ray_train"
     """Ray Train `RunConfig.storage_path` (a URI every node reaches on a cluster)."""
     stages: list[StageConfig] = field(default_factory=default_stages)
@@ -603,7 +607,8 @@ class EvalConfig:
     """`tessera eval`: the held-out shapes-world suite."""
 
     output: str = "{root}/eval"
-    model: str = "{root}/train/model"
+    model: str = ""
+    """The model evaluated; empty = `<train.output>/model`."""
     heldout: str = ""
     """Held-out scenes and questions (scenes.jsonl, questions.jsonl, images/); empty = <synth.output>/heldout."""
     num_captions: int = 0
@@ -671,10 +676,27 @@ class TesseraConfig:
     ablate: AblateConfig = field(default_factory=AblateConfig)
 
     def __post_init__(self):
+        self.derive_inputs()
+
+    def derive_inputs(self) -> None:
+        """Every job's input defaults to its producer's output, here and only here: change
+        `tokenizer.output` and every consumer follows. A location set explicitly is kept."""
+        derived = {
+            ("tokenize", "tokenizer"): self.tokenizer.output,
+            ("bpe", "tokens"): self.tokenize.output,
+            ("bpe", "tokenizer"): self.tokenizer.output,
+            ("model", "tokenizer"): self.tokenizer.output,
+            ("model", "text_tokenizer"): self.tokenize.text_tokenizer or f"{self.tokenize.output}/text_tokenizer",
+            ("model", "bpe"): f"{self.bpe.output}/merges.json",
+            ("train", "tokens"): self.tokenize.output,
+            ("eval", "model"): f"{self.train.output}/model",
+            ("eval", "heldout"): f"{self.synth.output}/heldout",
+        }
+        for (section, key), value in derived.items():
+            if not getattr(getattr(self, section), key):
+                setattr(getattr(self, section), key, value)
         if not self.prepare.sources:
             self.prepare.sources = default_sources(self.synth.output)
-        if not self.eval.heldout:
-            self.eval.heldout = f"{self.synth.output}/heldout"
 
     def resolve(self, location: str) -> str:
         """Expand `{root}` in a location."""

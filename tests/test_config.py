@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from tessera.config import ConfigError, load_config
+from tessera.config import ConfigError, config_from_dict, load_config
 
 
 def test_defaults_and_demo_config_load():
@@ -114,3 +114,19 @@ def test_a_stage_mixture_the_user_writes_replaces_the_default():
     assert cfg.train.stages[0].mixture.weights == {"task=vqa": 1.0}
     assert cfg.train.stages[0].mixture.order == "random", "the section's other defaults stay"
     assert load_config(None, ["train.stages=[{name: a, steps: 3}]"]).train.stages[0].mixture.weights == {"all": 1.0}
+
+
+def test_every_consumer_follows_its_producers_output_unless_set():
+    """Each job's input is derived from its producer's output in one place (`TesseraConfig.derive_inputs`):
+    moving an output moves every reader of it; a location given explicitly is kept."""
+    cfg = load_config(None, ["tokenizer.output=/data/vt", "tokenize.output=/data/tok", "bpe.output=/data/bpe",
+                             "train.output=/data/train", "synth.output=/data/synth"])
+    assert cfg.tokenize.tokenizer == cfg.model.tokenizer == cfg.bpe.tokenizer == "/data/vt"
+    assert cfg.bpe.tokens == cfg.train.tokens == "/data/tok"
+    assert cfg.model.text_tokenizer == "/data/tok/text_tokenizer" and cfg.model.bpe == "/data/bpe/merges.json"
+    assert cfg.eval.model == "/data/train/model" and cfg.eval.heldout == "/data/synth/heldout"
+    assert load_config(None, ["tokenize.text_tokenizer=Qwen/Qwen2-0.5B"]).model.text_tokenizer == "Qwen/Qwen2-0.5B"
+    kept = load_config(None, ["tokenizer.output=/data/vt", "model.tokenizer=/elsewhere/vt"])
+    assert kept.model.tokenizer == "/elsewhere/vt" and kept.tokenize.tokenizer == "/data/vt"
+    again = config_from_dict(cfg.to_dict())  # what a Ray worker rebuilds: the same locations
+    assert again.model.bpe == cfg.model.bpe and again.eval.model == cfg.eval.model

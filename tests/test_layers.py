@@ -88,3 +88,15 @@ def test_the_checks_catch_what_they_are_for():
         layer("tessera.unknown_module")
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert layer("tessera.model.unified") > layer("tessera.bpe.model") > layer("tessera.storage")
+
+
+def test_job_functions_stay_short():
+    """A job reads like its docstring diagram: named steps, none over ~50 lines (STYLE.md)."""
+    long = []
+    for name in sorted(os.listdir(os.path.join(PACKAGE, "jobs"))):
+        if name.endswith(".py"):
+            path = os.path.join(PACKAGE, "jobs", name)
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 50:
+                    long.append(f"jobs/{name}::{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

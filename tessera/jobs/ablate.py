@@ -27,9 +27,9 @@ def arm_config(config_path: str | None, base_overrides: list[str], cfg: TesseraC
     # arms without overrides are the base config: they share one output (trained once per seed)
     out = f"{cfg.resolve(cfg.ablate.output)}/" + (f"{study}/{arm.name}" if arm.set else "base") + f"/seed{seed}"
     overrides = [*base_overrides, *arm.set, f"train.seed={seed}", f"train.output={out}/train",
-                 f"train.storage_path={out}/ray_train", f"eval.output={out}/eval", f"eval.model={out}/train/model"]
+                 f"train.storage_path={out}/ray_train", f"eval.output={out}/eval"]
     if any(o.startswith("bpe.") for o in arm.set):  # its own BPE, next to its outputs
-        overrides += [f"bpe.output={out}/bpe", f"model.bpe={out}/bpe/merges.json"]
+        overrides += [f"bpe.output={out}/bpe"]
     arm_cfg = load_config(config_path, overrides)
     for stage in arm_cfg.train.stages:
         stage.steps = max(1, int(round(stage.steps * cfg.ablate.steps_scale)))

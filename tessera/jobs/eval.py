@@ -43,23 +43,35 @@ def chance_levels(questions: list[dict]) -> dict:
 
 
 def evaluate_model(cfg: TesseraConfig) -> dict:
-    from tessera.model.assets import load_assets, load_model, read_info
-    from tessera.model.evaluate import Evaluator, HeldOut, plot_generations
-    from tessera.model.sequence import SequenceBuilder
-    from tessera.tokenize.tokenizer import load_tokenizer
+    """Run (or skip) the held-out suite on `eval.model`; returns its report."""
+    from tessera.model.assets import read_info
 
     ec = cfg.eval
     out = os.path.abspath(cfg.resolve(ec.output))
     model_dir = cfg.resolve(ec.model)
     info = read_info(model_dir)
     state = JobState(out, fingerprint(cfg.section_fingerprint("eval", "run"), info.get("bpe"), info.get("tokenizer"),
-                                      info.get("global_step"),
-                                      os.path.getmtime(os.path.join(model_dir, "tessera.json"))))
+                                      info.get("global_step"), os.path.getmtime(os.path.join(model_dir, "tessera.json"))))
     if state.is_complete():
         print(f"[tessera] eval: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}
     state.begin()
     t0 = time.perf_counter()
+    ev, held = _evaluator(cfg, model_dir)
+    results, seconds = _run_suite(ev, held, ec, out)
+    report = {"job": "eval", "model": os.path.abspath(model_dir), **results, "seconds": seconds,
+              "wall_time_s": round(time.perf_counter() - t0, 2)}
+    state.finish(report)
+    return report
+
+
+def _evaluator(cfg: TesseraConfig, model_dir: str):
+    """The trained model with everything it was trained with (tokenizers, BPE), over the held-out set."""
+    from tessera.model.assets import load_assets, load_model
+    from tessera.model.evaluate import Evaluator, HeldOut
+    from tessera.model.sequence import SequenceBuilder
+    from tessera.tokenize.tokenizer import load_tokenizer
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model = load_model(model_dir, device)
@@ -68,16 +80,19 @@ def evaluate_model(cfg: TesseraConfig) -> dict:
     tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(mc.tokenizer), device)
     sizes, depth = assets.rvq_geometry(mc)
     builder = SequenceBuilder(model.vocab, assets.bpe, tuple(mc.codebooks), depth, tuple(sizes), cfg.bpe.codebook, cfg.bpe.depth)
-    held = HeldOut.load(cfg.resolve(ec.heldout), tcfg.image_size)
-    ev = Evaluator(model, builder, assets.text_tokenizer, tokenizer, held, device)
-    seconds = {}
-    t = time.perf_counter()
+    held = HeldOut.load(cfg.resolve(cfg.eval.heldout), tcfg.image_size)
+    return Evaluator(model, builder, assets.text_tokenizer, tokenizer, held, device), held
+
+
+def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
+    """Captions, questions (VQA + POPE), text -> image, perplexity; with chance levels and examples."""
+    from tessera.model.evaluate import plot_generations
+
+    seconds, t = {}, time.perf_counter()
     captions = ev.captions(ec.num_captions or None)
-    seconds["captions"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
+    seconds["captions"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     questions = ev.questions(ec.num_questions or None)
-    seconds["questions"] = round(time.perf_counter() - t, 2)
-    t = time.perf_counter()
+    seconds["questions"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     analyser_accuracy = ev.analyser_accuracy()
     gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed) if ec.num_generate else \
         {"generation_accuracy": None, "generated": 0, "samples": []}
@@ -86,21 +101,18 @@ def evaluate_model(cfg: TesseraConfig) -> dict:
     ppl = ev.perplexity(heldout_rows(ev, held), 1024)
     n_yes = sum(q["answer"] == "yes" for q in held.questions if q["type"] == "exists")
     n_exists = sum(q["type"] == "exists" for q in held.questions)
-    report = {
-        "job": "eval", "model": os.path.abspath(model_dir),
-        "eval": {"caption_accuracy": captions["caption_accuracy"], "vqa_accuracy": questions["vqa_accuracy"],
-                 "pope_accuracy": questions["pope_accuracy"], "pope_f1": questions["pope_f1"],
-                 "pope_precision": questions["pope_precision"], "pope_recall": questions["pope_recall"],
-                 "pope_yes_ratio": questions["pope_yes_ratio"], "generation_accuracy": gen["generation_accuracy"],
-                 "analyser_accuracy": analyser_accuracy, "vqa_by_type": questions["vqa_by_type"],
-                 "valid_answer_rate": questions["valid_answer_rate"], **ppl},
+    q = questions
+    return {
+        "eval": {"caption_accuracy": captions["caption_accuracy"], "vqa_accuracy": q["vqa_accuracy"],
+                 "pope_accuracy": q["pope_accuracy"], "pope_f1": q["pope_f1"], "pope_precision": q["pope_precision"],
+                 "pope_recall": q["pope_recall"], "pope_yes_ratio": q["pope_yes_ratio"],
+                 "generation_accuracy": gen["generation_accuracy"], "analyser_accuracy": analyser_accuracy,
+                 "vqa_by_type": q["vqa_by_type"], "valid_answer_rate": q["valid_answer_rate"], **ppl},
         "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists), **chance_levels(held.questions)},
-        "counts": {"captions": captions["captions"], "questions": questions["questions"], "generated": gen["generated"]},
-        "examples": {"captions": captions["caption_examples"], "questions": questions["question_examples"]},
-        "generated_png": png, "seconds": seconds, "wall_time_s": round(time.perf_counter() - t0, 2),
-    }
-    state.finish(report)
-    return report
+        "counts": {"captions": captions["captions"], "questions": q["questions"], "generated": gen["generated"]},
+        "examples": {"captions": captions["caption_examples"], "questions": q["question_examples"]},
+        "generated_png": png,
+    }, seconds
 
 
 def main(argv: list[str] | None = None) -> dict:

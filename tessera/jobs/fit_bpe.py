@@ -102,7 +102,19 @@ def fit_bpe(cfg: TesseraConfig) -> dict:
                         max_tile=tuple(bc.max_tile), num_workers=bc.num_workers, checkpoint_dir=os.path.join(state.work, "ckpt"),
                         checkpoint_every=bc.checkpoint_every, progress=True)
     merges_path = bpe.save(out)
+    report = {
+        "job": "fit-bpe", "codebook_size": K, "codebook": bc.codebook, "depth": bc.depth,
+        "merges_requested": bc.num_merges, "merges_done": len(bpe.merges), "vocab_size": bpe.vocab_size, "hash": bpe.hash,
+        **_statistics(bpe, train, held, cfg, out), "fit": bpe.report, "merges": merges_path, "config": cfg.to_dict()}
+    report["seconds"] = {"load": round(load_s, 3), "fit": bpe.report["wall_s"], "encode": report.pop("encode_s")}
+    report["wall_time_s"] = round(time.perf_counter() - t0, 3)
+    state.finish(report)
+    return report
 
+
+def _statistics(bpe, train: list, held: list, cfg: TesseraConfig, out: str) -> dict:
+    """Tokens per image before / after on both splits, vocabulary usage, tile shapes, the tiles PNG."""
+    bc, K = cfg.bpe, bpe.codebook_size
     t = time.perf_counter()
     train_tokens = bpe.encode_batch(train)
     held_tokens = bpe.encode_batch(held)
@@ -116,10 +128,8 @@ def fit_bpe(cfg: TesseraConfig) -> dict:
         shapes_used[f"{bpe.shape_h[tok_id]}x{bpe.shape_w[tok_id]}"] += n
     new_ids = bpe.vocab_size - K
     png = render_tiles(bpe, os.path.abspath(cfg.resolve(bc.tokenizer)), usage, bc.png_tiles,
-                       os.path.join(out, "frequent_tiles.png")) if bc.tokenizer else None
-    report = {
-        "job": "fit-bpe", "codebook_size": K, "codebook": bc.codebook, "depth": bc.depth,
-        "merges_requested": bc.num_merges, "merges_done": len(bpe.merges), "vocab_size": bpe.vocab_size, "hash": bpe.hash,
+                       os.path.join(out, "frequent_tiles.png")) if bc.tokenizer != "none" else None
+    return {
         "grids": {"train": len(train), "heldout": len(held)},
         "tokens_per_image_before": round(cells(train) / len(train), 2),
         "tokens_per_image_after": round(sum(len(s) for s in train_tokens) / len(train), 2),
@@ -129,11 +139,8 @@ def fit_bpe(cfg: TesseraConfig) -> dict:
         "vocabulary_usage_heldout": round(sum(1 for t in held_usage if t >= K) / max(new_ids, 1), 4),
         "vocabulary_usage_train": round(sum(1 for t in usage if t >= K) / max(new_ids, 1), 4),
         "tile_shapes_vocab": dict(sorted(shapes_vocab.items())), "tile_shapes_used": dict(sorted(shapes_used.items())),
-        "fit": bpe.report, "seconds": {"load": round(load_s, 3), "fit": bpe.report["wall_s"], "encode": round(encode_s, 3)},
-        "wall_time_s": round(time.perf_counter() - t0, 3), "merges": merges_path, "png": png, "config": cfg.to_dict(),
+        "png": png, "encode_s": round(encode_s, 3),
     }
-    state.finish(report)
-    return report
 
 
 def main(argv: list[str] | None = None) -> dict:

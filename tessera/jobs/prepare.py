@@ -37,10 +37,6 @@ def input_fingerprint(cfg: TesseraConfig) -> str:
 
 def prepare(cfg: TesseraConfig) -> dict:
     """Run (or resume, or skip) the prepare job; returns its report. Ray must be initialised."""
-    import ray.data
-
-    from tessera.pipelines.readers import read_source
-
     pc = cfg.prepare
     out = cfg.resolve(pc.output)
     state = JobState(out, input_fingerprint(cfg))
@@ -49,8 +45,28 @@ def prepare(cfg: TesseraConfig) -> dict:
         return storage.read_json(state.report_uri) | {"skipped": True}
     state.begin()
     timer = Timer()
+    normalized = _normalize(cfg, state, timer)
+    cols, losers = _dedup(normalized, pc.dedup, timer)
+    outputs = _write(normalized, out, pc, losers, timer)
+    config = dataclasses.asdict(pc)  # manifests, then the report (the completion mark)
+    m_samples = write_manifest(outputs["samples"], "sample", "tessera prepare", config)
+    m_rejects = write_manifest(outputs["rejects"], "reject", "tessera prepare", config)
+    normalize_s = state.step_info("normalize")["seconds"]
+    report = {"job": "prepare", "rows_in": len(cols["sample_id"]), "rows_out": m_samples["num_rows"], "rejects": m_rejects["num_rows"],
+              **_reject_counts(cols, losers), "seconds": {"normalize": normalize_s, **timer.seconds},
+              "wall_time_s": round(normalize_s + timer.total, 3),
+              "throughput_rows_per_s": round(len(cols["sample_id"]) / max(normalize_s, 1e-9), 2),
+              "outputs": outputs, "config": cfg.to_dict()}
+    assert report["rows_out"] + report["rejects"] == report["rows_in"], "every input row is either a sample or a reject"
+    state.finish(report)
+    return report
 
-    # ---- normalise: read every source, decode/resize/filter per row
+
+def _normalize(cfg: TesseraConfig, state: JobState, timer: Timer) -> str:
+    """Read every source, decode / resize / filter per row -> _work/normalized (resumable step)."""
+    from tessera.pipelines.readers import read_source
+
+    pc = cfg.prepare
     normalized = storage.join(state.work, "normalized")
     if not state.step_done("normalize"):
         target = state.step_dir("normalized", fresh=True)
@@ -61,35 +77,42 @@ def prepare(cfg: TesseraConfig) -> dict:
             ds.write_parquet(target, min_rows_per_file=pc.rows_per_shard)
         state.mark_done("normalize", {"seconds": timer.seconds["normalize"]})
         fault_point("prepare:after_normalize")
-    normalize_s = state.step_info("normalize")["seconds"]
+    return normalized
 
-    # ---- dedup + counts from the small columns only
+
+def _dedup(normalized: str, dedup: bool, timer: Timer) -> tuple[dict, dict]:
+    """The small columns of every row (id, source, content hash, reject reason) and the duplicate losers
+    (the smallest sample id of a content hash survives)."""
+    import ray.data
+
     with timer("dedup"):
         small = ray.data.read_parquet(normalized).select_columns(["sample_id", "source", "content_hash", "reject_reason"])
         cols = {k: [] for k in ("sample_id", "source", "content_hash", "reject_reason")}
         for batch in small.iter_batches(batch_format="pyarrow", batch_size=None):
             for k in cols:
                 cols[k] += batch.column(k).to_pylist()
-        losers = samples.duplicate_losers(cols["sample_id"], cols["content_hash"]) if pc.dedup else {}
+        return cols, samples.duplicate_losers(cols["sample_id"], cols["content_hash"]) if dedup else {}
 
-    # ---- split into the committed tables (cleared first: a killed attempt may have left files)
-    samples_dir = storage.join(out, "samples")
-    rejects_dir = storage.join(out, "rejects")
+
+def _write(normalized: str, out: str, pc, losers: dict, timer: Timer) -> dict:
+    """Split into the committed samples and rejects tables (cleared first: a killed attempt may have left files)."""
+    import ray.data
+
+    outputs = {"samples": storage.join(out, "samples"), "rejects": storage.join(out, "rejects")}
     with timer("write"):
-        storage.remove_tree(samples_dir)
-        storage.remove_tree(rejects_dir)
+        for d in outputs.values():
+            storage.remove_tree(d)
         src = ray.data.read_parquet(normalized)
         src.map_batches(validated(samples.split_samples, SAMPLE_SCHEMA), fn_kwargs={"losers": losers},
-                        batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(samples_dir, min_rows_per_file=pc.rows_per_shard)
+                        batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(outputs["samples"], min_rows_per_file=pc.rows_per_shard)
         fault_point("prepare:after_samples")
         src.map_batches(validated(samples.split_rejects, REJECT_SCHEMA), fn_kwargs={"losers": losers},
-                        batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(rejects_dir, min_rows_per_file=pc.rows_per_shard)
+                        batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(outputs["rejects"], min_rows_per_file=pc.rows_per_shard)
+    return outputs
 
-    # ---- manifests, then the report (the completion mark)
-    config = dataclasses.asdict(pc)
-    m_samples = write_manifest(samples_dir, "sample", "tessera prepare", config)
-    m_rejects = write_manifest(rejects_dir, "reject", "tessera prepare", config)
 
+def _reject_counts(cols: dict, losers: dict) -> dict:
+    """rejects_by_reason and per_source {rows_in, rows_out, rejects by reason} (duplicates counted as rejects)."""
     per_source: dict = collections.defaultdict(lambda: {"rows_in": 0, "rows_out": 0, "rejects": collections.Counter()})
     for sid, source, reason in zip(cols["sample_id"], cols["source"], cols["reject_reason"]):
         entry = per_source[source]
@@ -100,26 +123,11 @@ def prepare(cfg: TesseraConfig) -> dict:
             entry["rejects"]["duplicate"] += 1
         else:
             entry["rows_out"] += 1
-    rejects_by_reason = collections.Counter()
+    by_reason = collections.Counter()
     for entry in per_source.values():
-        rejects_by_reason.update(entry["rejects"])
-    rows_in = len(cols["sample_id"])
-    report = {
-        "job": "prepare",
-        "rows_in": rows_in,
-        "rows_out": m_samples["num_rows"],
-        "rejects": m_rejects["num_rows"],
-        "rejects_by_reason": dict(sorted(rejects_by_reason.items())),
-        "per_source": {k: {**v, "rejects": dict(sorted(v["rejects"].items()))} for k, v in sorted(per_source.items())},
-        "seconds": {"normalize": normalize_s, **timer.seconds},
-        "wall_time_s": round(normalize_s + timer.total, 3),
-        "throughput_rows_per_s": round(rows_in / max(normalize_s, 1e-9), 2),
-        "outputs": {"samples": samples_dir, "rejects": rejects_dir},
-        "config": cfg.to_dict(),
-    }
-    assert report["rows_out"] + report["rejects"] == rows_in, "every input row is either a sample or a reject"
-    state.finish(report)
-    return report
+        by_reason.update(entry["rejects"])
+    return {"rejects_by_reason": dict(sorted(by_reason.items())),
+            "per_source": {k: {**v, "rejects": dict(sorted(v["rejects"].items()))} for k, v in sorted(per_source.items())}}
 
 
 def main(argv: list[str] | None = None) -> dict:

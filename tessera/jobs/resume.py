@@ -61,6 +61,30 @@ def find_output(run: str, root: str, output: str) -> str:
     return storage.join(storage.absolute(run_root), "train")
 
 
+def resumable_run(output: str, address: str) -> dict:
+    """The run at `output` as `runs.describe` sees it, after saying what it resumes from; exits (status 2,
+    one line on stderr) when there is nothing to resume or Ray still runs it."""
+    if not storage.exists(storage.join(output, "state.json")):
+        _refuse(f"no training state at {storage.join(output, 'state.json')} (has this run started training?)")
+    where = describe(output, address)
+    if where["ray_status"] in ACTIVE:
+        _refuse(f"{where['run']} is still {where['ray_status']} as Ray job {where['submission_id']}; "
+                f"stop it first (ray job stop {where['submission_id']})")
+    if where["state"].get("status") == "complete":
+        _refuse(f"{where['run']} is complete ({output}); nothing to resume")
+    ckpt = where["checkpoint"]
+    print(f"[tessera] resume {where['run']}: stage {where['stage']!r} ({(where['stage_index'] or 0) + 1}/{where['stages']}), "
+          + (f"from the recorded checkpoint at global step {ckpt['step']} ({ckpt['path']})" if ckpt
+             else "no recorded checkpoint in this stage: it starts over from the previous stage's model")
+          + f"; last logged step {where['step']}/{where['steps_total']}", flush=True)
+    return where
+
+
+def _refuse(message: str) -> None:
+    print(f"tessera resume: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(prog="tessera resume", description="Re-submit a run to a Ray cluster (it resumes).")
     ap.add_argument("run", help="run name (a directory under --root) or a run root path / URI")
@@ -74,25 +98,8 @@ def main(argv: list[str] | None = None) -> str:
                     help="extra override for the resubmitted command (e.g. train.max_failures=3)")
     ap.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     args = ap.parse_args(argv)
-    output = find_output(args.run, args.root, args.output)
-    if not storage.exists(storage.join(output, "state.json")):
-        print(f"tessera resume: no training state at {storage.join(output, 'state.json')} (has this run started training?)",
-              file=sys.stderr)
-        raise SystemExit(2)
-    where = describe(output, args.address)
+    where = resumable_run(find_output(args.run, args.root, args.output), args.address)
     state = where["state"]
-    if where["ray_status"] in ACTIVE:
-        print(f"tessera resume: {where['run']} is still {where['ray_status']} as Ray job {where['submission_id']}; "
-              f"stop it first (ray job stop {where['submission_id']})", file=sys.stderr)
-        raise SystemExit(2)
-    if state.get("status") == "complete":
-        print(f"tessera resume: {where['run']} is complete ({output}); nothing to resume", file=sys.stderr)
-        raise SystemExit(2)
-    ckpt = where["checkpoint"]
-    print(f"[tessera] resume {where['run']}: stage {where['stage']!r} ({(where['stage_index'] or 0) + 1}/{where['stages']}), "
-          + (f"from the recorded checkpoint at global step {ckpt['step']} ({ckpt['path']})" if ckpt
-             else "no recorded checkpoint in this stage: it starts over from the previous stage's model")
-          + f"; last logged step {where['step']}/{where['steps_total']}", flush=True)
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(args.address)

@@ -4,15 +4,15 @@
             --CPU: text tokenizer--> _work/encoded --> tokens/*.parquet + rejects/*.parquet -> manifests -> report
 
 The text tokenizer is the configured `from_pretrained` one, or a byte-level BPE trained here on
-the prepared texts. Same commit protocol as `prepare`: idempotent, resumable, exactly-once.
-Scaling out is `tokenize.num_actors` (and `num_gpus_per_actor`), not a code change.
+the prepared texts, streamed from Ray Data (never gathered on the driver). Same commit protocol as
+`prepare`: idempotent, resumable, exactly-once. The report's counts are summed from one small
+dict per block, so the driver's memory does not grow with the dataset. Scaling out is
+`tokenize.num_actors` (and `num_gpus_per_actor`), not a code change.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import json
 import os
 
 from tessera import storage
@@ -24,70 +24,100 @@ from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
 
 
 def tokenize(cfg: TesseraConfig) -> dict:
-    import ray.data
-
-    from tessera.tokenize import tokens
-    from tessera.tokenize.ray_job import TokenizeActor
-    from tessera.tokenize.text import load_text_tokenizer, segment_text, text_tokenizer_identity, train_text_tokenizer
-    from tessera.tokenize.tokenizer import tokenizer_identity
+    """Run (or skip, or finish) the job; returns its report. Ray must be initialised."""
+    from tessera.tokenize.tokenizer import read_config, tokenizer_identity
 
     kc = cfg.tokenize
     out = os.path.abspath(cfg.resolve(kc.output))
     samples_dir = storage.join(cfg.resolve(cfg.prepare.output), "samples")
     files = dataset_files(samples_dir)
     tok_dir = os.path.abspath(cfg.resolve(kc.tokenizer))
-    tok_id = tokenizer_identity(tok_dir)
-    with open(os.path.join(tok_dir, "config.json")) as f:
-        image_size = json.load(f)["tokenizer"]["image_size"]
+    tok_id, image_size = tokenizer_identity(tok_dir), read_config(tok_dir)[0].image_size
     inputs = storage.read_json(storage.join(samples_dir, "manifest.json"))["files"]
     state = JobState(out, fingerprint(dataclasses.asdict(kc), inputs, tok_id["hash"]))
     if state.is_complete():
         print(f"[tessera] tokenize: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}
+    _check_pool_leaves_cpu(kc)
+    state.begin()
+    timer = Timer()
+    text_dir, text_id = _text_tokenizer(kc, files, out, timer)
+    identities = {"tokenizer": tok_id, "text_tokenizer": text_id}
+    encoded = _encode(state, kc, files, tok_dir, image_size, text_dir, identities, timer)
+    outputs, stats = _commit(encoded, out, kc, identities, timer)
+    report = {"job": "tokenize", **_summary(stats, state.step_info("encode")["seconds"]),
+              "seconds": {"encode": state.step_info("encode")["seconds"], **timer.seconds},
+              "identities": identities, "outputs": outputs, "config": cfg.to_dict()}
+    state.finish(report)
+    return report
+
+
+def _check_pool_leaves_cpu(kc) -> None:
+    import ray
+
     total_cpus = ray.cluster_resources().get("CPU", 0)
     if kc.num_actors * kc.cpus_per_actor > total_cpus - 1:
         # the actor pool would hold every CPU and Ray Data's read tasks could never run: a silent hang
         raise ValueError(f"tokenize.num_actors x tokenize.cpus_per_actor = {kc.num_actors * kc.cpus_per_actor:g} CPUs leaves less "
                          f"than one of the cluster's {total_cpus:g} CPUs for reading; lower either (fractional CPUs are fine)")
-    state.begin()
-    timer = Timer()
 
-    # ---- text tokenizer
+
+def _text_tokenizer(kc, files: list[str], out: str, timer) -> tuple[str, dict]:
+    """The configured text tokenizer, or a byte-level BPE trained on the prepared texts, streamed block by
+    block into `tokenizers`' trainer. Fails here, before the pipeline, if it cannot load."""
+    import ray.data
+
+    from tessera.tokenize.text import load_text_tokenizer, segment_text, text_tokenizer_identity, train_text_tokenizer
+
     text_dir = kc.text_tokenizer or os.path.join(out, "text_tokenizer")
     if not kc.text_tokenizer and not os.path.exists(os.path.join(text_dir, "tokenizer.json")):
         with timer("text-tokenizer"):
-            texts = ray.data.read_parquet(files).select_columns(["texts"])
-            corpus = [segment_text(t) for b in texts.iter_batches(batch_format="pyarrow", batch_size=None)
-                      for row in b.column("texts").to_pylist() for t in row if t]
+            blocks = ray.data.read_parquet(files).select_columns(["texts"]).iter_batches(batch_format="pyarrow", batch_size=None)
+            corpus = (segment_text(t) for b in blocks for row in b.column("texts").to_pylist() for t in row if t)
             train_text_tokenizer(corpus, kc.text_vocab_size, text_dir)
-    text_id = text_tokenizer_identity(text_dir)
-    load_text_tokenizer(text_dir)  # fail here, before the pipeline, if it cannot load
+    load_text_tokenizer(text_dir)
+    return text_dir, text_tokenizer_identity(text_dir)
 
-    # ---- the pipeline
+
+def _encode(state: JobState, kc, files: list[str], tok_dir: str, image_size: int, text_dir: str, identities: dict,
+            timer) -> str:
+    """read -> decode PNGs (CPU) -> visual tokenizer (actor pool) -> text tokenizer (CPU) -> _work/encoded."""
+    import ray.data
+
+    from tessera.tokenize import tokens
+    from tessera.tokenize.ray_job import TokenizeActor
+
     encoded = storage.join(state.work, "encoded")
-    if not state.step_done("encode"):
-        target = state.step_dir("encoded", fresh=True)
-        with timer("encode"):
-            ds = ray.data.read_parquet(files)
-            ds = ds.map_batches(tokens.decode_stage, fn_kwargs={"image_size": image_size}, batch_format="pyarrow",
-                                batch_size=kc.batch_size, num_cpus=0.5)
-            # blocks of one actor batch, streamed (no shuffle), so work spreads over the whole pool
-            ds = ds.repartition(target_num_rows_per_block=kc.batch_size)
-            ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_dir": tok_dir, "image_size": image_size,
-                                                                      "chunk": kc.encode_batch, "fault_marker": kc.fault_marker},
-                                compute=ray.data.ActorPoolStrategy(size=kc.num_actors, max_tasks_in_flight_per_actor=2),
-                                batch_size=kc.batch_size,
-                                batch_format="pyarrow", num_cpus=kc.cpus_per_actor, num_gpus=kc.num_gpus_per_actor or None,
-                                max_restarts=-1, max_task_retries=-1)
-            ds = ds.map_batches(tokens.text_stage, fn_kwargs={"text_tokenizer": text_dir, "tokenizer_hash": tok_id["hash"],
-                                                             "text_tokenizer_hash": text_id["hash"]},
-                                batch_format="pyarrow", num_cpus=0.5)
-            ds.write_parquet(target, min_rows_per_file=kc.rows_per_shard)
-        state.mark_done("encode", {"seconds": timer.seconds["encode"]})
-        fault_point("tokenize:after_encode")
-    encode_s = state.step_info("encode")["seconds"]
+    if state.step_done("encode"):
+        return encoded
+    target = state.step_dir("encoded", fresh=True)
+    with timer("encode"):
+        ds = ray.data.read_parquet(files)
+        ds = ds.map_batches(tokens.decode_stage, fn_kwargs={"image_size": image_size}, batch_format="pyarrow",
+                            batch_size=kc.batch_size, num_cpus=0.5)
+        # blocks of one actor batch, streamed (no shuffle), so work spreads over the whole pool
+        ds = ds.repartition(target_num_rows_per_block=kc.batch_size)
+        ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_dir": tok_dir, "image_size": image_size,
+                                                                  "chunk": kc.encode_batch, "fault_marker": kc.fault_marker},
+                            compute=ray.data.ActorPoolStrategy(size=kc.num_actors, max_tasks_in_flight_per_actor=2),
+                            batch_size=kc.batch_size, batch_format="pyarrow", num_cpus=kc.cpus_per_actor,
+                            num_gpus=kc.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1)
+        ds = ds.map_batches(tokens.text_stage, fn_kwargs={"text_tokenizer": text_dir, "tokenizer_hash": identities["tokenizer"]["hash"],
+                                                         "text_tokenizer_hash": identities["text_tokenizer"]["hash"]},
+                            batch_format="pyarrow", num_cpus=0.5)
+        ds.write_parquet(target, min_rows_per_file=kc.rows_per_shard)
+    state.mark_done("encode", {"seconds": timer.seconds["encode"]})
+    fault_point("tokenize:after_encode")
+    return encoded
 
-    # ---- commit: tokens and rejects, manifests pinning both tokenizers, report
+
+def _commit(encoded: str, out: str, kc, identities: dict, timer) -> tuple[dict, dict]:
+    """tokens and rejects (replacing any earlier attempt's), manifests pinning both tokenizers, and the
+    counts of the encoded rows (one small dict per block, summed here)."""
+    import ray.data
+
+    from tessera.tokenize import tokens
+
     tokens_dir, rejects_dir = storage.join(out, "tokens"), storage.join(out, "rejects")
     with timer("write"):
         storage.remove_tree(tokens_dir)
@@ -98,37 +128,24 @@ def tokenize(cfg: TesseraConfig) -> dict:
         fault_point("tokenize:after_tokens")
         src.map_batches(validated(tokens.split_rejects, REJECT_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
            .write_parquet(rejects_dir, min_rows_per_file=kc.rows_per_shard)
-        stats = src.select_columns(["is_image", "text_ids", "pixel_codes", "reject_reason", "busy_s", "idle_s", "actor", "kind"])
-        rows = [r for b in stats.iter_batches(batch_format="pyarrow", batch_size=None) for r in b.to_pylist()]
-    identities = {"tokenizer": tok_id, "text_tokenizer": text_id}
+        per_block = src.map_batches(tokens.block_statistics, batch_format="pyarrow", batch_size=None, num_cpus=0.5)
+        stats = tokens.merge_statistics(r["stats"] for r in per_block.iter_rows())
     m_tokens = write_manifest(tokens_dir, "token", "tessera tokenize", dataclasses.asdict(kc), identities)
     m_rejects = write_manifest(rejects_dir, "reject", "tessera tokenize", dataclasses.asdict(kc), identities)
+    stats.update(rows_out=m_tokens["num_rows"], rejects=m_rejects["num_rows"])
+    return {"tokens": tokens_dir, "rejects": rejects_dir}, stats
 
-    good = [r for r in rows if r["reject_reason"] is None]
-    n_images = sum(sum(r["is_image"]) for r in good)
-    per_actor: dict = collections.defaultdict(lambda: {"rows": 0, "busy_s": 0.0, "idle_s": 0.0})
-    for r in rows:
-        a = per_actor[r["actor"] or "none"]
-        a["rows"] += 1
-        a["busy_s"] += r["busy_s"] or 0.0
-        a["idle_s"] += r["idle_s"] or 0.0
-    images_per_actor = {k: round(sum(sum(x["is_image"]) for x in good if x["actor"] == k) / max(v["busy_s"], 1e-9), 2)
-                        for k, v in per_actor.items()}
-    busy, idle = sum(v["busy_s"] for v in per_actor.values()), sum(v["idle_s"] for v in per_actor.values())
-    report = {
-        "job": "tokenize", "rows_in": len(rows), "rows_out": m_tokens["num_rows"], "rejects": m_rejects["num_rows"],
-        "rejects_by_reason": dict(collections.Counter(r["reject_reason"] for r in rows if r["reject_reason"])),
-        "images": n_images,
-        "text_tokens": sum(len(ids) for r in good for ids in r["text_ids"]),
-        "image_codes": sum(len(c) for r in good for c in r["pixel_codes"]),
-        "images_per_s": round(n_images / max(encode_s, 1e-9), 2),
-        "images_per_s_per_actor": images_per_actor,
+
+def _summary(stats: dict, encode_s: float) -> dict:
+    actors = stats["actors"]
+    busy, idle = sum(a["busy_s"] for a in actors.values()), sum(a["idle_s"] for a in actors.values())
+    return {
+        "rows_in": stats["rows"], "rows_out": stats["rows_out"], "rejects": stats["rejects"],
+        "rejects_by_reason": stats["rejects_by_reason"], "images": stats["images"], "text_tokens": stats["text_tokens"],
+        "image_codes": stats["image_codes"], "images_per_s": round(stats["images"] / max(encode_s, 1e-9), 2),
+        "images_per_s_per_actor": {k: round(a["images"] / max(a["busy_s"], 1e-9), 2) for k, a in actors.items()},
         "actor_wait_fraction": round(idle / max(busy + idle, 1e-9), 3),
-        "seconds": {"encode": encode_s, **timer.seconds},
-        "identities": identities, "outputs": {"tokens": tokens_dir, "rejects": rejects_dir}, "config": cfg.to_dict(),
     }
-    state.finish(report)
-    return report
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -280,111 +280,157 @@ def _write_state(out: str, **fields) -> None:
     storage.write_json(uri, state)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every stage of one training run shares, derived once on the driver."""
+
+    cfg: TesseraConfig
+    out: str
+    fingerprint: str
+    assets: object
+    identities: dict
+    vocab: object
+    sizes: list
+    depth: int
+    tokens_dir: str
+    storage_path: str
+    metrics_csv: str
+    index: object = None
+    spec_kwargs: dict | None = None
+    probe: list | None = None
+
+
 def train(cfg: TesseraConfig, resubmit: dict | None = None) -> dict:
-    """`resubmit`: how to submit this command again (`common.resubmit_record`), for `tessera resume`."""
-    """Run (or resume, or skip) the staged training; returns its report. Ray must be initialised."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from tessera.model.assets import load_assets, load_model, save_model
-    from tessera.model.trainer import load_trained_weights
-    from tessera.model.mixture import build_index
-    from tessera.model.sequence import SequenceBuilder
-
-    tc, mc = cfg.train, cfg.model
-    out = storage.absolute(cfg.resolve(tc.output))
-    tokens_dir = storage.join(cfg.resolve(tc.tokens), "tokens")
-    files = dataset_files(tokens_dir)
-    inputs = storage.read_json(storage.join(tokens_dir, "manifest.json"))["files"]
-    assets = load_assets(mc, cfg.resolve)
-    identities = {"tokenizer": assets.tokenizer_identity, "text_tokenizer": assets.text_identity, "bpe": assets.bpe_identity}
-    train_section = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("fault_step", "fault_mode", "max_failures", "log_every")}
-    fp = fingerprint(cfg.section_fingerprint("model", "run"), train_section, inputs, identities)
-    state = JobState(out, fp)
+    """Run (or resume, or skip) the staged training; returns its report. Ray must be initialised.
+    `resubmit`: how to submit this command again (`common.resubmit_record`), for `tessera resume`."""
+    run = _plan(cfg)
+    state = JobState(run.out, run.fingerprint)
     if state.is_complete():
         print(f"[tessera] train: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}
     state.begin()
     t0 = time.perf_counter()
-    vocab = assets.vocabulary(mc)
-    sizes, depth = assets.rvq_geometry(mc)
-    builder = SequenceBuilder(vocab, assets.bpe, tuple(mc.codebooks), depth, tuple(sizes), cfg.bpe.codebook, cfg.bpe.depth)
-    index = build_index(files)
-    index.image_tokens = _image_tokens(index, builder)
-    probe = _probe_items(cfg, builder, assets) if tc.probe_every > 0 else []
-    storage_path = storage.absolute(cfg.resolve(tc.storage_path))
-    metrics_csv = storage.join(out, "metrics.csv")
-    _write_state(out, run=cfg.run.name, status="running", resubmit=resubmit or resubmit_record("tessera.jobs.train", sys.argv[1:]),
-                 ray=ray_job_record(), stages=[s.name for s in tc.stages], steps_total=sum(s.steps for s in tc.stages),
-                 storage_path=storage_path, fingerprint=fp)
-    spec_kwargs = dict(vocabulary=tuple(vocab.to_dict().items()), bpe_path=os.path.abspath(cfg.resolve(mc.bpe)),
-                       codebooks=tuple(mc.codebooks), depth=depth, codebook_sizes=tuple(sizes),
-                       bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth)
-    prev_model, offset, stage_reports = "", 0, []
+    _load_data(run)
+    tc = cfg.train
+    _write_state(run.out, run=cfg.run.name, status="running", ray=ray_job_record(),
+                 resubmit=resubmit or resubmit_record("tessera.jobs.train", sys.argv[1:]), stages=[s.name for s in tc.stages],
+                 steps_total=sum(s.steps for s in tc.stages), storage_path=run.storage_path, fingerprint=run.fingerprint)
+    model_dir, offset, stage_reports = "", 0, []
     for i, stage in enumerate(tc.stages):
-        stage_dir = os.path.join(out, "stages", f"{i}-{stage.name}")
-        stage_info = {"name": stage.name, "index": i, "start_step": offset, "steps": stage.steps}
         if state.step_done(f"stage-{i}"):
-            prev_model = os.path.join(stage_dir, "model")
             stage_reports.append(state.step_info(f"stage-{i}"))
-            offset += stage.steps
             print(f"[train] stage {i} {stage.name!r}: complete, skipped")
-            continue
-        run_name = f"{cfg.run.name}-train-{fp}-{i}-{stage.name}"
-        _write_state(out, status="running", stage=stage.name, stage_index=i, ray_train_run=storage.join(storage_path, run_name))
-        t = time.perf_counter()
-        print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
-              f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}", flush=True)
-        datasets, data_info = _stage_datasets(cfg, index, i, spec_kwargs)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": prev_model, "vocabulary": vocab.to_dict(),
-                               "codebook_sizes": sizes, "depth": depth, "step_offset": offset, "metrics_csv": metrics_csv,
-                               "fault_marker": os.path.join(out, f"fault-{tc.fault_step}.marker"), "probe": probe},
-            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                         resources_per_worker={"CPU": tc.cpus_per_worker}),
-            run_config=RunConfig(name=run_name, storage_path=storage_path,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
-                                 failure_config=FailureConfig(max_failures=tc.max_failures)),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads its own deterministic stream
-        )
-        try:
-            result = trainer.fit()
-        except Exception as e:
-            _write_state(out, status="failed", error=str(e)[:2000])
-            raise
-        fault_point(f"train:after_stage_{i}")
-        model = load_model(prev_model) if prev_model else None
-        if model is None:
-            from tessera.model.unified import TesseraModel
-
-            model = TesseraModel.create(mc, vocab, sizes, depth, seed=cfg.train.effective_seed(cfg.run.seed))
-        with result.checkpoint.as_directory() as d:
-            load_trained_weights(model, d)  # DCP: the whole model from every rank's shards
-        prev_model = os.path.join(stage_dir, "model")
-        save_model(model, prev_model, identities, {"stage": stage.name, "global_step": offset + stage.steps})
-        stage_info.update(seconds=round(time.perf_counter() - t, 2), final_metrics=result.metrics, data=data_info)
-        state.mark_done(f"stage-{i}", stage_info)
-        stage_reports.append(stage_info)
-        offset += stage.steps
-    final = os.path.join(out, "model")
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    shutil.copytree(prev_model, final)
-    metrics = read_metrics(metrics_csv)
-    png = plot_loss(metrics, stage_reports, os.path.join(out, "loss_curve.png"))
-    report = {
-        "job": "train", "model": final, "interface": mc.interface, "mot": mc.mot, "stages": stage_reports,
-        "steps": offset, "final_loss": metrics[-1]["loss"] if metrics else None,
-        "mean_tokens_per_s": round(float(np.mean([m["tokens_per_s"] for m in metrics if m["stage_step"] > 1] or [0])), 1),
-        "mean_packing_efficiency": round(float(np.mean([m["packing_efficiency"] for m in metrics] or [0])), 4),
-        "vocabulary": vocab.to_dict(), "identities": identities, "metrics_csv": metrics_csv, "loss_curve": png,
-        "wall_time_s": round(time.perf_counter() - t0, 2), "config": cfg.to_dict(),
-    }
-    _write_state(out, status="complete", stage=tc.stages[-1].name, step=offset, model=final)
+        else:
+            stage_reports.append(_train_stage(run, i, model_dir, offset))
+            state.mark_done(f"stage-{i}", stage_reports[-1])
+        model_dir, offset = os.path.join(run.out, "stages", f"{i}-{stage.name}", "model"), offset + stage.steps
+    report = _report(run, model_dir, stage_reports, offset, time.perf_counter() - t0)
+    _write_state(run.out, status="complete", stage=tc.stages[-1].name, step=offset, model=report["model"])
     state.finish(report)
     return report
+
+
+def _plan(cfg: TesseraConfig) -> _Run:
+    """Inputs, assets and the fingerprint that decides skip / resume (the fault hooks, failure budget and
+    logging cadence are not part of it: changing them continues the same run)."""
+    from tessera.model.assets import load_assets
+
+    tc, mc = cfg.train, cfg.model
+    out = storage.absolute(cfg.resolve(tc.output))
+    tokens_dir = storage.join(cfg.resolve(tc.tokens), "tokens")
+    inputs = storage.read_json(storage.join(tokens_dir, "manifest.json"))["files"]
+    assets = load_assets(mc, cfg.resolve)
+    identities = {"tokenizer": assets.tokenizer_identity, "text_tokenizer": assets.text_identity, "bpe": assets.bpe_identity}
+    train_section = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("fault_step", "fault_mode", "max_failures", "log_every")}
+    fp = fingerprint(cfg.section_fingerprint("model", "run"), train_section, inputs, identities)
+    sizes, depth = assets.rvq_geometry(mc)
+    return _Run(cfg, out, fp, assets, identities, assets.vocabulary(mc), sizes, depth, tokens_dir,
+                storage.absolute(cfg.resolve(tc.storage_path)), storage.join(out, "metrics.csv"))
+
+
+def _load_data(run: _Run) -> None:
+    """The sample index, what the packing tasks need to build rows, and the held-out probe."""
+    from tessera.model.mixture import build_index
+    from tessera.model.sequence import SequenceBuilder
+
+    cfg, mc = run.cfg, run.cfg.model
+    builder = SequenceBuilder(run.vocab, run.assets.bpe, tuple(mc.codebooks), run.depth, tuple(run.sizes), cfg.bpe.codebook,
+                              cfg.bpe.depth)
+    run.index = build_index(dataset_files(run.tokens_dir))
+    run.index.image_tokens = _image_tokens(run.index, builder)
+    run.probe = _probe_items(cfg, builder, run.assets) if cfg.train.probe_every > 0 else []
+    run.spec_kwargs = dict(vocabulary=tuple(run.vocab.to_dict().items()), bpe_path=os.path.abspath(cfg.resolve(mc.bpe)),
+                           codebooks=tuple(mc.codebooks), depth=run.depth, codebook_sizes=tuple(run.sizes),
+                           bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth)
+
+
+def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:
+    """One stage as one Ray Train run (resuming from its last recorded checkpoint); its final weights are
+    saved as `stages/<i>-<name>/model`. Returns the stage's report entry."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg, tc = run.cfg, run.cfg.train
+    stage, t = tc.stages[i], time.perf_counter()
+    run_name = f"{cfg.run.name}-train-{run.fingerprint}-{i}-{stage.name}"
+    _write_state(run.out, status="running", stage=stage.name, stage_index=i, ray_train_run=storage.join(run.storage_path, run_name))
+    print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
+          f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}", flush=True)
+    datasets, data_info = _stage_datasets(cfg, run.index, i, run.spec_kwargs)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": init_model, "vocabulary": run.vocab.to_dict(),
+                           "codebook_sizes": run.sizes, "depth": run.depth, "step_offset": offset, "metrics_csv": run.metrics_csv,
+                           "fault_marker": os.path.join(run.out, f"fault-{tc.fault_step}.marker"), "probe": run.probe},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=run.storage_path, checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
+                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),  # each rank reads its own deterministic stream
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        _write_state(run.out, status="failed", error=str(e)[:2000])
+        raise
+    fault_point(f"train:after_stage_{i}")
+    _save_stage_model(run, init_model, result.checkpoint, os.path.join(run.out, "stages", f"{i}-{stage.name}", "model"),
+                      {"stage": stage.name, "global_step": offset + stage.steps})
+    return {"name": stage.name, "index": i, "start_step": offset, "steps": stage.steps, "seconds": round(time.perf_counter() - t, 2),
+            "final_metrics": result.metrics, "data": data_info}
+
+
+def _save_stage_model(run: _Run, init_model: str, checkpoint, directory: str, extra: dict) -> None:
+    """The stage's last checkpoint (every rank's shards, through DCP) -> one whole model directory."""
+    from tessera.model.assets import load_model, save_model
+    from tessera.model.trainer import load_trained_weights
+    from tessera.model.unified import TesseraModel
+
+    cfg = run.cfg
+    model = load_model(init_model) if init_model else TesseraModel.create(
+        cfg.model, run.vocab, run.sizes, run.depth, seed=cfg.train.effective_seed(cfg.run.seed))
+    with checkpoint.as_directory() as d:
+        load_trained_weights(model, d)
+    save_model(model, directory, run.identities, extra)
+
+
+def _report(run: _Run, model_dir: str, stage_reports: list, steps: int, seconds: float) -> dict:
+    """Copy the last stage's model to `<output>/model`, draw the loss curve, and summarise the run."""
+    final = os.path.join(run.out, "model")
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    shutil.copytree(model_dir, final)
+    metrics = read_metrics(run.metrics_csv)
+    png = plot_loss(metrics, stage_reports, os.path.join(run.out, "loss_curve.png"))
+    mc = run.cfg.model
+    return {
+        "job": "train", "model": final, "interface": mc.interface, "mot": mc.mot, "stages": stage_reports,
+        "steps": steps, "final_loss": metrics[-1]["loss"] if metrics else None,
+        "mean_tokens_per_s": round(float(np.mean([m["tokens_per_s"] for m in metrics if m["stage_step"] > 1] or [0])), 1),
+        "mean_packing_efficiency": round(float(np.mean([m["packing_efficiency"] for m in metrics] or [0])), 4),
+        "vocabulary": run.vocab.to_dict(), "identities": run.identities, "metrics_csv": run.metrics_csv, "loss_curve": png,
+        "wall_time_s": round(seconds, 2), "config": run.cfg.to_dict(),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -128,9 +128,7 @@ def _plots(out: str, images, recs, ev: dict) -> dict:
 
 def train_tokenizer(cfg: TesseraConfig) -> dict:
     """Run (or resume, or skip) tokenizer training; returns its report. Ray must be initialised."""
-    from tessera.tokenize.data import to_tensor
     from tessera.tokenize.tokenizer import build_tokenizer, save_tokenizer
-    from tessera.tokenize.train import evaluate
 
     tc = cfg.tokenizer
     out = os.path.abspath(cfg.resolve(tc.output))
@@ -161,8 +159,25 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
     fault_point("train-tokenizer:after_fit")
     weights_hash = save_tokenizer(model, run_cfg, out, {"trained_steps": steps})
 
-    # ---- held-out evaluation
     t = time.perf_counter()
+    ev, images, truly_heldout, pngs = _heldout_evaluation(model, tc, files, out)
+    seconds["eval"] = round(time.perf_counter() - t, 2)
+    h, w = model.grid_shape(tc.image_size)
+    report = {
+        "job": "train-tokenizer", "preset": tc.preset, "steps": steps, "grid": [h, w],
+        "heldout_images": len(images), "heldout_is_disjoint": truly_heldout, "tokenizer": {"path": out, "hash": weights_hash},
+        "metrics": ev, "final_train_metrics": final_metrics, "seconds": seconds,
+        "wall_time_s": round(time.perf_counter() - t0, 2), "pngs": pngs, "config": cfg.to_dict(),
+    }
+    state.finish(report)
+    return report
+
+
+def _heldout_evaluation(model, tc, files: list[str], out: str):
+    """Held-out PSNR / SSIM / LPIPS, codebook statistics (+ retrieval for dual, fidelity for the oracle) and the PNGs."""
+    from tessera.tokenize.data import to_tensor
+    from tessera.tokenize.train import evaluate
+
     held_rows = _image_dataset(files, tc.image_size, "heldout").take(tc.train.heldout_images)
     truly_heldout = bool(held_rows)
     if not held_rows:  # a tiny corpus may have no sample in the held-out split: say so, evaluate on training images
@@ -176,17 +191,7 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
         ev["semantic_retrieval_r1"], ev["retrieval_chance"] = _retrieval(model, held, out)
     if tc.preset == "oracle":
         ev["scene_match"] = _oracle_fidelity(model, images, held["caption"])
-    seconds["eval"] = round(time.perf_counter() - t, 2)
-    pngs = _plots(out, images, recs, ev)
-    h, w = model.grid_shape(tc.image_size)
-    report = {
-        "job": "train-tokenizer", "preset": tc.preset, "steps": steps, "grid": [h, w],
-        "heldout_images": len(images), "heldout_is_disjoint": truly_heldout, "tokenizer": {"path": out, "hash": weights_hash},
-        "metrics": ev, "final_train_metrics": final_metrics, "seconds": seconds,
-        "wall_time_s": round(time.perf_counter() - t0, 2), "pngs": pngs, "config": cfg.to_dict(),
-    }
-    state.finish(report)
-    return report
+    return ev, images, truly_heldout, _plots(out, images, recs, ev)
 
 
 def _fit(cfg: TesseraConfig, tok_cfg: dict, files: list[str], out: str):

@@ -130,3 +130,45 @@ def split_rejects(batch: pa.Table) -> pa.Table:
 def grid_of(row: dict, position: int, codebook: str = "pixel") -> np.ndarray:
     """(H, W, D) int32 code grid of an image position of a token row."""
     return np.asarray(row[f"{codebook}_codes"][position], np.int32).reshape(row["grid_shapes"][position])
+
+
+def block_statistics(batch: pa.Table) -> pa.Table:
+    """One encoded block -> one row holding its counts as JSON (rows, images, text tokens, image codes,
+    rejects by reason, per actor: rows, images, busy and idle seconds), so a report never needs the rows."""
+    import json
+
+    stats = {"rows": 0, "images": 0, "text_tokens": 0, "image_codes": 0, "rejects_by_reason": {}, "actors": {}}
+    cols = {c: batch.column(c).to_pylist() for c in ("is_image", "text_ids", "pixel_codes", "reject_reason", "busy_s", "idle_s", "actor")}
+    for is_image, text_ids, codes, reason, busy, idle, actor in zip(*cols.values()):
+        stats["rows"] += 1
+        a = stats["actors"].setdefault(actor or "none", {"rows": 0, "images": 0, "busy_s": 0.0, "idle_s": 0.0})
+        a["rows"] += 1
+        a["busy_s"] += busy or 0.0
+        a["idle_s"] += idle or 0.0
+        if reason is not None:
+            stats["rejects_by_reason"][reason] = stats["rejects_by_reason"].get(reason, 0) + 1
+            continue
+        images = sum(is_image)
+        stats["images"] += images
+        a["images"] += images
+        stats["text_tokens"] += sum(len(ids) for ids in text_ids)
+        stats["image_codes"] += sum(len(c) for c in codes)
+    return pa.table({"stats": [json.dumps(stats)]})
+
+
+def merge_statistics(blocks) -> dict:
+    """Sum `block_statistics` rows (JSON strings) into one dict of the same shape."""
+    import json
+
+    total = {"rows": 0, "images": 0, "text_tokens": 0, "image_codes": 0, "rejects_by_reason": {}, "actors": {}}
+    for raw in blocks:
+        s = json.loads(raw)
+        for k in ("rows", "images", "text_tokens", "image_codes"):
+            total[k] += s[k]
+        for reason, n in s["rejects_by_reason"].items():
+            total["rejects_by_reason"][reason] = total["rejects_by_reason"].get(reason, 0) + n
+        for actor, a in s["actors"].items():
+            t = total["actors"].setdefault(actor, {"rows": 0, "images": 0, "busy_s": 0.0, "idle_s": 0.0})
+            for k in t:
+                t[k] += a[k]
+    return total

@@ -169,3 +169,31 @@ def test_killed_driver_then_rerun_gives_every_sample_once(tokenized, world_root,
     code, out = _run(root, ray_cluster)
     assert code == 0, out
     assert token_map(root) == token_map(world_root)
+
+
+def test_report_counts_come_from_per_block_sums_not_rows_on_the_driver(tokenized):
+    """The driver sums one small dict per block (`block_statistics`): the same counts as reading every row,
+    and what it holds does not grow with the rows (the code path; memory is measured in benchmarks)."""
+    import inspect
+
+    from tessera.jobs import tokenize as job
+    from tessera.tokenize.tokens import block_statistics, merge_statistics
+
+    rows = [{"is_image": [True, False], "text_ids": [[], [5, 6, 7]], "pixel_codes": [[1] * 4, []], "reject_reason": None,
+             "busy_s": 0.5, "idle_s": 0.1, "actor": "a"},
+            {"is_image": [True], "text_ids": [[]], "pixel_codes": [[2] * 4], "reject_reason": None,
+             "busy_s": 0.25, "idle_s": 0.0, "actor": "b"},
+            {"is_image": [False], "text_ids": [[]], "pixel_codes": [[]], "reject_reason": "untokenizable_image",
+             "busy_s": 0.0, "idle_s": 0.0, "actor": "a"}]
+    blocks = [block_statistics(pa.Table.from_pylist(rows[:2])), block_statistics(pa.Table.from_pylist(rows[2:]))]
+    total = merge_statistics(b.column("stats")[0].as_py() for b in blocks)
+    assert total["rows"] == 3 and total["images"] == 2 and total["text_tokens"] == 3 and total["image_codes"] == 8
+    assert total["rejects_by_reason"] == {"untokenizable_image": 1}
+    assert total["actors"]["a"] == {"rows": 2, "images": 1, "busy_s": 0.5, "idle_s": 0.1}
+    source = inspect.getsource(job)
+    assert "to_pylist()" not in inspect.getsource(job._commit) and "block_statistics" in source
+    cfg, report = tokenized
+    shards = read(os.path.join(cfg.resolve(cfg.tokenize.output), "tokens"))
+    assert report["rows_out"] == shards.num_rows
+    assert report["images"] == sum(sum(r) for r in shards.column("is_image").to_pylist())
+    assert report["text_tokens"] == sum(len(ids) for row in shards.column("text_ids").to_pylist() for ids in row)
