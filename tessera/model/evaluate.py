@@ -93,7 +93,7 @@ class Evaluator:
     def image_row(self, image_path: str) -> dict:
         """A token row holding one held-out image, encoded by the visual tokenizer."""
         if image_path not in self._rows:
-            img = torch.from_numpy(self.heldout.images[image_path]).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
+            img = torch.from_numpy(np.array(self.heldout.images[image_path])).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
             codes = self.tokenizer.encode(img.to(tokenizer_device(self.tokenizer)))
             row = {"sample_id": image_path, "is_image": [True], "grid_shapes": [], "pixel_codes": [], "semantic_codes": []}
             for name in ("pixel", "semantic"):

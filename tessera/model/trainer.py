@@ -105,9 +105,13 @@ def load_trained_weights(model: TesseraModel, directory: str) -> TesseraModel:
     import torch.distributed.checkpoint as dcp
 
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=directory)
+    dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
     model.load_state_dict(state["model"])
     return model
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 class StageTrainer:
@@ -194,7 +198,7 @@ class StageTrainer:
         under FSDP2), each rank writes its own shards; one `.metadata` describes the whole."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._checkpoint_state(), checkpoint_id=directory)
+        dcp.save(self._checkpoint_state(), checkpoint_id=directory, no_dist=not _distributed())
 
     def load(self, directory: str) -> None:
         """Restore from `save`'s directory, resharding to this run's layout (any world size)."""
@@ -202,7 +206,7 @@ class StageTrainer:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._checkpoint_state()
-        dcp.load(state, checkpoint_id=directory)
+        dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

@@ -54,7 +54,7 @@ def align_step(model, optimizer, images: torch.Tensor, texts: list[str]) -> floa
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     optimizer.step()
-    return float(out.loss)
+    return float(out.loss.detach())
 
 
 @torch.no_grad()
