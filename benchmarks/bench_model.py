@@ -26,7 +26,7 @@ def sequences(root: str, n: int, rng):
     from tessera.config import load_config
     from tessera.manifest import dataset_files
     from tessera.model.assets import load_assets
-    from tessera.model.data import read_row
+    from tessera.model.rows import read_row
     from tessera.model.sequence import Sequence, SequenceBuilder
     from tessera.model.vocab import Vocabulary
 

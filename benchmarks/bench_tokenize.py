@@ -38,7 +38,7 @@ def main() -> None:
     from tessera.config import load_config
     from tessera.jobs.tokenize import tokenize
     from tessera.manifest import dataset_files, write_manifest
-    from tessera.tokenize.data import decode_rgb
+    from tessera.tokenize.images import decode_rgb
     from tessera.tokenize.tokens import ImageEncoder
 
     files = dataset_files(os.path.join(root, "prepare", "samples"))

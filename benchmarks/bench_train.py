@@ -37,7 +37,7 @@ def plain_loop(cfg, steps: int) -> tuple[float, float]:
     """The same stage in-process: plan -> groups -> packed rows -> StageTrainer."""
     from tessera.manifest import dataset_files
     from tessera.model.assets import load_assets
-    from tessera.model.data import BuildSpec, build_group
+    from tessera.model.rows import BuildSpec, build_group
     from tessera.model.mixture import build_index, stage_plan
     from tessera.model.packing import collate
     from tessera.model.trainer import StageTrainer

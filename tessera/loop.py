@@ -1,6 +1,6 @@
 """The contract between a Ray-free training loop and the Ray Train worker that runs it.
 
-A loop (`tessera.model.loop.StageLoop`, `tessera.tokenize.train.TokenizerLoop`) owns a trainer
+A loop (`tessera.model.loop.StageLoop`, `tessera.tokenize.trainer.TokenizerLoop`) owns a trainer
 and a resumable data stream and yields one `LoopStep` per optimizer step. Its state is two
 `state_dict`s: `state_dict()` (model, optimizers, schedule, RNG, step) and
 `position_state_dict()` (this rank's data position). `save_checkpoint(directory, rank)` /

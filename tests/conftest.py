@@ -82,9 +82,9 @@ def train_tiny_tokenizer(cfg, directory):
     import pyarrow.parquet as pq
     import torch
 
-    from tessera.tokenize.data import decode_rgb, to_tensor
+    from tessera.tokenize.images import decode_rgb, to_tensor
     from tessera.tokenize.tokenizer import build_tokenizer, save_tokenizer
-    from tessera.tokenize.train import TokenizerTrainer
+    from tessera.tokenize.trainer import TokenizerTrainer
 
     torch.manual_seed(0)
     pngs = [p for f in sorted(glob.glob(f"{cfg.run.root}/prepare/samples/*.parquet"))

@@ -19,7 +19,7 @@ from tessera import storage
 from tessera.config import TesseraConfig
 from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
 from tessera.manifest import dataset_files
-from tessera.tokenize.data import is_heldout
+from tessera.tokenize.images import is_heldout
 
 
 def load_grids(tokens_dir: str, codebook: str, depth: int, heldout_every: int) -> tuple[list, list, dict]:

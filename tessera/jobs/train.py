@@ -157,7 +157,7 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
     started past the restored position would run dry."""
     import ray.data
 
-    from tessera.model.data import BuildSpec, pack_groups
+    from tessera.model.rows import BuildSpec, pack_groups
     from tessera.model.mixture import estimate_rows, stage_plan
 
     tc = cfg.train
@@ -196,7 +196,7 @@ def _plan_statistics(index, plan: list, spec, first_groups: list) -> dict:
     and (from its first packing groups) the share of loss targets that are image tokens."""
     from collections import Counter
 
-    from tessera.model.data import build_group
+    from tessera.model.rows import build_group
     from tessera.model.unified import IGNORE
 
     tags = Counter(t for s, _ in plan for t in index.tags[s] if t.startswith(("kind=", "task=")))
@@ -223,7 +223,7 @@ def _probe_items(cfg: TesseraConfig, builder, assets) -> list[dict]:
 
 
 def _image_tokens(index, builder, n: int = 32) -> float:
-    from tessera.model.data import read_row
+    from tessera.model.rows import read_row
 
     counts = []
     for s in range(min(len(index), 4 * n)):

@@ -30,9 +30,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from tessera.tokenize.data import to_tensor
+    from tessera.tokenize.images import to_tensor
     from tessera.tokenize.tokenizer import build_tokenizer
-    from tessera.tokenize.train import ImageStream, TokenizerLoop, TokenizerTrainer
+    from tessera.tokenize.trainer import ImageStream, TokenizerLoop, TokenizerTrainer
 
     cfg = config_from_dict({"tokenizer": config["tokenizer"]}).tokenizer
     ctx = ray.train.get_context()
@@ -58,7 +58,7 @@ def train_loop_per_worker(config: dict) -> None:
 def _image_dataset(files: list[str], image_size: int, split: str):
     import ray.data
 
-    from tessera.tokenize.data import explode_images
+    from tessera.tokenize.images import explode_images
 
     return ray.data.read_parquet(files).map_batches(explode_images, fn_kwargs={"image_size": image_size, "split": split},
                                                     batch_format="pyarrow", num_cpus=0.5)
@@ -69,7 +69,7 @@ def _align(cfg: TesseraConfig, files: list[str], out: str) -> str:
     import torch
 
     from tessera.tokenize.align import align_vision_encoder
-    from tessera.tokenize.data import to_tensor
+    from tessera.tokenize.images import to_tensor
 
     tc = cfg.tokenizer
     target = os.path.join(out, "align")
@@ -175,8 +175,8 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
 
 def _heldout_evaluation(model, tc, files: list[str], out: str):
     """Held-out PSNR / SSIM / LPIPS, codebook statistics (+ retrieval for dual, fidelity for the oracle) and the PNGs."""
-    from tessera.tokenize.data import to_tensor
-    from tessera.tokenize.train import evaluate
+    from tessera.tokenize.images import to_tensor
+    from tessera.tokenize.trainer import evaluate
 
     held_rows = _image_dataset(files, tc.image_size, "heldout").take(tc.train.heldout_images)
     truly_heldout = bool(held_rows)
@@ -244,7 +244,7 @@ def _retrieval(model, held: dict, out: str) -> tuple[float, float]:
     from transformers import SiglipModel
 
     from tessera.tokenize.align import retrieval_r1, text_embeddings
-    from tessera.tokenize.data import to_tensor
+    from tessera.tokenize.images import to_tensor
 
     keep = [i for i, c in enumerate(held["caption"]) if c]
     if len(keep) < 2 or not os.path.exists(os.path.join(out, "align", "siglip")):

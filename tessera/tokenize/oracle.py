@@ -56,7 +56,7 @@ def grid_objects(grid: np.ndarray) -> list[shapes.ShapeObject]:
 
 
 class CodebookUsage:
-    """What `tessera.tokenize.train.evaluate` asks of a quantizer: usage and perplexity per depth."""
+    """What `tessera.tokenize.trainer.evaluate` asks of a quantizer: usage and perplexity per depth."""
 
     restarts = torch.zeros(1, dtype=torch.int64)
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA
-from tessera.tokenize.data import decode_rgb
+from tessera.tokenize.images import decode_rgb
 
 DECODED_COLUMNS = ["sample_id", "source", "kind", "texts", "timestamps", "curriculum", "meta"]
 

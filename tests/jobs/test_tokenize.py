@@ -12,7 +12,7 @@ import torch
 
 from tessera.manifest import dataset_files, write_manifest
 from tessera.schema import TOKEN_SCHEMA
-from tessera.tokenize.data import decode_rgb, to_tensor
+from tessera.tokenize.images import decode_rgb, to_tensor
 from tessera.tokenize.tokenizer import load_tokenizer
 from tessera.tokenize.tokens import grid_of
 from tests.conftest import TINY_TOKENIZER, tiny_config

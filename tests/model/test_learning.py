@@ -23,7 +23,7 @@ from tessera.model.vocab import Vocabulary
 from tessera.pipelines import shapes
 from tessera.tokenize.text import encode_segments, train_text_tokenizer
 from tessera.tokenize.tokenizer import build_tokenizer
-from tessera.tokenize.train import TokenizerTrainer
+from tessera.tokenize.trainer import TokenizerTrainer
 
 STEPS, BATCH = 200, 32
 RESOLUTION = 64

@@ -12,14 +12,14 @@ from tessera.model.packing import pack
 from tessera.model.stream import RowStream
 from tessera.model.trainer import StageTrainer
 from tessera.tokenize.tokenizer import build_tokenizer
-from tessera.tokenize.train import ImageStream, TokenizerLoop, TokenizerTrainer
+from tessera.tokenize.trainer import ImageStream, TokenizerLoop, TokenizerTrainer
 from tests.model.test_model import bpe, builder_for, make_model, token_row  # noqa: F401  (bpe is a fixture)
 from tests.tokenize.test_tokenizers import TINY as TINY_TOKENIZER
 from tests.tokenize.test_tokenizers import images
 
 
 def row_source(model, bpe, groups=6, per_group=4, seq_len=96):
-    """Packed rows with their data position columns, as `tessera.model.data.pack_groups` emits them (one rank)."""
+    """Packed rows with their data position columns, as `tessera.model.rows.pack_groups` emits them (one rank)."""
     builder = builder_for(model, bpe)
     rows = []
     for g in range(groups):

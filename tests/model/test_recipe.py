@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from tessera.model.data import BuildSpec, build_group
+from tessera.model.rows import BuildSpec, build_group
 from tessera.model.packing import collate, pack
 from tessera.model.unified import IGNORE
 from tests.model.test_model import DEPTH, GRID, SIZES, bpe, builder_for, make_model, token_row  # noqa: F401  (bpe: fixture)

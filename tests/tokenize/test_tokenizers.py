@@ -3,7 +3,7 @@ import torch
 from tessera.config import load_config
 from tessera.tokenize.align import align_vision_encoder, build_siglip
 from tessera.tokenize.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer
-from tessera.tokenize.train import TokenizerTrainer
+from tessera.tokenize.trainer import TokenizerTrainer
 
 TINY = ["tokenizer.image_size=32", "tokenizer.vq.channels=16", "tokenizer.vq.rvq.codebook_size=32",
         "tokenizer.dual.hidden_size=32", "tokenizer.dual.num_heads=2", "tokenizer.dual.num_layers=3", "tokenizer.dual.pixel_layer=1",
