@@ -46,6 +46,32 @@ class ResumableLoop(Protocol):
     def __iter__(self) -> Iterator[LoopStep]: ...
 
 
+class TrainerStreamLoop:
+    """What every loop shares: a trainer and a stream, each owning its `state_dict`; a subclass adds
+    `save_checkpoint` / `load_checkpoint` (how its trainer writes files) and `__iter__` (the steps)."""
+
+    trainer: object
+    stream: object
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.stream.position
+
+    def state_dict(self) -> dict:
+        return self.trainer.state_dict()
+
+    def position_state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict, position: dict) -> None:
+        self.trainer.load_state_dict(state)
+        self.stream.load_state_dict(position)
+
+
 def write_position(directory: str, rank: int, position: dict, step: int) -> None:
     with open(os.path.join(directory, f"position_rank{rank}.json"), "w") as f:
         json.dump({**position, "step": step}, f)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from tessera.loop import LoopStep, read_position, write_position
+from tessera.loop import LoopStep, TrainerStreamLoop, read_position, write_position
 from tessera.model.stream import RowStream, model_inputs
 from tessera.model.trainer import StageTrainer
 
 
-class StageLoop:
+class StageLoop(TrainerStreamLoop):
     def __init__(self, trainer: StageTrainer, stream: RowStream, steps: int, *, grad_accum: int = 1, world: int = 1,
                  log_every: int = 10, checkpoint_every: int = 50, probe_every: int = 0,
                  probe: Callable[[], dict] | None = None, offset: int = 0, stage_name: str = "", stage_index: int = 0):
@@ -31,24 +31,6 @@ class StageLoop:
         self.grad_accum, self.world = grad_accum, world
         self.log_every, self.checkpoint_every, self.probe_every, self.probe = log_every, checkpoint_every, probe_every, probe
         self.offset, self.stage_name, self.stage_index = offset, stage_name, stage_index
-
-    @property
-    def step(self) -> int:
-        return self.trainer.step
-
-    @property
-    def position(self) -> tuple[int, int]:
-        return self.stream.position
-
-    def state_dict(self) -> dict:
-        return self.trainer.state_dict()
-
-    def position_state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict, position: dict) -> None:
-        self.trainer.load_state_dict(state)
-        self.stream.load_state_dict(position)
 
     def save_checkpoint(self, directory: str, rank: int) -> None:
         """Every rank: its trainer shards (DCP) and its data position."""

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tessera.config import TokenizerConfig
-from tessera.loop import LoopStep, read_position, write_position
+from tessera.loop import LoopStep, TrainerStreamLoop, read_position, write_position
 from tessera.tokenize.losses import PatchDiscriminator, adaptive_gan_weight, hinge_d_loss, lpips_model, reconstruction_loss
 
 
@@ -128,31 +128,13 @@ class ImageStream:
             self.position = (epoch, 0)
 
 
-class TokenizerLoop:
+class TokenizerLoop(TrainerStreamLoop):
     """`steps` optimizer steps of a `TokenizerTrainer` over an `ImageStream` (see `tessera.loop`)."""
 
     def __init__(self, trainer: TokenizerTrainer, stream: ImageStream, steps: int, *, log_every: int = 25,
                  checkpoint_every: int = 200, images_per_step: int = 1):
         self.trainer, self.stream, self.steps = trainer, stream, steps
         self.log_every, self.checkpoint_every, self.images_per_step = log_every, checkpoint_every, images_per_step
-
-    @property
-    def step(self) -> int:
-        return self.trainer.step
-
-    @property
-    def position(self) -> tuple[int, int]:
-        return self.stream.position
-
-    def state_dict(self) -> dict:
-        return self.trainer.state_dict()
-
-    def position_state_dict(self) -> dict:
-        return self.stream.state_dict()
-
-    def load_state_dict(self, state: dict, position: dict) -> None:
-        self.trainer.load_state_dict(state)
-        self.stream.load_state_dict(position)
 
     def save_checkpoint(self, directory: str, rank: int) -> None:
         """Rank 0 writes the trainer's `state.pt` (DDP: the same on every rank); every rank its data position."""
