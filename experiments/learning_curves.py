@@ -51,7 +51,8 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="LABEL=path/to/metrics.csv")
     ap.add_argument("--target", type=float, default=0.9)
     args = ap.parse_args()
-    fig, axes = plt.subplots(1, len(TYPES) + 1, figsize=(3.2 * (len(TYPES) + 1), 3.2), sharey=True)
+    fig, grid = plt.subplots(2, 3, figsize=(12, 7), sharey=True)
+    axes = list(grid.ravel())
     for spec in args.runs:
         label, path = spec.split("=", 1)
         pts = probes(path)
@@ -71,7 +72,8 @@ def main() -> None:
     axes[-1].axhline(sum(CHANCE.values()) / len(CHANCE), color="grey", ls=":", lw=1)
     axes[-1].axhline(args.target, color="red", ls="--", lw=1)
     axes[-1].set_title(f"mean of 5 types (goal {args.target})", fontsize=9)
-    axes[0].set_ylabel("held-out probe accuracy")
+    for ax in grid[:, 0]:
+        ax.set_ylabel("held-out probe accuracy")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(args.png, dpi=100)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Iterator, Protocol
 
 
 @dataclass
@@ -29,26 +28,10 @@ class LoopStep:
     """A checkpoint is due after this step."""
 
 
-class ResumableLoop(Protocol):
-    step: int
-    position: tuple
-
-    def state_dict(self) -> dict: ...
-
-    def position_state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict, position: dict) -> None: ...
-
-    def save_checkpoint(self, directory: str, rank: int) -> None: ...
-
-    def load_checkpoint(self, directory: str, rank: int) -> None: ...
-
-    def __iter__(self) -> Iterator[LoopStep]: ...
-
-
 class TrainerStreamLoop:
-    """What every loop shares: a trainer and a stream, each owning its `state_dict`; a subclass adds
-    `save_checkpoint` / `load_checkpoint` (how its trainer writes files) and `__iter__` (the steps)."""
+    """What every loop shares: a trainer and a stream, each owning its `state_dict`. A subclass adds
+    `save_checkpoint(directory, rank)` / `load_checkpoint(directory, rank)` (how its trainer writes
+    files; every rank calls them) and `__iter__` (one `LoopStep` per optimizer step)."""
 
     trainer: object
     stream: object

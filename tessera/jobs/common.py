@@ -83,8 +83,9 @@ def run_ray_train_loop(loop, rank: int, prefix: str, on_log=None, after_step=Non
     """The whole Ray Train side of a Ray-free loop (`tessera.loop`): restore the loop from the checkpoint
     Ray Train recorded (trainer state and this rank's data position both inside that one checkpoint, so
     they can never disagree), then report every step the loop yields, with a checkpoint when one is due
-    (every rank writes its part into its own directory; Ray Train merges them into one checkpoint). `on_log(step)` runs on logged steps,
-    `after_step(step)` after every step (fault hooks); `prefix` starts the console line of a resume."""
+    (every rank writes its part into its own directory; Ray Train merges them into one checkpoint).
+    `on_log(step)` runs on logged steps, `after_step(step)` after every step (fault hooks); `prefix`
+    starts the console line of a resume."""
     import tempfile
 
     import ray.train
