@@ -104,10 +104,25 @@ def load_trained_weights(model: TesseraModel, directory: str) -> TesseraModel:
     process without a process group (the driver after a stage): DCP reshards whatever layout saved it."""
     import torch.distributed.checkpoint as dcp
 
+    legacy = _legacy_state(directory)
+    if legacy is not None:
+        model.load_state_dict(legacy["model"])
+        return model
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
     model.load_state_dict(state["model"])
     return model
+
+
+def _legacy_state(directory: str) -> dict | None:
+    """A checkpoint written before DCP (rank 0's whole `state.pt`, single-worker or DDP runs), so a run
+    started by an older Tessera still resumes after an upgrade; None for a DCP checkpoint."""
+    import os
+
+    path = os.path.join(directory, "state.pt")
+    if os.path.exists(os.path.join(directory, ".metadata")) or not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _distributed() -> bool:
@@ -205,6 +220,10 @@ class StageTrainer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        legacy = _legacy_state(directory)
+        if legacy is not None:
+            self.load_state_dict(legacy)
+            return
         state = self._checkpoint_state()
         dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

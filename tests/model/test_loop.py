@@ -83,3 +83,26 @@ def test_tokenizer_loop_resumes_weights_and_data_position_across_epochs():
     skipped = ImageStream(lambda epoch: iter(batches))
     skipped.load_state_dict({"next": [1, 2]})
     assert torch.equal(next(iter(skipped)), batches[2])
+
+
+def test_a_checkpoint_from_before_dcp_still_resumes(bpe, tmp_path):
+    """Runs started by an older Tessera wrote rank 0's whole `state.pt`; after an upgrade they resume from it."""
+    from tessera.model.trainer import load_trained_weights
+
+    source = row_source(make_model("bpe", bpe), bpe)
+    whole = stage_loop(0, bpe, source)
+    it = iter(whole)
+    for _ in range(3):
+        next(it)
+    torch.save(whole.state_dict(), tmp_path / "state.pt")  # the old layout
+    position = whole.position_state_dict()
+    expected = next(it).metrics["loss"]
+    resumed = stage_loop(1, bpe, source)
+    resumed.trainer.load(str(tmp_path))
+    resumed.stream.load_state_dict(position)
+    step = next(iter(resumed))
+    assert step.step == 4 and step.metrics["loss"] == expected
+    model = make_model("bpe", bpe, False, 9)
+    load_trained_weights(model, str(tmp_path))
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
