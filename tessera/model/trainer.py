@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 
 import numpy as np
@@ -117,8 +118,6 @@ def load_trained_weights(model: TesseraModel, directory: str) -> TesseraModel:
 def _legacy_state(directory: str) -> dict | None:
     """A checkpoint written before DCP (rank 0's whole `state.pt`, single-worker or DDP runs), so a run
     started by an older Tessera still resumes after an upgrade; None for a DCP checkpoint."""
-    import os
-
     path = os.path.join(directory, "state.pt")
     if os.path.exists(os.path.join(directory, ".metadata")) or not os.path.exists(path):
         return None
