@@ -29,10 +29,20 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        self.reason = message
         super().__init__(f"config error at '{key}': {message}")
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error with its key inside the section at `prefix` (`tokenizer.vq` + `channels`)."""
+        key = ".".join(p for p in (prefix, self.key) if p).replace(".[", "[")
+        return ConfigError(key, self.reason)
 
 
 def _check(cond: bool, key: str, message: str) -> None:
+    """A value check inside a section's `__post_init__`; `key` is relative to the section (`channels`,
+    `stages[0].batch_size`, or "" for the section itself): the builder knows where the section sits
+    and adds the path, so one check class names the right key wherever it is nested (an `RVQConfig`
+    under `tokenizer.dual.pixel_rvq` as well as under `tokenizer.vq.rvq`)."""
     if not cond:
         raise ConfigError(key, message)
 
@@ -53,7 +63,7 @@ class RunConfig:
     DERIVED = ("root",)
 
     def __post_init__(self):
-        _check(bool(self.name) and "/" not in self.name, "run.name", f"a non-empty name without '/', got {self.name!r}")
+        _check(bool(self.name) and "/" not in self.name, "name", f"a non-empty name without '/', got {self.name!r}")
         if not self.root:
             self.root = f"runs/{self.name}"
 
@@ -70,8 +80,8 @@ class RayConfig:
     """Start the dashboard of the embedded Ray (bound to 127.0.0.1 only)."""
 
     def __post_init__(self):
-        _check(self.num_cpus is None or self.num_cpus >= 1, "ray.num_cpus", f"None or >= 1, got {self.num_cpus}")
-        _check(self.object_store_memory_mb >= 128, "ray.object_store_memory_mb", f">= 128, got {self.object_store_memory_mb}")
+        _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", f"None or >= 1, got {self.num_cpus}")
+        _check(self.object_store_memory_mb >= 128, "object_store_memory_mb", f">= 128, got {self.object_store_memory_mb}")
 
 
 @dataclass
@@ -102,12 +112,12 @@ class SynthConfig:
     unsafe paths, duplicates) so the rejects path is always exercised."""
 
     def __post_init__(self):
-        _check(16 <= self.resolution <= 1024, "synth.resolution", f"16..1024, got {self.resolution}")
+        _check(16 <= self.resolution <= 1024, "resolution", f"16..1024, got {self.resolution}")
         for key in ("num_image_text", "num_videos", "num_documents", "num_instruct", "num_heldout"):
-            _check(getattr(self, key) >= 0, f"synth.{key}", f">= 0, got {getattr(self, key)}")
-        _check(self.samples_per_shard >= 1, "synth.samples_per_shard", f">= 1, got {self.samples_per_shard}")
-        _check(self.video_seconds > 0, "synth.video_seconds", f"> 0, got {self.video_seconds}")
-        _check(1 <= self.video_fps <= 60, "synth.video_fps", f"1..60, got {self.video_fps}")
+            _check(getattr(self, key) >= 0, key, f">= 0, got {getattr(self, key)}")
+        _check(self.samples_per_shard >= 1, "samples_per_shard", f">= 1, got {self.samples_per_shard}")
+        _check(self.video_seconds > 0, "video_seconds", f"> 0, got {self.video_seconds}")
+        _check(1 <= self.video_fps <= 60, "video_fps", f"1..60, got {self.video_fps}")
 
 
 SourceKind = Literal["webdataset", "hf_dataset", "video", "web"]
@@ -147,10 +157,10 @@ class ImageConfig:
     """Reject images declaring more pixels than this (decompression bombs), from the header, before decoding."""
 
     def __post_init__(self):
-        _check(8 <= self.resolution <= 4096, "prepare.image.resolution", f"8..4096, got {self.resolution}")
-        _check(self.min_side >= 1, "prepare.image.min_side", f">= 1, got {self.min_side}")
-        _check(self.max_aspect_ratio >= 1.0, "prepare.image.max_aspect_ratio", f">= 1.0, got {self.max_aspect_ratio}")
-        _check(self.max_pixels >= self.resolution**2, "prepare.image.max_pixels", f">= resolution**2, got {self.max_pixels}")
+        _check(8 <= self.resolution <= 4096, "resolution", f"8..4096, got {self.resolution}")
+        _check(self.min_side >= 1, "min_side", f">= 1, got {self.min_side}")
+        _check(self.max_aspect_ratio >= 1.0, "max_aspect_ratio", f">= 1.0, got {self.max_aspect_ratio}")
+        _check(self.max_pixels >= self.resolution**2, "max_pixels", f">= resolution**2, got {self.max_pixels}")
 
 
 @dataclass
@@ -163,8 +173,8 @@ class VideoConfig:
     """Reject videos without any subtitle (as `missing_caption`)."""
 
     def __post_init__(self):
-        _check(self.target_fps > 0, "prepare.video.target_fps", f"> 0, got {self.target_fps}")
-        _check(self.max_frames >= 1, "prepare.video.max_frames", f">= 1, got {self.max_frames}")
+        _check(self.target_fps > 0, "target_fps", f"> 0, got {self.target_fps}")
+        _check(self.max_frames >= 1, "max_frames", f">= 1, got {self.max_frames}")
 
 
 @dataclass
@@ -174,7 +184,7 @@ class TextFilterConfig:
     max_chars: int = 4000
 
     def __post_init__(self):
-        _check(0 <= self.min_chars <= self.max_chars, "prepare.text", f"0 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
+        _check(0 <= self.min_chars <= self.max_chars, "", f"0 <= min_chars <= max_chars, got {self.min_chars}, {self.max_chars}")
 
 
 @dataclass
@@ -207,12 +217,12 @@ class PrepareConfig:
     """CPU reservation of each normalisation task (fractional so reads are not starved on small machines)."""
 
     def __post_init__(self):
-        _check(self.rows_per_shard >= 1, "prepare.rows_per_shard", f">= 1, got {self.rows_per_shard}")
-        _check(self.batch_size >= 1, "prepare.batch_size", f">= 1, got {self.batch_size}")
-        _check(0 < self.num_cpus_per_task <= 64, "prepare.num_cpus_per_task", f"0 < x <= 64, got {self.num_cpus_per_task}")
+        _check(self.rows_per_shard >= 1, "rows_per_shard", f">= 1, got {self.rows_per_shard}")
+        _check(self.batch_size >= 1, "batch_size", f">= 1, got {self.batch_size}")
+        _check(0 < self.num_cpus_per_task <= 64, "num_cpus_per_task", f"0 < x <= 64, got {self.num_cpus_per_task}")
         names = [s.name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        _check(not dupes, "prepare.sources", f"unique source names, got duplicates {dupes}")
+        _check(not dupes, "sources", f"unique source names, got duplicates {dupes}")
 
 
 @dataclass
@@ -233,10 +243,10 @@ class RVQConfig:
     kmeans_iters: int = 10
 
     def __post_init__(self):
-        _check(self.dim >= 1, "rvq.dim", f">= 1, got {self.dim}")
-        _check(2 <= self.codebook_size <= 65536, "rvq.codebook_size", f"2..65536, got {self.codebook_size}")
-        _check(1 <= self.depth <= 32, "rvq.depth", f"1..32, got {self.depth}")
-        _check(0.0 < self.decay < 1.0, "rvq.decay", f"in (0, 1), got {self.decay}")
+        _check(self.dim >= 1, "dim", f">= 1, got {self.dim}")
+        _check(2 <= self.codebook_size <= 65536, "codebook_size", f"2..65536, got {self.codebook_size}")
+        _check(1 <= self.depth <= 32, "depth", f"1..32, got {self.depth}")
+        _check(0.0 < self.decay < 1.0, "decay", f"in (0, 1), got {self.decay}")
 
 
 @dataclass
@@ -250,8 +260,8 @@ class VQConfig:
     rvq: RVQConfig = field(default_factory=RVQConfig)
 
     def __post_init__(self):
-        _check(self.channels % 8 == 0 and self.channels >= 8, "tokenizer.vq.channels", f"a multiple of 8, got {self.channels}")
-        _check(1 <= self.num_down <= 5, "tokenizer.vq.num_down", f"1..5, got {self.num_down}")
+        _check(self.channels % 8 == 0 and self.channels >= 8, "channels", f"a multiple of 8, got {self.channels}")
+        _check(1 <= self.num_down <= 5, "num_down", f"1..5, got {self.num_down}")
 
 
 @dataclass
@@ -278,11 +288,11 @@ class DualConfig:
     align_lr: float = 1e-3
 
     def __post_init__(self):
-        _check(self.hidden_size % self.num_heads == 0, "tokenizer.dual.hidden_size", f"divisible by num_heads={self.num_heads}, got {self.hidden_size}")
-        _check(1 <= self.pixel_layer <= self.num_layers, "tokenizer.dual.pixel_layer", f"1..num_layers={self.num_layers}, got {self.pixel_layer}")
-        _check(0 <= self.shortcut_layer < self.pixel_layer, "tokenizer.dual.shortcut_layer", f"0..pixel_layer-1, got {self.shortcut_layer}")
-        _check(1 <= self.semantic_layer <= self.num_layers, "tokenizer.dual.semantic_layer", f"1..num_layers={self.num_layers}, got {self.semantic_layer}")
-        _check(self.patch_size in (2, 4, 8, 16, 32), "tokenizer.dual.patch_size", f"a power of two 2..32, got {self.patch_size}")
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", f"divisible by num_heads={self.num_heads}, got {self.hidden_size}")
+        _check(1 <= self.pixel_layer <= self.num_layers, "pixel_layer", f"1..num_layers={self.num_layers}, got {self.pixel_layer}")
+        _check(0 <= self.shortcut_layer < self.pixel_layer, "shortcut_layer", f"0..pixel_layer-1, got {self.shortcut_layer}")
+        _check(1 <= self.semantic_layer <= self.num_layers, "semantic_layer", f"1..num_layers={self.num_layers}, got {self.semantic_layer}")
+        _check(self.patch_size in (2, 4, 8, 16, 32), "patch_size", f"a power of two 2..32, got {self.patch_size}")
 
 
 @dataclass
@@ -326,10 +336,10 @@ class TokenizerTrainConfig:
     """Held-out images for PSNR/SSIM/LPIPS and the reconstruction PNG."""
 
     def __post_init__(self):
-        _check(self.steps >= 1, "tokenizer.train.steps", f">= 1, got {self.steps}")
-        _check(self.batch_size >= self.num_workers, "tokenizer.train.batch_size", f">= num_workers, got {self.batch_size}")
-        _check(self.num_workers >= 1, "tokenizer.train.num_workers", f">= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker > 0, "tokenizer.train.cpus_per_worker", f"> 0, got {self.cpus_per_worker}")
+        _check(self.steps >= 1, "steps", f">= 1, got {self.steps}")
+        _check(self.batch_size >= self.num_workers, "batch_size", f">= num_workers, got {self.batch_size}")
+        _check(self.num_workers >= 1, "num_workers", f">= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"> 0, got {self.cpus_per_worker}")
 
 
 @dataclass
@@ -345,8 +355,8 @@ class TokenizerConfig:
     train: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
     def __post_init__(self):
-        _check(self.image_size % (2 ** self.vq.num_down) == 0, "tokenizer.image_size", f"divisible by 2**vq.num_down, got {self.image_size}")
-        _check(self.image_size % self.dual.patch_size == 0, "tokenizer.image_size", f"divisible by dual.patch_size, got {self.image_size}")
+        _check(self.image_size % (2 ** self.vq.num_down) == 0, "image_size", f"divisible by 2**vq.num_down, got {self.image_size}")
+        _check(self.image_size % self.dual.patch_size == 0, "image_size", f"divisible by dual.patch_size, got {self.image_size}")
 
 
 @dataclass
@@ -372,10 +382,10 @@ class TokenizeConfig:
     """Test hook: a path; the first actor call that finds it missing creates it and kills its process."""
 
     def __post_init__(self):
-        _check(self.num_actors >= 1, "tokenize.num_actors", f">= 1, got {self.num_actors}")
-        _check(self.batch_size >= 1 and self.encode_batch >= 1, "tokenize.batch_size", "batch_size and encode_batch >= 1")
-        _check(self.text_vocab_size >= 300, "tokenize.text_vocab_size", f">= 300 (bytes + merges), got {self.text_vocab_size}")
-        _check(self.cpus_per_actor > 0, "tokenize.cpus_per_actor", f"> 0, got {self.cpus_per_actor}")
+        _check(self.num_actors >= 1, "num_actors", f">= 1, got {self.num_actors}")
+        _check(self.batch_size >= 1 and self.encode_batch >= 1, "batch_size", "batch_size and encode_batch >= 1")
+        _check(self.text_vocab_size >= 300, "text_vocab_size", f">= 300 (bytes + merges), got {self.text_vocab_size}")
+        _check(self.cpus_per_actor > 0, "cpus_per_actor", f"> 0, got {self.cpus_per_actor}")
 
 
 @dataclass
@@ -402,14 +412,14 @@ class BPEConfig:
     png_tiles: int = 32
 
     def __post_init__(self):
-        _check(self.num_merges >= 0, "bpe.num_merges", f">= 0, got {self.num_merges}")
-        _check(self.alpha >= 0, "bpe.alpha", f">= 0, got {self.alpha}")
-        _check(self.top_k >= 1, "bpe.top_k", f">= 1, got {self.top_k}")
-        _check(self.min_frequency >= 1, "bpe.min_frequency", f">= 1, got {self.min_frequency}")
-        _check(min(self.max_tile) >= 1, "bpe.max_tile", f"(h, w) >= 1, got {self.max_tile}")
-        _check(self.depth >= 0, "bpe.depth", f">= 0, got {self.depth}")
-        _check(self.num_workers >= 1, "bpe.num_workers", f">= 1, got {self.num_workers}")
-        _check(self.heldout_every >= 2, "bpe.heldout_every", f">= 2, got {self.heldout_every}")
+        _check(self.num_merges >= 0, "num_merges", f">= 0, got {self.num_merges}")
+        _check(self.alpha >= 0, "alpha", f">= 0, got {self.alpha}")
+        _check(self.top_k >= 1, "top_k", f">= 1, got {self.top_k}")
+        _check(self.min_frequency >= 1, "min_frequency", f">= 1, got {self.min_frequency}")
+        _check(min(self.max_tile) >= 1, "max_tile", f"(h, w) >= 1, got {self.max_tile}")
+        _check(self.depth >= 0, "depth", f">= 0, got {self.depth}")
+        _check(self.num_workers >= 1, "num_workers", f">= 1, got {self.num_workers}")
+        _check(self.heldout_every >= 2, "heldout_every", f">= 2, got {self.heldout_every}")
 
 
 @dataclass
@@ -467,14 +477,14 @@ class ModelConfig:
     """Visual BPE merges; empty = `<bpe.output>/merges.json`."""
 
     def __post_init__(self):
-        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", f"divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
-        _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", f"dividing num_heads ({self.num_heads}), got {self.num_kv_heads}")
-        _check(self.num_layers >= 1, "model.num_layers", f">= 1, got {self.num_layers}")
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", f"divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
+        _check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads", f"dividing num_heads ({self.num_heads}), got {self.num_kv_heads}")
+        _check(self.num_layers >= 1, "num_layers", f">= 1, got {self.num_layers}")
         _check(bool(self.codebooks) and all(c in ("pixel", "semantic") for c in self.codebooks), "model.codebooks",
                f"a non-empty list of 'pixel'/'semantic', got {self.codebooks}")
-        _check(not self.mot_attention or self.mot, "model.mot_attention", "requires model.mot: true")
-        _check(self.depth_head.dim % self.depth_head.heads == 0, "model.depth_head.dim", "divisible by depth_head.heads")
-        _check(self.time_step > 0 and self.time_tokens >= 1, "model.time_step", "time_step > 0 and time_tokens >= 1")
+        _check(not self.mot_attention or self.mot, "mot_attention", "requires model.mot: true")
+        _check(self.depth_head.dim % self.depth_head.heads == 0, "depth_head.dim", "divisible by depth_head.heads")
+        _check(self.time_step > 0 and self.time_tokens >= 1, "time_step", "time_step > 0 and time_tokens >= 1")
 
 
 @dataclass
@@ -515,15 +525,15 @@ class StageConfig:
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
 
     def __post_init__(self):
-        _check(self.steps >= 1, f"train.stages[{self.name}].steps", f">= 1, got {self.steps}")
-        _check(self.lr > 0, f"train.stages[{self.name}].lr", f"> 0, got {self.lr}")
-        _check(self.seq_len >= 16, f"train.stages[{self.name}].seq_len", f">= 16, got {self.seq_len}")
+        _check(self.steps >= 1, "steps", f">= 1, got {self.steps}")
+        _check(self.lr > 0, "lr", f"> 0, got {self.lr}")
+        _check(self.seq_len >= 16, "seq_len", f">= 16, got {self.seq_len}")
         _check(self.t2i_rate is None or 0.0 <= self.t2i_rate <= 1.0, f"train.stages[{self.name}].t2i_rate",
                f"a share in [0, 1] or null, got {self.t2i_rate}")
         _check(bool(self.mixture.weights) and all(w >= 0 for w in self.mixture.weights.values()) and sum(self.mixture.weights.values()) > 0,
                f"train.stages[{self.name}].mixture.weights", f"non-negative weights with a positive sum, got {self.mixture.weights}")
         for sel in self.mixture.weights:
-            _check(sel == "all" or "=" in sel, f"train.stages[{self.name}].mixture.weights.{sel}", "'all' or a 'key=value' tag")
+            _check(sel == "all" or "=" in sel, f"mixture.weights.{sel}", "'all' or a 'key=value' tag")
 
 
 def default_stages() -> list[StageConfig]:
@@ -587,16 +597,16 @@ class TrainConfig:
         return self.t2i_rate if stage.t2i_rate is None else stage.t2i_rate
 
     def __post_init__(self):
-        _check(bool(self.stages), "train.stages", "at least one stage")
+        _check(bool(self.stages), "stages", "at least one stage")
         names = [s.name for s in self.stages]
-        _check(len(set(names)) == len(names), "train.stages", f"unique stage names, got {names}")
-        _check(self.num_workers >= 1, "train.num_workers", f">= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", f"> 0, got {self.cpus_per_worker}")
-        _check(self.grad_accum >= 1, "train.grad_accum", f">= 1, got {self.grad_accum}")
-        _check(0 <= self.t2i_rate <= 1, "train.t2i_rate", f"0..1, got {self.t2i_rate}")
-        _check(0 <= self.cfg_text_dropout <= 1, "train.cfg_text_dropout", f"0..1, got {self.cfg_text_dropout}")
-        _check(self.checkpoint_every >= 1, "train.checkpoint_every", f">= 1, got {self.checkpoint_every}")
-        _check(self.pack_group >= 1, "train.pack_group", f">= 1, got {self.pack_group}")
+        _check(len(set(names)) == len(names), "stages", f"unique stage names, got {names}")
+        _check(self.num_workers >= 1, "num_workers", f">= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "cpus_per_worker", f"> 0, got {self.cpus_per_worker}")
+        _check(self.grad_accum >= 1, "grad_accum", f">= 1, got {self.grad_accum}")
+        _check(0 <= self.t2i_rate <= 1, "t2i_rate", f"0..1, got {self.t2i_rate}")
+        _check(0 <= self.cfg_text_dropout <= 1, "cfg_text_dropout", f"0..1, got {self.cfg_text_dropout}")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", f">= 1, got {self.checkpoint_every}")
+        _check(self.pack_group >= 1, "pack_group", f">= 1, got {self.pack_group}")
         for i, s in enumerate(self.stages):
             _check(s.batch_size % (self.num_workers * self.grad_accum) == 0, f"train.stages[{i}].batch_size",
                    f"a multiple of num_workers * grad_accum ({self.num_workers * self.grad_accum}), got {s.batch_size}")
@@ -624,9 +634,9 @@ class EvalConfig:
 
     def __post_init__(self):
         for key in ("num_captions", "num_questions", "num_generate"):
-            _check(getattr(self, key) >= 0, f"eval.{key}", f">= 0, got {getattr(self, key)}")
-        _check(self.cfg_scale >= 1.0, "eval.cfg_scale", f">= 1 (1 = no guidance), got {self.cfg_scale}")
-        _check(self.temperature >= 0, "eval.temperature", f">= 0 (0 = greedy), got {self.temperature}")
+            _check(getattr(self, key) >= 0, key, f">= 0, got {getattr(self, key)}")
+        _check(self.cfg_scale >= 1.0, "cfg_scale", f">= 1 (1 = no guidance), got {self.cfg_scale}")
+        _check(self.temperature >= 0, "temperature", f">= 0 (0 = greedy), got {self.temperature}")
 
 
 @dataclass
@@ -654,11 +664,11 @@ class AblateConfig:
     studies: list[AblationStudy] = field(default_factory=list)
 
     def __post_init__(self):
-        _check(bool(self.seeds), "ablate.seeds", "at least one seed")
-        _check(0 < self.steps_scale <= 10, "ablate.steps_scale", f"0 < x <= 10, got {self.steps_scale}")
+        _check(bool(self.seeds), "seeds", "at least one seed")
+        _check(0 < self.steps_scale <= 10, "steps_scale", f"0 < x <= 10, got {self.steps_scale}")
         for i, st in enumerate(self.studies):
             names = [a.name for a in st.arms]
-            _check(len(names) == len(set(names)) and names, f"ablate.studies[{i}].arms", f"unique, non-empty arm names, got {names}")
+            _check(len(names) == len(set(names)) and names, f"studies[{i}].arms", f"unique, non-empty arm names, got {names}")
 
 
 @dataclass
@@ -837,8 +847,8 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
         raise ConfigError(f"{prefix}.{missing[0]}" if prefix else missing[0], "required key is missing")
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:  # a `_check` in the section's __post_init__: its key is relative to the section
+        raise e.under(prefix) from None
     except (TypeError, ValueError) as e:
         raise ConfigError(prefix or cls.__name__, str(e)) from e
 

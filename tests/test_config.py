@@ -28,6 +28,11 @@ def test_defaults_and_demo_config_load():
         ("prepare.video.target_fps=-1", "prepare.video.target_fps", "> 0"),
         ("ray.num_cpus=1.5", "ray.num_cpus", "expected int or null"),
         ("run.name=a/b", "run.name", "without '/'"),
+        # one check class, the key of wherever it sits: the builder adds the section's path
+        ("tokenizer.dual.pixel_rvq.depth=0", "tokenizer.dual.pixel_rvq.depth", "1..32"),
+        ("tokenizer.vq.rvq.decay=1.5", "tokenizer.vq.rvq.decay", "in (0, 1)"),
+        ("train.stages=[{name: a, steps: 0}]", "train.stages[0].steps", ">= 1"),
+        ("prepare.text.min_chars=-1", "prepare.text", "min_chars <= max_chars"),
     ],
 )
 def test_bad_values_name_the_key(override, key, expected):
