@@ -378,8 +378,6 @@ class TokenizeConfig:
     """Images per forward pass; the last chunk is padded, so every image meets the same kernels
     whatever the pool size (tokens identical for 1 or N actors)."""
     rows_per_shard: int = 256
-    fault_marker: str = ""
-    """Test hook: a path; the first actor call that finds it missing creates it and kills its process."""
 
     def __post_init__(self):
         _check(self.num_actors >= 1, "num_actors", f">= 1, got {self.num_actors}")
@@ -583,11 +581,6 @@ class TrainConfig:
     probe_questions: int = 30
     seed: int = -1
     """Seed of model init, data order and sequence draws; -1 = run.seed (ablations vary this alone)."""
-    fault_step: int = -1
-    """Test hook: once per run root, after this global step (and its checkpoint, if one is due), the
-    worker of rank 0 kills its process (`fault_mode: exit`) or blocks like a stuck job until the job is
-    stopped (`hang`)."""
-    fault_mode: Literal["exit", "hang"] = "exit"
 
     def effective_seed(self, run_seed: int) -> int:
         return run_seed if self.seed < 0 else self.seed

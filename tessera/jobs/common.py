@@ -136,7 +136,13 @@ def resubmit_record(module: str, argv: list[str]) -> dict:
     env = job.get("runtime_env", {})
     uploaded = bool(env.get("working_dir"))
     return {"command": ["python", "-m", module, *argv], "working_dir": uploaded, "cwd": None if uploaded else os.getcwd(),
-            "runtime_env": {k: v for k, v in env.items() if k in RESUBMITTABLE_ENV}}
+            "runtime_env": _without_fault_hooks({k: v for k, v in env.items() if k in RESUBMITTABLE_ENV})}
+
+
+def _without_fault_hooks(runtime_env: dict) -> dict:
+    """A test's fault hook (`TESSERA_FAULT` in env_vars) fires in the job it was given to, not in every resubmission."""
+    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items() if k != "TESSERA_FAULT"}
+    return {k: v for k, v in runtime_env.items() if k != "env_vars"} | ({"env_vars": env_vars} if env_vars else {})
 
 
 def ray_job_record() -> dict:

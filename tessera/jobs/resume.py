@@ -23,8 +23,9 @@ from tessera.jobs.runs import describe
 ACTIVE = ("PENDING", "RUNNING")
 
 
-def resume_request(state: dict, working_dir: str | None, overrides: list[str]) -> tuple[str, dict]:
-    """(entrypoint, runtime_env) that submit the run's recorded command again, plus `--set` overrides."""
+def resume_request(state: dict, working_dir: str | None, overrides: list[str], env: list[str] = ()) -> tuple[str, dict]:
+    """(entrypoint, runtime_env) that submit the run's recorded command again, plus `--set` overrides and
+    `--env NAME=VALUE` variables over the recorded ones."""
     record = state.get("resubmit")
     if record is None:  # recorded by an older Tessera: the driver's argv and directory
         args = ["python", *list(state["entrypoint"])[1:]]
@@ -32,6 +33,8 @@ def resume_request(state: dict, working_dir: str | None, overrides: list[str]) -
     command = [*record["command"], *[a for o in overrides for a in ("--set", o)]]
     entrypoint = " ".join(shlex.quote(a) for a in command)
     runtime_env = dict(record.get("runtime_env") or {})
+    if env:
+        runtime_env["env_vars"] = dict(runtime_env.get("env_vars") or {}) | dict(e.split("=", 1) for e in env)
     if record.get("working_dir"):
         runtime_env["working_dir"] = os.path.abspath(working_dir or ".")
     elif record.get("cwd"):
@@ -80,6 +83,12 @@ def resumable_run(output: str, address: str) -> dict:
     return where
 
 
+def _env_var(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return text
+
+
 def _refuse(message: str) -> None:
     print(f"tessera resume: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -96,6 +105,8 @@ def main(argv: list[str] | None = None) -> str:
                     help="the checkout to upload when the run was submitted with --working-dir (default: .)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra override for the resubmitted command (e.g. train.max_failures=3)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", type=_env_var,
+                    help="environment variable for the resubmitted job, over the recorded ones (e.g. NCCL_DEBUG=INFO)")
     ap.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
     args = ap.parse_args(argv)
     where = resumable_run(find_output(args.run, args.root, args.output), args.address)
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(args.address)
-    entrypoint, runtime_env = resume_request(state, args.working_dir, args.overrides)
+    entrypoint, runtime_env = resume_request(state, args.working_dir, args.overrides, args.env)
     run = where["run"] or "run"
     job_id = submit(client, entrypoint, {"tessera_run": run, "resume_of": str(where["submission_id"] or "")},
                     runtime_env, submission_id=f"tessera-{run}-resume-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -17,7 +17,7 @@ import os
 
 from tessera import storage
 from tessera.config import TesseraConfig
-from tessera.faults import fault_point
+from tessera.faults import actor_fault_marker, fault_point
 from tessera.jobs.common import JobState, Timer, fingerprint, parse_args, ray_session
 from tessera.manifest import dataset_files, write_manifest
 from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
@@ -98,7 +98,8 @@ def _encode(state: JobState, kc, files: list[str], tok_dir: str, image_size: int
         # blocks of one actor batch, streamed (no shuffle), so work spreads over the whole pool
         ds = ds.repartition(target_num_rows_per_block=kc.batch_size)
         ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_dir": tok_dir, "image_size": image_size,
-                                                                  "chunk": kc.encode_batch, "fault_marker": kc.fault_marker},
+                                                                  "chunk": kc.encode_batch,
+                                                                  "fault_marker": actor_fault_marker(state.output)},
                             compute=ray.data.ActorPoolStrategy(size=kc.num_actors, max_tasks_in_flight_per_actor=2),
                             batch_size=kc.batch_size, batch_format="pyarrow", num_cpus=kc.cpus_per_actor,
                             num_gpus=kc.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1)

@@ -31,7 +31,7 @@ import numpy as np
 
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
-from tessera.faults import fault_point
+from tessera.faults import StepFault, fault_point
 from tessera.jobs.common import (JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record,
                                  run_ray_train_loop, worker_print)
 from tessera.manifest import dataset_files
@@ -73,8 +73,9 @@ def train_loop_per_worker(config: dict) -> None:
                      checkpoint_every=tc.checkpoint_every, probe_every=tc.probe_every, probe=probe,
                      offset=config["step_offset"], stage_name=stage.name, stage_index=i)
     log = (lambda step: _log_step(config["metrics_csv"], stage, step.metrics)) if rank == 0 else None
-    fault = (lambda step: _fault_hook(tc, config["fault_marker"], config["step_offset"] + step.step)) if rank == 0 else None
-    run_ray_train_loop(loop, rank, f"[train] stage {i} {stage.name!r}:", on_log=log, after_step=fault)
+    fault = StepFault(**config["fault"]) if config["fault"] and rank == 0 else None  # a test hook (tessera.faults)
+    after_step = (lambda step: fault(config["step_offset"] + step.step)) if fault else None
+    run_ray_train_loop(loop, rank, f"[train] stage {i} {stage.name!r}:", on_log=log, after_step=after_step)
 
 
 def _initial_model(cfg: TesseraConfig, config: dict):
@@ -111,19 +112,6 @@ def _log_step(metrics_csv: str, stage, metrics: dict) -> None:
     worker_print(f"[train] {stage.name} step {metrics['stage_step']}/{stage.steps} (global {metrics['step']}) "
                  f"loss {metrics['loss']:.4f} text {metrics['text_loss']:.3f} image {metrics['image_loss']:.3f} "
                  f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s" + (f" | probe {probed}" if probed else ""))
-
-
-def _fault_hook(tc, marker: str, global_step: int) -> None:
-    """The test hook `train.fault_step`: once per run (a marker file), kill the worker or block until stopped."""
-    if tc.fault_step != global_step or os.path.exists(marker):
-        return
-    open(marker, "w").close()
-    if tc.fault_mode == "hang":
-        worker_print(f"[train] fault hook: blocking after global step {global_step} until stopped")
-        while True:
-            time.sleep(1)
-    worker_print(f"[train] fault hook: killing worker after global step {global_step}")
-    os._exit(1)
 
 
 def _append_csv(uri: str, row: dict) -> None:
@@ -331,7 +319,7 @@ def train(cfg: TesseraConfig, resubmit: dict | None = None) -> dict:
 
 
 def _plan(cfg: TesseraConfig) -> _Run:
-    """Inputs, assets and the fingerprint that decides skip / resume (the fault hooks, failure budget and
+    """Inputs, assets and the fingerprint that decides skip / resume (the failure budget and
     logging cadence are not part of it: changing them continues the same run)."""
     from tessera.model.assets import load_assets
 
@@ -341,7 +329,7 @@ def _plan(cfg: TesseraConfig) -> _Run:
     inputs = storage.read_json(storage.join(tokens_dir, "manifest.json"))["files"]
     assets = load_assets(mc, cfg.resolve)
     identities = {"tokenizer": assets.tokenizer_identity, "text_tokenizer": assets.text_identity, "bpe": assets.bpe_identity}
-    train_section = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("fault_step", "fault_mode", "max_failures", "log_every")}
+    train_section = {k: v for k, v in dataclasses.asdict(tc).items() if k not in ("max_failures", "log_every")}
     fp = fingerprint(cfg.section_fingerprint("model", "run"), train_section, inputs, identities)
     sizes, depth = assets.rvq_geometry(mc)
     return _Run(cfg, out, fp, assets, identities, assets.vocabulary(mc), sizes, depth, tokens_dir,
@@ -377,11 +365,12 @@ def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:
     print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
           f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}", flush=True)
     datasets, data_info = _stage_datasets(cfg, run.index, i, run.spec_kwargs)
+    fault = StepFault.from_env(run.out)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": init_model, "vocabulary": run.vocab.to_dict(),
                            "codebook_sizes": run.sizes, "depth": run.depth, "step_offset": offset, "metrics_csv": run.metrics_csv,
-                           "fault_marker": os.path.join(run.out, f"fault-{tc.fault_step}.marker"), "probe": run.probe},
+                           "fault": fault and dataclasses.asdict(fault), "probe": run.probe},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=run.storage_path, checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
                              failure_config=FailureConfig(max_failures=tc.max_failures)),

@@ -1,6 +1,7 @@
 """Run state on an object store: `tessera runs` / `tessera resume` read what the train job writes
 through `tessera.storage` on an `s3://` run root (a moto S3 server this test starts on 127.0.0.1)."""
 
+import os
 import socket
 
 import pytest
@@ -70,3 +71,33 @@ def test_runs_and_resume_see_a_run_on_an_object_store(s3_root, capsys):
     entrypoint, env = resume_request(run["state"], "/checkout", ["train.max_failures=3"])
     assert entrypoint == "python -m tessera.jobs.train --config configs/demo.yaml --set train.max_failures=3"
     assert env == {"env_vars": {"HF_HUB_OFFLINE": "1"}, "working_dir": "/checkout"}, "the checkout is uploaded again"
+    _, env = resume_request(run["state"], "/checkout", [], ["NCCL_DEBUG=INFO"])
+    assert env["env_vars"] == {"HF_HUB_OFFLINE": "1", "NCCL_DEBUG": "INFO"}, "--env adds to the recorded variables"
+
+
+def test_a_fault_hook_is_not_recorded_for_resubmission(monkeypatch):
+    """`TESSERA_FAULT` in a job's runtime env fires in that job; `tessera resume` must not carry it on."""
+    from tessera.jobs import common
+
+    monkeypatch.setattr(common, "submission", lambda: {"runtime_env": {
+        "working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"TESSERA_FAULT": "train:step?at=2&mode=hang", "A": "1"}}})
+    record = common.resubmit_record("tessera.jobs.train", ["--set", "x=1"])
+    assert record["runtime_env"] == {"env_vars": {"A": "1"}} and record["working_dir"] is True
+    monkeypatch.setattr(common, "submission", lambda: {"runtime_env": {"env_vars": {"TESSERA_FAULT": "x"}}})
+    assert common.resubmit_record("tessera.jobs.train", [])["runtime_env"] == {}
+
+
+def test_fault_hooks_are_armed_by_the_environment_only(monkeypatch, tmp_path):
+    from tessera import faults
+
+    monkeypatch.delenv("TESSERA_FAULT", raising=False)
+    assert faults.armed("train:step") is None and faults.StepFault.from_env(str(tmp_path)) is None
+    monkeypatch.setenv("TESSERA_FAULT", "train:step?at=5&mode=hang")
+    assert faults.armed("train:step") == {"at": "5", "mode": "hang"} and faults.armed("prepare:after_samples") is None
+    hook = faults.StepFault.from_env(str(tmp_path))
+    assert (hook.at, hook.mode, hook.marker) == (5, "hang", str(tmp_path / "fault-5.marker"))
+    hook(4)  # not its step: returns, and arms nothing
+    assert not os.path.exists(hook.marker)
+    monkeypatch.setenv("TESSERA_FAULT", "train:step?at=five")
+    with pytest.raises(ValueError, match="at=<step>"):
+        faults.StepFault.from_env(str(tmp_path))

@@ -97,8 +97,8 @@ def _run(root, ray_address, *extra, fault=None):
 def test_two_actors_and_a_killed_worker_give_the_same_tokens(tokenized, world_root, ray_cluster, tmp_path):
     root = linked_root(tmp_path, world_root, "synth", "prepare", "tokenizer")
     os.symlink(world_root / "tokens" / "text_tokenizer", root / "text_tokenizer")
-    marker = tmp_path / "killed-once"
-    code, out = _run(root, ray_cluster, "tokenize.num_actors=2", f"tokenize.fault_marker={marker}")
+    marker = root / "tokens" / "fault-actor.marker"
+    code, out = _run(root, ray_cluster, "tokenize.num_actors=2", fault="tokenize:actor")
     assert code == 0, out
     assert marker.exists(), "the fault hook killed an actor process"
     assert token_map(root) == token_map(world_root), "every sample exactly once, identical tokens"

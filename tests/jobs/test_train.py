@@ -65,12 +65,13 @@ def test_runs_lists_the_run_with_stage_step_and_checkpoint(uninterrupted, world_
     assert record["command"][:3] == ["python", "-m", "tessera.jobs.train"] and record["working_dir"] is False
 
 
-def test_killed_worker_is_recovered_and_losses_match(uninterrupted, world_root):
+def test_killed_worker_is_recovered_and_losses_match(uninterrupted, world_root, monkeypatch):
     """The rank-0 worker dies after step 5 (inside stage 2, one step past a checkpoint):
     FailureConfig restarts it, it resumes from step 4, and every step's loss equals the clean run's."""
     from tessera.jobs.train import train
 
-    cfg = train_config(world_root, "train-worker-kill", "train.fault_step=5", "train.max_failures=1")
+    monkeypatch.setenv("TESSERA_FAULT", "train:step?at=5")  # read by the driver, handed to the rank-0 worker
+    cfg = train_config(world_root, "train-worker-kill", "train.max_failures=1")
     report = train(cfg)
     assert report["steps"] == 7
     assert os.path.exists(os.path.join(cfg.resolve(cfg.train.output), "fault-5.marker"))
@@ -154,14 +155,17 @@ JOB_OVERRIDES = [*TINY_TOKENIZER, *TINY_BPE, *TINY_TRAIN, "train.output={root}/t
                  "eval.num_captions=4", "eval.num_questions=8"]
 
 
-def readme_submit(dashboard, verb, overrides, wait=True):
+def readme_submit(dashboard, verb, overrides, wait=True, fault=""):
     """The README's command exactly, run from the checkout with RAY_ADDRESS set:
-    `ray job submit --working-dir . -- python -m tessera.jobs.<verb> --set ...`. Returns (submission id, output)."""
+    `ray job submit --working-dir . -- python -m tessera.jobs.<verb> --set ...` (a `fault` hook goes in
+    the job's runtime env, as `tessera.faults` says). Returns (submission id, output)."""
+    import json
     import re
     import subprocess
     import sys
 
     cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "job", "submit", *([] if wait else ["--no-wait"]),
+           *(["--runtime-env-json", json.dumps({"env_vars": {"TESSERA_FAULT": fault}})] if fault else []),
            "--working-dir", ".", "--", "python", "-m", f"tessera.jobs.{verb}", *[a for o in overrides for a in ("--set", o)]]
     done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, RAY_ADDRESS=dashboard), capture_output=True, text=True, timeout=900)
     out = done.stdout + done.stderr
@@ -250,11 +254,11 @@ def test_every_verb_through_the_readme_command_and_stops_at_any_moment_resume_ex
     cfg = train_config(world_root, "train-job")
     output = cfg.resolve(cfg.train.output)
 
-    job, _ = readme_submit(dashboard, "train", [*overrides, "train.fault_step=2", "train.fault_mode=hang"], wait=False)
+    job, _ = readme_submit(dashboard, "train", overrides, wait=False, fault="train:step?at=2&mode=hang")
     wait_until(lambda: recorded_step(output) == 2, "stage 1's step-2 checkpoint recorded")
     stop_and_check(client, job, output, 2, "embeddings")
 
-    job = resume([str(world_root), "--output", output, "--address", dashboard, "--set", "train.fault_step=5"])
+    job = resume([str(world_root), "--output", output, "--address", dashboard, "--env", "TESSERA_FAULT=train:step?at=5&mode=hang"])
     assert job.startswith("tessera-") and client.get_job_info(job).metadata["tessera_run"] == cfg.run.name
     wait_until(lambda: recorded_step(output) == 5, "stage 2's step-2 checkpoint recorded")
     run = stop_and_check(client, job, output, 5, "all")
