@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 
 from tessera.bpe import VisualBPE  # noqa: E402
 from tessera.bpe import reference as ref  # noqa: E402
+from tessera.bpe.distributed import RayShards  # noqa: E402
+from tessera.bpe.shards import LocalShards  # noqa: E402
 
 
 def structured_corpus(n: int, side: int, K: int, seed: int = 0) -> np.ndarray:
@@ -73,7 +75,8 @@ def bench_scale(args) -> tuple[dict, VisualBPE, np.ndarray]:
     gen_s = time.perf_counter() - t
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    bpe = VisualBPE.fit(list(grids), 8192, args.big_merges, num_workers=args.workers, progress=True)
+    bpe = VisualBPE.fit(list(grids), 8192, args.big_merges, num_shards=args.workers,
+                        shards=RayShards if args.workers > 1 else LocalShards, progress=True)
     wall = time.perf_counter() - t
     r = bpe.report
     out = {"grids": args.big_grids, "side": 32, "codebook": 8192, "merges_requested": args.big_merges,

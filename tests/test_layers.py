@@ -1,6 +1,6 @@
 """The package's layers hold: no import cycle, and no lower layer imports a higher one.
 
-Layers, lowest first: the core modules (config, schema, storage, faults, manifest, loop); pipelines/,
+Layers, lowest first: the core modules (config, schema, storage, faults, manifest, loop, timing); pipelines/,
 tokenize/, bpe/; model/; jobs/; the CLI. Every import counts, inside functions too: a deferred
 import of a higher layer is still a dependency on it.
 """
@@ -11,7 +11,7 @@ import os
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tessera")
-LAYERS = {"config": 0, "schema": 0, "storage": 0, "faults": 0, "manifest": 0, "loop": 0, "pipelines": 1, "tokenize": 1, "bpe": 1,
+LAYERS = {"config": 0, "schema": 0, "storage": 0, "faults": 0, "manifest": 0, "loop": 0, "timing": 0, "pipelines": 1, "tokenize": 1, "bpe": 1,
           "model": 2, "jobs": 3, "cli": 4}
 
 
@@ -100,3 +100,24 @@ def test_job_functions_stay_short():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 50:
                     long.append(f"jobs/{name}::{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+RAY_ADAPTERS = {"tessera.bpe.distributed", "tessera.pipelines.readers"}  # Ray Data datasources, BPE shard actors
+
+
+def test_only_the_ray_adapters_import_ray():
+    """The library is Ray-free (STYLE.md: the Ray parts are adapters over it): outside jobs/, only the
+    shard actors of the BPE fit and the Ray Data datasources import Ray. The fit loop itself does not;
+    its caller picks the shard backend."""
+    importers = set()
+    for directory, _, files in os.walk(PACKAGE):
+        for name in (n for n in files if n.endswith(".py")):
+            path = os.path.join(directory, name)
+            module = ("tessera." + os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")).removesuffix(".__init__")
+            for node in ast.walk(ast.parse(open(path).read(), path)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                    [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                if any(n.split(".")[0] == "ray" for n in names):
+                    importers.add(module)
+    assert "tessera.jobs.train" in importers
+    assert {m for m in importers if not m.startswith("tessera.jobs.")} == RAY_ADAPTERS

@@ -1,7 +1,7 @@
 """The fit loop of the visual BPE: count once, then choose → broadcast → apply → reduce deltas.
 
-Shards (in-process `_core.Shard`s, or Ray actors holding them: `tessera.bpe.distributed`)
-count their pairs once; the driver's `_core.Table` holds the global counts F and picks each
+Shards (in-process `_core.Shard`s, or Ray actors holding them: `tessera.bpe.distributed`, the
+backend chosen by the caller; this module never imports Ray) count their pairs once; the driver's `_core.Table` holds the global counts F and picks each
 merge; every shard applies it and returns only the count deltas it caused. With the same
 global counts the choice is the same, so any number of shards gives identical merges.
 
@@ -18,11 +18,13 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 
 from tessera.bpe.core import _core
 from tessera.bpe.shards import Corpus, LocalShards, ShardSet
+from tessera.timing import Timer
 
 DIRS = ("h", "v")
 
@@ -70,49 +72,66 @@ def merged_shape(shape_h: list[int], shape_w: list[int], a: int, b: int, d: int)
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _ckpt_state_path(ckpt_dir: str) -> str:
-    return os.path.join(ckpt_dir, "state.json")
+@dataclass
+class FitCheckpointer:
+    """Every `every` merges: each shard's anchor map (one .npy per shard), then `state.json` with the
+    merges so far, written atomically, so a crash mid-save leaves the previous checkpoint intact.
+    A checkpoint is used only for the same corpus, parameters and number of shards."""
 
+    directory: str
+    every: int
 
-def load_checkpoint(ckpt_dir: str | None, params: FitParams, fingerprint: str, num_shards: int):
-    """-> (merges, tiles per shard) of a matching checkpoint, or None."""
-    if not ckpt_dir or not os.path.exists(_ckpt_state_path(ckpt_dir)):
-        return None
-    with open(_ckpt_state_path(ckpt_dir)) as f:
-        state = json.load(f)
-    if state["params"] != params.to_dict() or state["corpus"] != fingerprint or state["num_shards"] != num_shards:
-        return None
-    tiles = [np.load(os.path.join(ckpt_dir, f"shard-{i}-{state['step']:06d}.npy")) for i in range(num_shards)]
-    return [tuple(m) for m in state["merges"]], tiles
+    @property
+    def _state_path(self) -> str:
+        return os.path.join(self.directory, "state.json")
 
+    def due(self, merges_done: int) -> bool:
+        return self.every > 0 and merges_done % self.every == 0
 
-def save_checkpoint(ckpt_dir: str, params: FitParams, fingerprint: str, merges: list, tiles: list[np.ndarray]) -> None:
-    """Shard files first, then state.json atomically: a crash mid-save leaves the previous checkpoint intact."""
-    os.makedirs(ckpt_dir, exist_ok=True)
-    step = len(merges)
-    for i, t in enumerate(tiles):
-        np.save(os.path.join(ckpt_dir, f"shard-{i}-{step:06d}.npy"), t)
-    tmp = _ckpt_state_path(ckpt_dir) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"params": params.to_dict(), "corpus": fingerprint, "num_shards": len(tiles), "step": step,
-                   "merges": [list(m) for m in merges]}, f)
-    os.replace(tmp, _ckpt_state_path(ckpt_dir))
-    for name in os.listdir(ckpt_dir):  # older shard files
-        if name.startswith("shard-") and not name.endswith(f"-{step:06d}.npy"):
-            os.remove(os.path.join(ckpt_dir, name))
+    def load(self, params: FitParams, fingerprint: str, num_shards: int):
+        """-> (merges, tiles per shard) of a matching checkpoint, or None."""
+        if not os.path.exists(self._state_path):
+            return None
+        with open(self._state_path) as f:
+            state = json.load(f)
+        if state["params"] != params.to_dict() or state["corpus"] != fingerprint or state["num_shards"] != num_shards:
+            return None
+        tiles = [np.load(os.path.join(self.directory, f"shard-{i}-{state['step']:06d}.npy")) for i in range(num_shards)]
+        return [tuple(m) for m in state["merges"]], tiles
+
+    def save(self, params: FitParams, fingerprint: str, merges: list, tiles: list[np.ndarray]) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        step = len(merges)
+        for i, t in enumerate(tiles):
+            np.save(os.path.join(self.directory, f"shard-{i}-{step:06d}.npy"), t)
+        tmp = self._state_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"params": params.to_dict(), "corpus": fingerprint, "num_shards": len(tiles), "step": step,
+                       "merges": [list(m) for m in merges]}, f)
+        os.replace(tmp, self._state_path)
+        for name in os.listdir(self.directory):  # older shard files
+            if name.startswith("shard-") and not name.endswith(f"-{step:06d}.npy"):
+                os.remove(os.path.join(self.directory, name))
 
 
 # ----------------------------------------------------------------------------- the loop
 
+ShardBackend = Callable[[list[Corpus], Optional[list[np.ndarray]], list[int], list[int]], ShardSet]
+"""(shard corpora, their saved anchor maps or None, shape_h, shape_w) -> a `ShardSet`: `LocalShards`
+here, or `tessera.bpe.distributed.RayShards` (one actor per shard), chosen by the caller."""
 
-def run_fit(corpus: Corpus, params: FitParams, num_workers: int = 1, checkpoint_dir: str | None = None,
-            checkpoint_every: int = 0, progress: bool = False, stop_after: int | None = None) -> FitResult:
-    """Fit merges on `corpus`. `stop_after` (tests) stops after that many merges of this call, as if killed."""
+
+def run_fit(corpus: Corpus, params: FitParams, shards: ShardBackend = LocalShards, num_shards: int = 1,
+            checkpointer: FitCheckpointer | None = None, progress: bool = False,
+            stop_after: int | None = None) -> FitResult:
+    """Fit merges on `corpus` split into `num_shards` shards of the `shards` backend; any backend and
+    any number of shards give the same merges. `stop_after` (tests) stops after that many merges of
+    this call, as if killed. The report's `seconds` are the phases of one `Timer`."""
     K = params.codebook_size
-    t_start = time.perf_counter()
-    corpora = corpus.split(num_workers)
+    timer = Timer()
+    corpora = corpus.split(num_shards)
     fingerprint = corpus.fingerprint()
-    resumed = load_checkpoint(checkpoint_dir, params, fingerprint, len(corpora))
+    resumed = checkpointer.load(params, fingerprint, len(corpora)) if checkpointer else None
     merges: list[tuple[int, int, int]] = []
     shape_h, shape_w = [1] * K, [1] * K
     tiles = None
@@ -123,22 +142,13 @@ def run_fit(corpus: Corpus, params: FitParams, num_workers: int = 1, checkpoint_
             shape_h.append(h)
             shape_w.append(w)
 
-    seconds = {"build": 0.0, "count": 0.0, "choose": 0.0, "apply": 0.0, "reduce": 0.0, "checkpoint": 0.0}
-    t = time.perf_counter()
-    if num_workers > 1:
-        from tessera.bpe.distributed import RayShards
-
-        shards: ShardSet = RayShards(corpora, tiles, shape_h, shape_w)
-    else:
-        shards = LocalShards(corpora, tiles, shape_h, shape_w)
-    seconds["build"] = time.perf_counter() - t
-
+    with timer.phase("build"):
+        shard_set = shards(corpora, tiles, shape_h, shape_w)
     table = _core.Table(list(shape_h), list(shape_w), params.max_tile[0], params.max_tile[1], params.min_frequency)
-    t = time.perf_counter()
-    for keys, counts in shards.count():
-        table.add(keys, counts)
-    seconds["count"] = time.perf_counter() - t
-    initial = shards.stats()
+    with timer.phase("count"):
+        for keys, counts in shard_set.count():
+            table.add(keys, counts)
+    initial = shard_set.stats()
 
     frequencies, merged_counts = [], []
     done_this_call = 0
@@ -146,45 +156,41 @@ def run_fit(corpus: Corpus, params: FitParams, num_workers: int = 1, checkpoint_
     for i in range(len(merges), params.num_merges):
         if stop_after is not None and done_this_call >= stop_after:
             break
-        t = time.perf_counter()
-        a, b, d, f, p = table.choose(params.top_k, params.alpha)
-        seconds["choose"] += time.perf_counter() - t
+        with timer.phase("choose"):
+            a, b, d, f, p = table.choose(params.top_k, params.alpha)
         if a < 0:
             break
         h, w = merged_shape(shape_h, shape_w, a, b, d)
         shape_h.append(h)
         shape_w.append(w)
         table.add_shape(h, w)
-        t = time.perf_counter()
-        results = shards.apply(a, b, d, K + i, h, w)
-        seconds["apply"] += time.perf_counter() - t
-        t = time.perf_counter()
+        with timer.phase("apply"):
+            results = shard_set.apply(a, b, d, K + i, h, w)
         n = 0
-        for keys, deltas, merged in results:
-            table.add(keys, deltas)
-            n += merged
-        seconds["reduce"] += time.perf_counter() - t
+        with timer.phase("reduce"):
+            for keys, deltas, merged in results:
+                table.add(keys, deltas)
+                n += merged
         merges.append((a, b, d))
         frequencies.append(int(f))
         merged_counts.append(int(n))
         done_this_call += 1
-        if checkpoint_dir and checkpoint_every and len(merges) % checkpoint_every == 0:
-            t = time.perf_counter()
-            save_checkpoint(checkpoint_dir, params, fingerprint, [(a_, b_, DIRS[d_]) for a_, b_, d_ in merges], shards.tiles())
-            seconds["checkpoint"] += time.perf_counter() - t
+        if checkpointer and checkpointer.due(len(merges)):
+            with timer.phase("checkpoint"):
+                checkpointer.save(params, fingerprint, [(a_, b_, DIRS[d_]) for a_, b_, d_ in merges], shard_set.tiles())
         if progress and (time.perf_counter() - last_print > 2.0 or len(merges) == params.num_merges):
             last_print = time.perf_counter()
-            print(f"\r[bpe] merge {len(merges)}/{params.num_merges}  F={f}  shape={h}x{w}  "
-                  f"{time.perf_counter() - t_start:.1f}s", end="", file=sys.stderr, flush=True)
+            print(f"\r[bpe] merge {len(merges)}/{params.num_merges}  F={f}  shape={h}x{w}  {timer.total:.1f}s",
+                  end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    final = shards.stats()
+    final = shard_set.stats()
     report = {
         "merges_done": len(merges),
         "resumed_from": 0 if resumed is None else len(resumed[0]),
         "stopped_early": len(merges) < params.num_merges and (stop_after is None or done_this_call < stop_after),
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "wall_s": round(time.perf_counter() - t_start, 3),
+        "seconds": {"build": 0.0, "count": 0.0, "choose": 0.0, "apply": 0.0, "reduce": 0.0, "checkpoint": 0.0} | timer.rounded(),
+        "wall_s": timer.total,
         "input_tokens": int(initial["cells"]),
         "output_tokens": int(final["tiles"]),
         "compression_ratio": round(initial["cells"] / max(final["tiles"], 1), 4),

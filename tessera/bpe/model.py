@@ -15,8 +15,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from tessera.bpe.core import _core
-from tessera.bpe.fit import DIRS, FitParams, FitResult, merged_shape, run_fit
-from tessera.bpe.shards import Corpus
+from tessera.bpe.fit import DIRS, FitCheckpointer, FitParams, FitResult, ShardBackend, merged_shape, run_fit
+from tessera.bpe.shards import Corpus, LocalShards
 
 FORMAT = "tessera-visual-bpe/1"
 
@@ -45,14 +45,16 @@ class VisualBPE:
 
     @classmethod
     def fit(cls, grids: Iterable[np.ndarray], codebook_size: int, num_merges: int, alpha: float = 0.0, top_k: int = 32,
-            min_frequency: int = 2, max_tile: tuple[int, int] = (4, 4), num_workers: int = 1,
-            checkpoint_dir: str | None = None, checkpoint_every: int = 0, progress: bool = False,
-            stop_after: int | None = None) -> "VisualBPE":
-        """Fit on `grids` (2-D integer arrays, codes in [0, codebook_size), sizes may differ).
-        `num_workers > 1` shards the corpus over Ray actors; the merges are identical."""
+            min_frequency: int = 2, max_tile: tuple[int, int] = (4, 4), num_shards: int = 1,
+            shards: ShardBackend = LocalShards, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+            progress: bool = False, stop_after: int | None = None) -> "VisualBPE":
+        """Fit on `grids` (2-D integer arrays, codes in [0, codebook_size), sizes may differ), split into
+        `num_shards` shards of the `shards` backend (in process, or `tessera.bpe.distributed.RayShards`:
+        one Ray actor each); the merges are identical for any backend and number of shards."""
         params = FitParams(codebook_size, num_merges, alpha, top_k, min_frequency, tuple(max_tile))
         corpus = Corpus.from_grids(grids, codebook_size)
-        result: FitResult = run_fit(corpus, params, num_workers, checkpoint_dir, checkpoint_every, progress, stop_after)
+        checkpointer = FitCheckpointer(checkpoint_dir, checkpoint_every) if checkpoint_dir else None
+        result: FitResult = run_fit(corpus, params, shards, num_shards, checkpointer, progress, stop_after)
         return cls(codebook_size, result.merges, params.to_dict(), result.report)
 
     # ------------------------------------------------------------------ vocabulary

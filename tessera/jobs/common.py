@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from typing import Iterator
 
 from tessera import storage
@@ -216,25 +215,3 @@ class JobState:
     def finish(self, report: dict) -> None:
         storage.write_json(self.report_uri, {**report, "fingerprint": self.fingerprint})
         storage.remove_tree(self.work)
-
-
-class Timer:
-    """Named wall-clock phases: `with timer("normalize"): ...`; `timer.seconds` maps name -> s."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        print(f"[tessera] {name} ...", flush=True)
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - t0, 3)
-            print(f"[tessera] {name} done in {self.seconds[name]:.1f}s", flush=True)
-
-    @property
-    def total(self) -> float:
-        return round(time.perf_counter() - self.start, 3)

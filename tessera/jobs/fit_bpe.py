@@ -77,6 +77,8 @@ def render_tiles(bpe, tokenizer_dir: str, usage: collections.Counter, n: int, pa
 
 def fit_bpe(cfg: TesseraConfig) -> dict:
     from tessera.bpe import VisualBPE
+    from tessera.bpe.distributed import RayShards
+    from tessera.bpe.shards import LocalShards
     from tessera.tokenize.tokenizer import codebooks, read_config
 
     bc = cfg.bpe
@@ -99,7 +101,8 @@ def fit_bpe(cfg: TesseraConfig) -> dict:
     load_s = time.perf_counter() - t0
 
     bpe = VisualBPE.fit(train, K, bc.num_merges, alpha=bc.alpha, top_k=bc.top_k, min_frequency=bc.min_frequency,
-                        max_tile=tuple(bc.max_tile), num_workers=bc.num_workers, checkpoint_dir=os.path.join(state.work, "ckpt"),
+                        max_tile=tuple(bc.max_tile), num_shards=bc.num_workers,
+                        shards=RayShards if bc.num_workers > 1 else LocalShards, checkpoint_dir=os.path.join(state.work, "ckpt"),
                         checkpoint_every=bc.checkpoint_every, progress=True)
     merges_path = bpe.save(out)
     report = {

@@ -15,7 +15,8 @@ import dataclasses
 from tessera import storage
 from tessera.config import TesseraConfig
 from tessera.faults import fault_point, fault_when
-from tessera.jobs.common import JobState, Timer, fingerprint, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.timing import Timer
 from tessera.manifest import write_manifest
 from tessera.pipelines import samples
 from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validated

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from tessera import storage
 from tessera.config import TesseraConfig
-from tessera.jobs.common import Timer, parse_args
+from tessera.jobs.common import parse_args
+from tessera.timing import Timer
 from tessera.pipelines import synth
 
 

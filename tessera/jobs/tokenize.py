@@ -18,7 +18,8 @@ import os
 from tessera import storage
 from tessera.config import TesseraConfig
 from tessera.faults import actor_fault_marker, fault_point
-from tessera.jobs.common import JobState, Timer, fingerprint, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.timing import Timer
 from tessera.manifest import dataset_files, write_manifest
 from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
 

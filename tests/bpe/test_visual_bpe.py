@@ -227,10 +227,15 @@ def test_checkpoint_resume_equals_an_uninterrupted_fit(tmp_path):
 
 
 def test_distributed_fit_equals_single_worker(ray_cluster):
+    """Shards in Ray actors or in this process, one or several: the same merges."""
+    from tessera.bpe.distributed import RayShards
+
     rng = np.random.default_rng(3)
     grids = [np.repeat(rng.integers(0, 6, size=(3, 6)), 2, 0) for _ in range(50)] + [rng.integers(0, 6, size=(5, 3)) for _ in range(10)]
     one = VisualBPE.fit(grids, 6, 60, alpha=0.7)
-    two = VisualBPE.fit(grids, 6, 60, alpha=0.7, num_workers=2)
-    three = VisualBPE.fit(grids, 6, 60, alpha=0.7, num_workers=3)
-    assert one.merges == two.merges == three.merges
+    two = VisualBPE.fit(grids, 6, 60, alpha=0.7, num_shards=2, shards=RayShards)
+    three = VisualBPE.fit(grids, 6, 60, alpha=0.7, num_shards=3, shards=RayShards)
+    local_three = VisualBPE.fit(grids, 6, 60, alpha=0.7, num_shards=3)
+    assert one.merges == two.merges == three.merges == local_three.merges
     assert two.report["num_shards"] == 2 and one.report["output_tokens"] == two.report["output_tokens"]
+    assert set(two.report["seconds"]) >= {"build", "count", "choose", "apply", "reduce"}
