@@ -97,6 +97,8 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def depth_loss(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over cells and depths. logits (N, D, K), codes (N, D)."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1))
+def depth_loss(logits: torch.Tensor, codes: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the codes at every depth. logits (N, D, K), codes (N, D) -> the mean over cells
+    and depths, or (N, D) with `reduction="none"`."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), codes.reshape(-1), reduction=reduction)
+    return ce if reduction == "mean" else ce.view_as(codes)

@@ -202,12 +202,14 @@ class TesseraModel(nn.Module):
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none").view_as(labels)
         total, image_sum = (ce * valid).sum(), (ce * is_image).sum()
         if self.vocab.interface == "rvq":
-            cell_targets = valid & (labels == self.vocab.cell)
-            h, tc = out.last_hidden_state[cell_targets], target_codes[cell_targets]  # (N, H), (N, C, D): indexing syncs
-            if len(h):
-                d_loss = sum(depth_loss(head(h, tc[:, c]), tc[:, c]) for c, head in enumerate(self.depth_heads))
-                d_sum = d_loss / len(self.depth_heads) * len(h)
-                total, image_sum = total + d_sum, image_sum + d_sum
+            # the depth heads run on every position and a mask keeps the `<|cell|>` targets' losses: boolean
+            # indexing would give a data-dependent shape and a host sync per step
+            is_cell = (valid & (labels == self.vocab.cell)).flatten()  # (B*T,)
+            h, tc = out.last_hidden_state.flatten(0, 1), target_codes.flatten(0, 1)  # (B*T, H), (B*T, C, D)
+            per_cell = sum(depth_loss(head(h, tc[:, c]), tc[:, c], reduction="none").mean(1)
+                           for c, head in enumerate(self.depth_heads)) / len(self.depth_heads)  # (B*T,)
+            d_sum = (per_cell * is_cell).sum()
+            total, image_sum = total + d_sum, image_sum + d_sum
         n, n_text = valid.sum(), is_text.sum()
         out.loss = total / n.clamp(min=1)
         out.text_loss = ((ce * is_text).sum() / n_text.clamp(min=1)).detach()

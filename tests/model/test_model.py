@@ -100,6 +100,24 @@ def test_forward_backward(interface, mot, bpe):
         assert grads["lm.model.layers.0.self_attn.visual_q_proj.weight"].abs().sum() > 0
 
 
+def test_rvq_depth_loss_is_masked_not_indexed_and_unchanged(bpe):
+    """The depth heads' loss runs on every position under a mask (no data-dependent shape, no host
+    sync) and equals the loss over only the `<|cell|>` targets, picked out by indexing."""
+    from tessera.model.rvq_heads import depth_loss
+
+    torch.manual_seed(0)
+    model = make_model("rvq", bpe, mot=False)
+    _, batch, _ = batch_of(model, bpe)
+    out = model(**batch)
+    labels, codes = batch["labels"], batch["target_codes"]
+    cells = (labels != -100) & (labels == model.vocab.cell)
+    assert cells.sum() > 0
+    h, tc = out.last_hidden_state[cells], codes[cells]
+    indexed = sum(depth_loss(head(h, tc[:, c]), tc[:, c]) for c, head in enumerate(model.depth_heads)) / len(model.depth_heads) * len(h)
+    ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(out.loss, (ce + indexed) / out.num_targets, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("interface", ["bpe", "rvq"])
 def test_packed_logits_equal_unpacked(interface, bpe):
     model = make_model(interface, bpe, mot=True).eval()
