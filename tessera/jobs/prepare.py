@@ -1,7 +1,8 @@
 """`tessera prepare`: every configured source -> interleaved sample shards + rejects (Ray Data).
 
     sources --read--> map_batches(normalise per row) --> _work/normalized/*.parquet
-    normalized.(sample_id, content_hash) --> duplicate losers (smallest id survives)
+    normalized.(sample_id, content_hash) --groupby on the cluster--> _work/duplicates (hash -> smallest id, which survives)
+    normalized --per-block counts--> rows per source and fate (the driver sums small dicts)
     normalized --split--> samples/*.parquet, rejects/*.parquet --> manifests --> report.json
 
 Steps are resumable and the outputs exactly-once (see `tessera.jobs.common`).
@@ -11,15 +12,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 
 from tessera import storage
 from tessera.config import TesseraConfig
 from tessera.faults import fault_point, fault_when
 from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
-from tessera.timing import Timer
 from tessera.manifest import write_manifest
 from tessera.pipelines import samples
 from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validated
+from tessera.timing import Timer
 
 
 def _input_listing(cfg: TesseraConfig) -> list:
@@ -47,16 +49,17 @@ def prepare(cfg: TesseraConfig) -> dict:
     state.begin()
     timer = Timer()
     normalized = _normalize(cfg, state, timer)
-    cols, losers = _dedup(normalized, pc.dedup, timer)
-    outputs = _write(normalized, out, pc, losers, timer)
+    duplicates, counts = _dedup(normalized, state.work, pc.dedup, timer)
+    outputs = _write(normalized, out, pc, duplicates, timer)
+    rows_in = sum(sum(per.values()) for per in counts.values())
     config = dataclasses.asdict(pc)  # manifests, then the report (the completion mark)
     m_samples = write_manifest(outputs["samples"], "sample", "tessera prepare", config)
     m_rejects = write_manifest(outputs["rejects"], "reject", "tessera prepare", config)
     normalize_s = state.step_info("normalize")["seconds"]
-    report = {"job": "prepare", "rows_in": len(cols["sample_id"]), "rows_out": m_samples["num_rows"], "rejects": m_rejects["num_rows"],
-              **_reject_counts(cols, losers), "seconds": {"normalize": normalize_s, **timer.seconds},
+    report = {"job": "prepare", "rows_in": rows_in, "rows_out": m_samples["num_rows"], "rejects": m_rejects["num_rows"],
+              **_reject_counts(counts), "seconds": {"normalize": normalize_s, **timer.seconds},
               "wall_time_s": round(normalize_s + timer.total, 3),
-              "throughput_rows_per_s": round(len(cols["sample_id"]) / max(normalize_s, 1e-9), 2),
+              "throughput_rows_per_s": round(rows_in / max(normalize_s, 1e-9), 2),
               "outputs": outputs, "config": cfg.to_dict()}
     assert report["rows_out"] + report["rejects"] == report["rows_in"], "every input row is either a sample or a reject"
     state.finish(report)
@@ -81,21 +84,36 @@ def _normalize(cfg: TesseraConfig, state: JobState, timer: Timer) -> str:
     return normalized
 
 
-def _dedup(normalized: str, dedup: bool, timer: Timer) -> tuple[dict, dict]:
-    """The small columns of every row (id, source, content hash, reject reason) and the duplicate losers
-    (the smallest sample id of a content hash survives)."""
+def _dedup(normalized: str, work: str, dedup: bool, timer: Timer) -> tuple[str, dict]:
+    """-> (the duplicates table's location, or "" without dedup; rows per source and fate). A Ray Data
+    groupby on the cluster writes {content hash: smallest sample id} of every duplicated hash (that
+    id survives); the counts come back as one small dict per block. The driver never holds a
+    column of the rows, nor the duplicates."""
+    import ray
     import ray.data
+    from ray.data.aggregate import Count, Min
 
     with timer("dedup"):
         small = ray.data.read_parquet(normalized).select_columns(["sample_id", "source", "content_hash", "reject_reason"])
-        cols = {k: [] for k in ("sample_id", "source", "content_hash", "reject_reason")}
-        for batch in small.iter_batches(batch_format="pyarrow", batch_size=None):
-            for k in cols:
-                cols[k] += batch.column(k).to_pylist()
-        return cols, samples.duplicate_losers(cols["sample_id"], cols["content_hash"]) if dedup else {}
+        duplicates = ""
+        if dedup:
+            duplicates = storage.join(work, "duplicates")
+            storage.remove_tree(duplicates)
+            partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            small.map_batches(samples.hashed_rows, batch_format="pyarrow") \
+                 .groupby("content_hash", num_partitions=partitions).aggregate(Count(), Min("sample_id")) \
+                 .map_batches(samples.duplicated_groups, batch_format="pyarrow") \
+                 .write_parquet(duplicates)
+        counts: dict = collections.defaultdict(collections.Counter)
+        blocks = small.map_batches(samples.row_statistics, fn_kwargs={"duplicates_dir": duplicates}, batch_format="pyarrow",
+                                   batch_size=None)
+        for block in blocks.iter_rows():
+            for source, per in json.loads(block["counts"]).items():
+                counts[source].update(per)
+        return duplicates, counts
 
 
-def _write(normalized: str, out: str, pc, losers: dict, timer: Timer) -> dict:
+def _write(normalized: str, out: str, pc, duplicates: str, timer: Timer) -> dict:
     """Split into the committed samples and rejects tables (cleared first: a killed attempt may have left files)."""
     import ray.data
 
@@ -104,31 +122,23 @@ def _write(normalized: str, out: str, pc, losers: dict, timer: Timer) -> dict:
         for d in outputs.values():
             storage.remove_tree(d)
         src = ray.data.read_parquet(normalized)
-        src.map_batches(validated(samples.split_samples, SAMPLE_SCHEMA), fn_kwargs={"losers": losers},
+        src.map_batches(validated(samples.split_samples, SAMPLE_SCHEMA), fn_kwargs={"duplicates_dir": duplicates},
                         batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(outputs["samples"], min_rows_per_file=pc.rows_per_shard)
         fault_point("prepare:after_samples")
-        src.map_batches(validated(samples.split_rejects, REJECT_SCHEMA), fn_kwargs={"losers": losers},
+        src.map_batches(validated(samples.split_rejects, REJECT_SCHEMA), fn_kwargs={"duplicates_dir": duplicates},
                         batch_format="pyarrow", num_cpus=pc.num_cpus_per_task).write_parquet(outputs["rejects"], min_rows_per_file=pc.rows_per_shard)
     return outputs
 
 
-def _reject_counts(cols: dict, losers: dict) -> dict:
-    """rejects_by_reason and per_source {rows_in, rows_out, rejects by reason} (duplicates counted as rejects)."""
-    per_source: dict = collections.defaultdict(lambda: {"rows_in": 0, "rows_out": 0, "rejects": collections.Counter()})
-    for sid, source, reason in zip(cols["sample_id"], cols["source"], cols["reject_reason"]):
-        entry = per_source[source]
-        entry["rows_in"] += 1
-        if reason is not None:
-            entry["rejects"][reason] += 1
-        elif sid in losers:
-            entry["rejects"]["duplicate"] += 1
-        else:
-            entry["rows_out"] += 1
-    by_reason = collections.Counter()
-    for entry in per_source.values():
-        by_reason.update(entry["rejects"])
-    return {"rejects_by_reason": dict(sorted(by_reason.items())),
-            "per_source": {k: {**v, "rejects": dict(sorted(v["rejects"].items()))} for k, v in sorted(per_source.items())}}
+def _reject_counts(counts: dict) -> dict:
+    """rejects_by_reason and per_source {rows_in, rows_out, rejects by reason} (duplicates counted as rejects)
+    from the rows per source and fate ("" = kept)."""
+    per_source, by_reason = {}, collections.Counter()
+    for source, per in sorted(counts.items()):
+        rejects = {reason: n for reason, n in sorted(per.items()) if reason}
+        by_reason.update(rejects)
+        per_source[source] = {"rows_in": sum(per.values()), "rows_out": per.get("", 0), "rejects": rejects}
+    return {"rejects_by_reason": dict(sorted(by_reason.items())), "per_source": per_source}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,18 +19,29 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2 CHECKPOINT_MANAGER
 
 
 def recorded_checkpoint(ray_train_run: str | None) -> dict | None:
-    """The latest checkpoint Ray Train recorded for a stage's run: {path, step, stage_step}, or None."""
-    if not ray_train_run:
+    """The latest checkpoint Ray Train recorded for a stage's run: {path, step, stage_step}, or None.
+    Read through Ray Train's own API (`Result.from_path` over the run's storage filesystem), which
+    restores exactly what a resume would: the checkpoint manager's snapshot, never a newer folder."""
+    if not ray_train_run or not storage.exists(storage.join(ray_train_run, SNAPSHOT)):
         return None
-    uri = storage.join(ray_train_run, SNAPSHOT)
+    import logging
+
+    from ray.train import Result
+
+    fs, path = storage.resolve(ray_train_run)
+    train_log = logging.getLogger("ray.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # from_path announces the snapshot it found, for every run listed
     try:
-        latest = storage.read_json(uri).get("latest_checkpoint_result") if storage.exists(uri) else None
-    except ValueError:  # a snapshot being rewritten: no claim rather than a wrong one
+        result = Result.from_path(path, storage_filesystem=fs)
+    except Exception:  # noqa: BLE001 - a snapshot being rewritten: no claim rather than a wrong one
         return None
-    if not latest:
+    finally:
+        train_log.setLevel(level)
+    if result.checkpoint is None:
         return None
-    metrics = latest.get("metrics") or {}
-    return {"path": storage.join(ray_train_run, latest["checkpoint_dir_name"]), "step": metrics.get("step"),
+    metrics = next((m for c, m in result.best_checkpoints or [] if c.path == result.checkpoint.path), {}) or {}
+    return {"path": storage.with_scheme(result.checkpoint.path, ray_train_run), "step": metrics.get("step"),
             "stage_step": metrics.get("stage_step")}
 
 

@@ -9,6 +9,7 @@ row, so one bad row never fails a block; an unexpected exception becomes
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import traceback
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from tessera import storage
 from tessera.config import PrepareConfig, SourceConfig
@@ -284,22 +286,75 @@ def duplicate_losers(sample_ids: list[str], hashes: list[str]) -> dict[str, str]
     return {sid: best[h] for sid, h in zip(sample_ids, hashes) if h and best[h] != sid}
 
 
-def split_samples(batch: pa.Table, losers: dict[str, str]) -> pa.Table:
+def hashed_rows(batch: pa.Table) -> pa.Table:
+    """(sample_id, content_hash) of the rows that have a content hash: the input of the dedup groupby."""
+    import pyarrow.compute as pc
+
+    has_hash = pc.fill_null(pc.not_equal(batch.column("content_hash"), ""), False)
+    return batch.filter(has_hash).select(["sample_id", "content_hash"])
+
+
+def duplicated_groups(groups: pa.Table) -> pa.Table:
+    """Rows of the groupby `content_hash -> count(), min(sample_id)` with more than one member."""
+    import pyarrow.compute as pc
+
+    return groups.filter(pc.greater(groups.column("count()"), 1))
+
+
+def duplicate_winners(duplicates_dir: str) -> dict[str, str]:
+    """{content hash: surviving sample id} of the duplicated hashes, from the parquet the dedup groupby
+    wrote on the cluster ("" or no files = no duplicates); read once per process and set of files
+    (each write names its files anew, so a rewritten table is never served from the cache)."""
+    if not duplicates_dir or not storage.exists(duplicates_dir):
+        return {}
+    return _read_winners(tuple(storage.list_files(duplicates_dir, ".parquet")))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_winners(files: tuple[str, ...]) -> dict[str, str]:
+    winners = {}
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        t = pq.read_table(path, filesystem=fs, columns=["content_hash", "min(sample_id)"])
+        winners.update(zip(t.column("content_hash").to_pylist(), t.column("min(sample_id)").to_pylist()))
+    return winners
+
+
+def _row_fates(batch: pa.Table, duplicates_dir: str):
+    """(sample_id, source, reject reason or None, detail, surviving id if a duplicate loser else None) per row."""
+    winners = duplicate_winners(duplicates_dir)
+    cols = [batch.column(c).to_pylist() for c in ("sample_id", "source", "reject_reason", "content_hash")]
+    details = batch.column("reject_detail").to_pylist() if "reject_detail" in batch.column_names else [None] * batch.num_rows
+    for (sid, src, reason, h), detail in zip(zip(*cols), details):
+        winner = winners.get(h) if h else None
+        yield sid, src, reason, detail, (winner if winner is not None and winner != sid else None)
+
+
+def row_statistics(batch: pa.Table, duplicates_dir: str = "") -> pa.Table:
+    """One row per block: {source: {reject reason, "duplicate" or "" (kept): rows}} as JSON, summed on the driver."""
+    counts: dict = {}
+    for _, source, reason, _, winner in _row_fates(batch, duplicates_dir):
+        per = counts.setdefault(source, {})
+        key = reason or ("duplicate" if winner else "")
+        per[key] = per.get(key, 0) + 1
+    return pa.table({"counts": [json.dumps(counts)]})
+
+
+def split_samples(batch: pa.Table, duplicates_dir: str = "") -> pa.Table:
     """Keep accepted, non-duplicate rows, in the sample schema."""
-    ids = batch.column("sample_id").to_pylist()
-    ok = np.array([r is None and i not in losers for r, i in zip(batch.column("reject_reason").to_pylist(), ids)], dtype=bool)
+    ok = np.array([reason is None and winner is None for _, _, reason, _, winner in _row_fates(batch, duplicates_dir)], dtype=bool)
     return batch.filter(pa.array(ok)).select(SAMPLE_SCHEMA.names).cast(SAMPLE_SCHEMA)
 
 
-def split_rejects(batch: pa.Table, losers: dict[str, str], stage: str = "prepare") -> pa.Table:
+def split_rejects(batch: pa.Table, duplicates_dir: str = "", stage: str = "prepare") -> pa.Table:
     """Rejected rows and duplicate losers, in the reject schema."""
     from tessera.schema import REJECT_SCHEMA
 
     rows = []
-    for sid, src, reason, detail in zip(*(batch.column(c).to_pylist() for c in ("sample_id", "source", "reject_reason", "reject_detail"))):
+    for sid, src, reason, detail, winner in _row_fates(batch, duplicates_dir):
         if reason is not None:
             rows.append({"sample_id": sid, "source": src, "stage": f"{stage}:normalize", "reason": reason, "detail": detail or ""})
-        elif sid in losers:
+        elif winner is not None:
             rows.append({"sample_id": sid, "source": src, "stage": f"{stage}:dedup", "reason": "duplicate",
-                         "detail": f"same content as {losers[sid]}"})
+                         "detail": f"same content as {winner}"})
     return pa.Table.from_pylist(rows, schema=REJECT_SCHEMA)

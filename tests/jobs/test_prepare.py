@@ -222,3 +222,50 @@ def test_unreadable_sources_fail_before_any_rows_are_processed(override, message
     with pytest.raises(SourceError, match=message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
         prepare(tiny_config(root, override))
     assert not (root / "prepare" / "samples").exists()
+
+
+def test_dedup_runs_on_the_cluster_and_the_driver_gets_only_the_duplicates(ray_cluster, tmp_path, monkeypatch):
+    """The dedup equals the in-memory reference (`duplicate_losers`: the smallest sample id of a content
+    hash survives) and the counts are exact, while the only rows that reach the driver are one small
+    dict per block: neither a column of every row nor the duplicates."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from tessera.jobs.prepare import _dedup, _reject_counts
+    from tessera.pipelines.samples import duplicate_losers, split_rejects
+    from tessera.timing import Timer
+
+    n = 600
+    rows = {"sample_id": [f"s{i:04d}" for i in range(n)], "source": ["a" if i % 3 else "b" for i in range(n)],
+            "content_hash": [f"h{i % 250}" if i % 7 else ("" if i % 2 else None) for i in range(n)],
+            "reject_reason": ["too_small" if i % 11 == 0 else None for i in range(n)]}
+    os.makedirs(tmp_path / "normalized")
+    for part in range(4):
+        sl = slice(part * n // 4, (part + 1) * n // 4)
+        pq.write_table(pa.table({k: v[sl] for k, v in rows.items()}), tmp_path / "normalized" / f"{part}.parquet")
+
+    delivered = []
+    real_iter_rows = ray.data.Dataset.iter_rows
+
+    def counting_iter_rows(self, *a, **kw):
+        for row in real_iter_rows(self, *a, **kw):
+            delivered.append(row)
+            yield row
+    monkeypatch.setattr(ray.data.Dataset, "iter_rows", counting_iter_rows)
+    for gather in ("iter_batches", "take_all", "to_pandas", "to_arrow_refs"):
+        monkeypatch.setattr(ray.data.Dataset, gather, lambda *a, **kw: pytest.fail("a whole dataset pulled to the driver"))
+    duplicates, counts = _dedup(str(tmp_path / "normalized"), str(tmp_path / "work"), True, Timer())
+    assert len(delivered) <= 4, "one small dict per block reaches the driver"
+
+    expected = {sid: winner for sid, winner in duplicate_losers(rows["sample_id"], rows["content_hash"]).items()
+                if rows["reject_reason"][int(sid[1:])] is None}  # a row rejected for its own reason is reported with it
+    table = pa.table({**rows, "reject_detail": [None] * n})
+    found = split_rejects(table, duplicates).to_pylist()
+    assert {r["sample_id"]: r["detail"].removeprefix("same content as ") for r in found if r["reason"] == "duplicate"} == expected
+    assert len(expected) > 200
+    report = _reject_counts(counts)
+    rejected = sum(r is not None for r in rows["reject_reason"])
+    assert sum(v["rows_in"] for v in report["per_source"].values()) == n
+    assert report["rejects_by_reason"] == {"duplicate": len(expected), "too_small": rejected}
+    assert sum(v["rows_out"] for v in report["per_source"].values()) == n - rejected - len(expected)

@@ -53,9 +53,13 @@ def test_runs_and_resume_see_a_run_on_an_object_store(s3_root, capsys):
     for step, loss in ((4, 1.5), (5, 1.25)):
         _append_csv(storage.join(out, "metrics.csv"), metrics_row(step, loss))  # no append on S3: rewritten whole
     assert [(m["step"], m["loss"]) for m in read_metrics(storage.join(out, "metrics.csv"))] == [(4, 1.5), (5, 1.25)]
-    storage.write_json(storage.join(ray_run, "checkpoint_manager_snapshot.json"),
-                       {"ray_version": "2.60.0", "latest_checkpoint_result": {
-                           "version": 0, "checkpoint_dir_name": "checkpoint_a", "metrics": {"step": 4, "stage_step": 1}}})
+    recorded = {"version": 0, "checkpoint_dir_name": "checkpoint_a", "metrics": {"step": 4, "stage_step": 1}}
+    storage.write_json(storage.join(ray_run, "checkpoint_manager_snapshot.json"), {  # as Ray Train 2.60 writes it
+        "ray_version": "2.60.0", "checkpoint_results": [recorded], "checkpoint_report_indices": [1],
+        "latest_checkpoint_result": recorded, "pending_training_results": [], "pending_validation_specs": [],
+        "current_report_index": 2, "validated_checkpoint_dir_names": [], "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": []})
+    storage.write_bytes(storage.join(ray_run, "checkpoint_a", "state.pt"), b"recorded")
     storage.write_bytes(storage.join(ray_run, "checkpoint_b", "state.pt"), b"newer, never recorded")
 
     (run,) = list_runs(s3_root, ask_ray=False)
