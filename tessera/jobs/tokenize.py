@@ -103,7 +103,7 @@ def _encode(state: JobState, kc, files: list[str], tok_dir: str, image_size: int
                                                                   "fault_marker": actor_fault_marker(state.output)},
                             compute=ray.data.ActorPoolStrategy(size=kc.num_actors, max_tasks_in_flight_per_actor=2),
                             batch_size=kc.batch_size, batch_format="pyarrow", num_cpus=kc.cpus_per_actor,
-                            num_gpus=kc.num_gpus_per_actor or None, max_restarts=-1, max_task_retries=-1)
+                            num_gpus=kc.num_gpus_per_actor or None)  # Ray restarts pool actors and retries their tasks by default
         ds = ds.map_batches(tokens.text_stage, fn_kwargs={"text_tokenizer": text_dir, "tokenizer_hash": identities["tokenizer"]["hash"],
                                                          "text_tokenizer_hash": identities["text_tokenizer"]["hash"]},
                             batch_format="pyarrow", num_cpus=0.5)

@@ -103,16 +103,26 @@ def fsdp_wrap(model: TesseraModel) -> TesseraModel:
 def load_trained_weights(model: TesseraModel, directory: str) -> TesseraModel:
     """The model weights of a `StageTrainer.save` checkpoint into one whole (unsharded) model, in a single
     process without a process group (the driver after a stage): DCP reshards whatever layout saved it."""
-    import torch.distributed.checkpoint as dcp
-
     legacy = _legacy_state(directory)
     if legacy is not None:
         model.load_state_dict(legacy["model"])
         return model
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
+    _dcp_load(state, directory)
     model.load_state_dict(state["model"])
     return model
+
+
+def _dcp_load(state: dict, directory: str) -> None:
+    """`dcp.load` in place; without a process group it loads in this process as asked (`no_dist`),
+    and torch's warning that it assumes exactly that is dropped here, for this call only."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
 
 
 def _legacy_state(directory: str) -> dict | None:
@@ -216,7 +226,6 @@ class StageTrainer:
 
     def load(self, directory: str) -> None:
         """Restore from `save`'s directory, resharding to this run's layout (any world size)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         legacy = _legacy_state(directory)
@@ -224,7 +233,7 @@ class StageTrainer:
             self.load_state_dict(legacy)
             return
         state = self._checkpoint_state()
-        dcp.load(state, checkpoint_id=directory, no_dist=not _distributed())
+        _dcp_load(state, directory)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])

@@ -45,5 +45,7 @@ def to_tensor(images: np.ndarray):
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
     import torch
 
+    if not images.flags.writeable:  # batches from Ray Data are read-only views; torch wants to own writable memory
+        images = np.array(images)
     x = torch.as_tensor(images)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -53,13 +53,16 @@ def lpips_model() -> nn.Module:
     if _LPIPS is None:
         import glob
         import os
+        import warnings
 
         import lpips
 
         cached = glob.glob(os.path.join(torch.hub.get_dir(), "checkpoints", "alexnet-*.pth"))
         # the random backbone is drawn from a fixed seed, not the caller's RNG: the same perceptual loss
         # in every process (each Ray Train rank) and whatever ran before (test order changed it)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # lpips builds AlexNet with torchvision's deprecated `pretrained=` arguments (not ours to change)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torchvision\.models\._utils")
             torch.manual_seed(0)
             _LPIPS = lpips.LPIPS(net="alex", pretrained=True, pnet_rand=not cached, verbose=False)
         _LPIPS.eval()
