@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 from urllib.parse import parse_qsl
 
+from tessera import storage
+
 FAULT_EXIT_CODE = 86
 ENV = "TESSERA_FAULT"
 
@@ -69,12 +71,12 @@ class StepFault:
         mode = args.get("mode", "exit")
         if mode not in ("exit", "hang") or not args.get("at", "").isdigit():
             raise ValueError(f"{ENV}: expected train:step?at=<step>[&mode=exit|hang], got {os.environ[ENV]!r}")
-        return cls(int(args["at"]), mode, os.path.join(output_dir, f"fault-{args['at']}.marker"))
+        return cls(int(args["at"]), mode, storage.join(output_dir, f"fault-{args['at']}.marker"))
 
     def __call__(self, global_step: int) -> None:
-        if global_step != self.at or os.path.exists(self.marker):
+        if global_step != self.at or storage.exists(self.marker):
             return
-        open(self.marker, "w").close()
+        storage.write_bytes(self.marker, b"")
         if self.mode == "hang":
             _say(f"[train] fault hook: blocking after global step {global_step} until stopped")
             while True:

@@ -7,10 +7,13 @@ temporary name then moved (local) or as one object PUT (object stores).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
@@ -130,3 +133,34 @@ def read_json(uri: str) -> Any:
 
 def write_json(uri: str, obj: Any) -> None:
     write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Replace the directory `dst` by a copy of `src` (any filesystems: local, object store, mixed)."""
+    remove_tree(dst)
+    src_fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    dst_fs.create_dir(dst_path, recursive=True)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+@contextlib.contextmanager
+def local_dir(uri: str, write: bool = False) -> Iterator[str]:
+    """A local directory standing for `uri`, for libraries that only take paths (`from_pretrained`,
+    `save_pretrained`, safetensors): `uri` itself when local; otherwise a temporary copy of it (when it
+    exists), uploaded to `uri` on a clean exit when `write`."""
+    if is_local(uri):
+        if write:
+            os.makedirs(resolve(uri)[1], exist_ok=True)
+        yield resolve(uri)[1]
+        return
+    tmp = tempfile.mkdtemp(prefix="tessera-")
+    try:
+        if exists(uri):
+            fs, path = resolve(uri)
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
+        if write:
+            copy_tree(tmp, uri)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -130,3 +130,31 @@ TINY_TRAIN = [
     " batch_size: 2, seq_len: 256, loss_mask: answers, mixture: {weights: {kind=image_text: 0.5, task=vqa: 0.3, kind=video: 0.2},"
     " order: curriculum}}]",
 ]
+
+
+BUCKET = "tessera-runs"
+
+
+@pytest.fixture
+def s3_root(monkeypatch):
+    """An S3 run root on a moto server this test starts on 127.0.0.1; the AWS_* variables point every
+    process started from here (subprocess drivers, their embedded Ray's workers) at it."""
+    import socket
+
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
+                      access_key="test", secret_key="test", region="us-east-1").create_dir(BUCKET)
+    try:
+        yield f"s3://{BUCKET}/tessera"
+    finally:
+        server.stop()

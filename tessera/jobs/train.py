@@ -22,8 +22,6 @@ import csv
 import dataclasses
 import io
 import math
-import os
-import shutil
 import sys
 import time
 
@@ -254,8 +252,10 @@ def plot_loss(metrics: list[dict], stages: list[dict], path: str) -> str:
             a.text(s["start_step"], a.get_ylim()[1], f" {s['name']}", va="top", fontsize=8, color="grey")
     axes[-1, 0].set_xlabel("global step")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
     return path
 
 
@@ -311,7 +311,7 @@ def train(cfg: TesseraConfig, resubmit: dict | None = None) -> dict:
         else:
             stage_reports.append(_train_stage(run, i, model_dir, offset))
             state.mark_done(f"stage-{i}", stage_reports[-1])
-        model_dir, offset = os.path.join(run.out, "stages", f"{i}-{stage.name}", "model"), offset + stage.steps
+        model_dir, offset = storage.join(run.out, "stages", f"{i}-{stage.name}", "model"), offset + stage.steps
     report = _report(run, model_dir, stage_reports, offset, time.perf_counter() - t0)
     _write_state(run.out, status="complete", stage=tc.stages[-1].name, step=offset, model=report["model"])
     state.finish(report)
@@ -347,7 +347,7 @@ def _load_data(run: _Run) -> None:
     run.index = build_index(dataset_files(run.tokens_dir))
     run.index.image_tokens = _image_tokens(run.index, builder)
     run.probe = _probe_items(cfg, builder, run.assets) if cfg.train.probe_every > 0 else []
-    run.spec_kwargs = dict(vocabulary=tuple(run.vocab.to_dict().items()), bpe_path=os.path.abspath(cfg.resolve(mc.bpe)),
+    run.spec_kwargs = dict(vocabulary=tuple(run.vocab.to_dict().items()), bpe_path=storage.absolute(cfg.resolve(mc.bpe)),
                            codebooks=tuple(mc.codebooks), depth=run.depth, codebook_sizes=tuple(run.sizes),
                            bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth)
 
@@ -383,7 +383,7 @@ def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:
         _write_state(run.out, status="failed", error=str(e)[:2000])
         raise
     fault_point(f"train:after_stage_{i}")
-    _save_stage_model(run, init_model, result.checkpoint, os.path.join(run.out, "stages", f"{i}-{stage.name}", "model"),
+    _save_stage_model(run, init_model, result.checkpoint, storage.join(run.out, "stages", f"{i}-{stage.name}", "model"),
                       {"stage": stage.name, "global_step": offset + stage.steps})
     return {"name": stage.name, "index": i, "start_step": offset, "steps": stage.steps, "seconds": round(time.perf_counter() - t, 2),
             "final_metrics": result.metrics, "data": data_info}
@@ -405,12 +405,10 @@ def _save_stage_model(run: _Run, init_model: str, checkpoint, directory: str, ex
 
 def _report(run: _Run, model_dir: str, stage_reports: list, steps: int, seconds: float) -> dict:
     """Copy the last stage's model to `<output>/model`, draw the loss curve, and summarise the run."""
-    final = os.path.join(run.out, "model")
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    shutil.copytree(model_dir, final)
+    final = storage.join(run.out, "model")
+    storage.copy_tree(model_dir, final)
     metrics = read_metrics(run.metrics_csv)
-    png = plot_loss(metrics, stage_reports, os.path.join(run.out, "loss_curve.png"))
+    png = plot_loss(metrics, stage_reports, storage.join(run.out, "loss_curve.png"))
     mc = run.cfg.model
     return {
         "job": "train", "model": final, "interface": mc.interface, "mot": mc.mot, "stages": stage_reports,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera import storage
 from tessera.config import ModelConfig, config_from_dict
 from tessera.model.unified import TesseraModel
 from tessera.model.vocab import Vocabulary
@@ -76,10 +77,16 @@ def load_assets(cfg: ModelConfig, resolve=lambda s: s) -> ModelAssets:
 
 
 def save_model(model: TesseraModel, directory: str, identities: dict | None = None, extra: dict | None = None) -> str:
-    """Write the model directory (atomic per file). Returns the path of tessera.json."""
+    """Write the model directory (atomic per file; on an object store, written locally then uploaded).
+    Returns the location of tessera.json."""
+    with storage.local_dir(directory, write=True) as local:
+        _save_model(model, local, identities, extra)
+    return storage.join(directory, "tessera.json")
+
+
+def _save_model(model: TesseraModel, directory: str, identities: dict | None, extra: dict | None) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(directory, exist_ok=True)
     plain = model.vocab.interface == "bpe" and not model.cfg.mot and model.cfg.visual_positions == "1d"
     state = {k: v.detach().cpu().contiguous() for k, v in (model.lm.state_dict() if plain else model.state_dict()).items()}
     if plain:
@@ -102,18 +109,22 @@ def save_model(model: TesseraModel, directory: str, identities: dict | None = No
     with open(path + ".tmp", "w") as f:
         json.dump(info, f, indent=1)
     os.replace(path + ".tmp", path)
-    return path
 
 
 def read_info(directory: str) -> dict:
-    with open(os.path.join(directory, "tessera.json")) as f:
-        info = json.load(f)
+    info = storage.read_json(storage.join(directory, "tessera.json"))
     if info.get("format") != FORMAT:
         raise ValueError(f"{directory}: not a Tessera model (format {info.get('format')!r}, expected {FORMAT!r})")
     return info
 
 
 def load_model(directory: str, device: str | torch.device = "cpu") -> TesseraModel:
+    """A saved model from a local directory or any `pyarrow.fs` URI (copied locally first)."""
+    with storage.local_dir(directory) as local:
+        return _load_model(local, device)
+
+
+def _load_model(directory: str, device: str | torch.device) -> TesseraModel:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -41,11 +41,11 @@ def explode_images(batch: pa.Table, image_size: int, split: str = "train") -> di
             "caption": np.array(captions, dtype=object)}
 
 
-def to_tensor(images: np.ndarray):
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+def to_tensor(images):
+    """(B, H, W, 3) uint8 array or tensor -> (B, 3, H, W) float in [-1, 1]."""
     import torch
 
-    if not images.flags.writeable:  # batches from Ray Data are read-only views; torch wants to own writable memory
-        images = np.array(images)
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = np.array(images)  # batches from Ray Data are read-only views; torch wants writable memory
     x = torch.as_tensor(images)
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
