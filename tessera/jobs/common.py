@@ -85,10 +85,20 @@ def run_ray_train_loop(loop, rank: int, prefix: str, on_log=None, after_step=Non
     (every rank writes its part into its own directory; Ray Train merges them into one checkpoint).
     `on_log(step)` runs on logged steps, `after_step(step)` after every step (fault hooks); `prefix`
     starts the console line of a resume."""
+    import logging
     import tempfile
 
     import ray.train
 
+    # Ray Train logs every checkpoint it creates, and every report as a `TrainingReport(...)` repr (through a
+    # logger named by its file, not under "ray.train"); the loop's own lines say the same once
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        train_context.logger.setLevel(logging.WARNING)
+    except (ImportError, AttributeError):  # another Ray: its reports are logged, nothing breaks
+        pass
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -106,6 +116,13 @@ def run_ray_train_loop(loop, rank: int, prefix: str, on_log=None, after_step=Non
             ray.train.report(step.metrics)
         if after_step is not None:
             after_step(step)
+
+
+def without_progress_bars(dataset):
+    """A dataset a Ray Train worker reads with its own context: no progress bar redrawn into the job log
+    at every step (the loop's `[train]` lines say how far it is)."""
+    dataset.context.enable_progress_bars = False
+    return dataset
 
 
 # runtime_env keys a resubmission can carry over (the uploaded working_dir / py_modules are temporary

@@ -31,7 +31,7 @@ from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import StepFault, fault_point
 from tessera.jobs.common import (JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record,
-                                 run_ray_train_loop, worker_print)
+                                 run_ray_train_loop, without_progress_bars, worker_print)
 from tessera.manifest import dataset_files
 
 PROBE_TYPES = ("colour", "shape", "size", "position", "count", "exists")
@@ -174,6 +174,7 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
         # the steps would take CPU from the worker's torch threads on a small machine
         datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             pack_groups, fn_kwargs={"spec": spec}, batch_size=1, num_cpus=0.25).materialize()
+        without_progress_bars(datasets[f"rank{r}"])
     return datasets, {"plan_samples": len(plan), "groups": len(groups), "estimated_rows_per_rank": per_rank, **stats}
 
 

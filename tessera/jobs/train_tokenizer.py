@@ -21,7 +21,8 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session, run_ray_train_loop, worker_print
+from tessera.jobs.common import (JobState, fingerprint, parse_args, ray_session, run_ray_train_loop, without_progress_bars,
+                                 worker_print)
 from tessera.manifest import dataset_files
 
 
@@ -213,7 +214,7 @@ def _fit(cfg: TesseraConfig, tok_cfg: dict, files: list[str], out: str):
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.train.max_failures)),
         # decoded once and cached in the object store: small corpora then cost no decode per epoch
-        datasets={"train": _image_dataset(files, tc.image_size, "train").select_columns(["image"]).materialize()},
+        datasets={"train": without_progress_bars(_image_dataset(files, tc.image_size, "train").select_columns(["image"]).materialize())},
     )
     result = trainer.fit()
 

@@ -132,12 +132,12 @@ def _load_model(directory: str, device: str | torch.device) -> TesseraModel:
     cfg = config_from_dict({"model": info["model"]}).model
     vocab = Vocabulary.from_dict(info["vocabulary"])
     if info["weights"] == "transformers":
-        lm = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa", torch_dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="sdpa", dtype=torch.float32)
         model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"])
     else:
         config = AutoConfig.from_pretrained(directory)
         config._attn_implementation = "sdpa"
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", torch_dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"])
         missing, unexpected = model.load_state_dict(load_file(os.path.join(directory, "tessera_model.safetensors")), strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]

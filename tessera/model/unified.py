@@ -59,7 +59,7 @@ def build_base_lm(cfg: ModelConfig, text_size: int, seed: int = 0):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if cfg.pretrained:
-        return AutoModelForCausalLM.from_pretrained(cfg.pretrained, attn_implementation="sdpa", torch_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(cfg.pretrained, attn_implementation="sdpa", dtype=torch.float32)
     config = Qwen2Config(
         vocab_size=text_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
