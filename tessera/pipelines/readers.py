@@ -11,7 +11,7 @@ import ray.data
 
 from tessera import storage
 from tessera.config import PrepareConfig, SourceConfig
-from tessera.pipelines import samples
+from tessera.pipelines import samples, video
 
 
 class SourceError(ValueError):
@@ -31,7 +31,10 @@ def read_raw(source: SourceConfig, uri: str) -> ray.data.Dataset:
         # decoder=None: keep raw bytes, so a corrupt image is a reject row, not a failed read task
         return ray.data.read_webdataset(_files(source, uri, ".tar"), decoder=None)
     if source.kind == "video":
-        return ray.data.read_binary_files(_files(source, uri, ".mp4"), include_paths=True)
+        files = video.source_files(uri)  # every container decord reads, and any other file becomes a reject
+        if not files:
+            raise SourceError(f"source '{source.name}' (video): no video files under {uri}")
+        return ray.data.read_binary_files(files, include_paths=True)
     if source.kind == "web":
         return ray.data.read_text(_files(source, uri, ".jsonl"), include_paths=True)
     if source.kind == "hf_dataset":

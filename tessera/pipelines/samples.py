@@ -138,14 +138,25 @@ def _column(batch: pa.Table, name: str) -> list:
 # ----------------------------------------------------------------------------- per source kind
 
 
+WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
 def webdataset_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.Table:
     """Rows of `ray.data.read_webdataset(decoder=None)`: `__key__` plus one bytes column per extension."""
     keys = _column(batch, "__key__")
-    imgs = _column(batch, source.image_key)
     caps = _column(batch, source.caption_key)
     sidecars = _column(batch, "json") if source.caption_key != "json" else caps
+    # the configured key first, then the image extensions shards commonly hold (a .png among .jpg keys);
+    # raw columns, so a member that is present but empty stays `empty_file`, not `missing_image`
+    image_keys = [source.image_key, *[k for k in WDS_IMAGE_KEYS if k != source.image_key]]
+    present = {k: batch.column(k).to_pylist() for k in batch.column_names if not k.startswith("__")}
+    imgs = [next((present[k][i] for k in image_keys if k in present and present[k][i] is not None), None)
+            for i in range(batch.num_rows)]
+    members = [sorted(k for k, values in present.items() if values[i] is not None) for i in range(batch.num_rows)]
 
-    def one(key, img, cap, sidecar):
+    def one(key, img, cap, sidecar, found):
+        if img is None:
+            raise Rejected("missing_image", f"no image member for key {key}: members {found}, expected one of {image_keys}")
         meta: dict = {"key": key}
         if sidecar is not None:
             try:
@@ -162,8 +173,8 @@ def webdataset_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) 
         arr = images.decode_image(img, cfg.image)
         return build_sample(source.name, "image_text", key, [("image", arr), ("text", text.strip())], meta, cfg)
 
-    return to_table(_guarded(source.name, "image_text", str(k), lambda k=k, i=i, c=c, s=s: one(k, i, c, s))
-                    for k, i, c, s in zip(keys, imgs, caps, sidecars))
+    return to_table(_guarded(source.name, "image_text", str(k), lambda k=k, i=i, c=c, s=s, m=m: one(k, i, c, s, m))
+                    for k, i, c, s, m in zip(keys, imgs, caps, sidecars, members))
 
 
 def hf_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.Table:
@@ -205,22 +216,24 @@ def video_key(path: str, root: str) -> str:
 
 
 def video_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.Table:
-    """Rows of `ray.data.read_binary_files(include_paths=True)` over .mp4 files; subtitles
-    come from the `<stem>.json` sidecar next to each video."""
+    """Rows of `ray.data.read_binary_files(include_paths=True)` over every file of the source but the
+    sidecars (`video.source_files`); subtitles come from the `<stem>.json` sidecar next to each video."""
     datas = _column(batch, "bytes")
     paths = _column(batch, "path")
 
     def one(data, path, key):
+        video.check_container(path)
         sidecar_uri = storage.with_scheme(path.rsplit(".", 1)[0] + ".json", source.uri)
+        sidecar_name = sidecar_uri.rsplit("/", 1)[-1]
         side: dict = {}
         if storage.exists(sidecar_uri):
             try:
                 side = json.loads(storage.read_bytes(sidecar_uri))
             except json.JSONDecodeError as e:
-                raise Rejected("malformed_document", f"subtitle sidecar is not JSON: {e}") from e
-        subs = side.get("subtitles", [])
+                raise Rejected("malformed_document", f"subtitle sidecar {sidecar_name} is not JSON: {e}") from e
+        subs = video.read_subtitles(side, sidecar_name)
         if cfg.video.require_text and not any(str(s.get("text", "")).strip() for s in subs):
-            raise Rejected("missing_caption", f"no subtitles for {key} (expected {sidecar_uri.rsplit('/', 1)[-1]})")
+            raise Rejected("missing_caption", f"no subtitles for {key} (expected {sidecar_name})")
         frames, times = video.decode_clip(data, cfg.video)
         order = video.interleave(times, subs)
         positions, stamps = [], []
