@@ -21,7 +21,7 @@ demo: venv
 	$(BIN)/tessera run --config configs/demo.yaml
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=20 tests
 
 bench: venv
 	$(BIN)/python benchmarks/bench_prepare.py
