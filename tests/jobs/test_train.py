@@ -307,6 +307,7 @@ def test_every_verb_through_the_readme_command_and_stops_at_any_moment_resume_ex
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "stage 0 'embeddings': complete, skipped" in logs and logs.count("'all': resumed at step 2") == 1
     assert re.findall(r"\[train\] all step \d/4", logs) == ["[train] all step 3/4", "[train] all step 4/4"], "each line once"
+    assert "TrainingReport(" not in logs and "Running Dataset rank" not in logs, "no report reprs, no progress bars redrawn per step"
     assert losses(cfg) == losses(uninterrupted[0])
     (done,) = [r for r in list_runs(str(world_root)) if r["path"] == output]
     assert done["status"] == "complete" and done["step"] == 7 and done["ray_status"] == "SUCCEEDED"
