@@ -39,7 +39,7 @@ def tiny_config(root, *extra):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(s3_server):
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1024 * 1024 * 1024,
@@ -135,10 +135,10 @@ TINY_TRAIN = [
 BUCKET = "tessera-runs"
 
 
-@pytest.fixture
-def s3_root(monkeypatch):
-    """An S3 run root on a moto server this test starts on 127.0.0.1; the AWS_* variables point every
-    process started from here (subprocess drivers, their embedded Ray's workers) at it."""
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3 server (moto) on 127.0.0.1 for the session, started before the session's Ray: the AWS_*
+    variables that point at it are in the environment every Ray worker and subprocess driver inherits."""
     import socket
 
     import pyarrow.fs as pafs
@@ -149,12 +149,19 @@ def s3_root(monkeypatch):
         port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"})
     pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True,
                       access_key="test", secret_key="test", region="us-east-1").create_dir(BUCKET)
     try:
-        yield f"s3://{BUCKET}/tessera"
+        yield port
     finally:
         server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server):
+    """A fresh `s3://` run root of this test on the session's S3 server."""
+    import uuid
+
+    return f"s3://{BUCKET}/{uuid.uuid4().hex[:12]}"

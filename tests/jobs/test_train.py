@@ -65,53 +65,28 @@ def test_runs_lists_the_run_with_stage_step_and_checkpoint(uninterrupted, world_
     assert record["command"][:3] == ["python", "-m", "tessera.jobs.train"] and record["working_dir"] is False
 
 
-def test_killed_worker_is_recovered_and_losses_match(uninterrupted, world_root, monkeypatch):
-    """The rank-0 worker dies after step 5 (inside stage 2, one step past a checkpoint):
-    FailureConfig restarts it, it resumes from step 4, and every step's loss equals the clean run's."""
-    from tessera.jobs.train import train
-
-    monkeypatch.setenv("TESSERA_FAULT", "train:step?at=5")  # read by the driver, handed to the rank-0 worker
-    cfg = train_config(world_root, "train-worker-kill", "train.max_failures=1")
-    report = train(cfg)
-    assert report["steps"] == 7
-    assert os.path.exists(os.path.join(cfg.resolve(cfg.train.output), "fault-5.marker"))
-    assert losses(cfg) == losses(uninterrupted[0])
-
-
-def test_a_run_on_an_object_store_survives_a_killed_worker(uninterrupted, world_root, s3_root):
-    """`train.output` and Ray Train's storage on S3 (a moto server on 127.0.0.1): the worker is killed
-    after step 5 and restored from the S3 checkpoint; every logged loss equals the local uninterrupted
-    run's, the model loads from S3, `tessera runs` lists the finished run there, and the same command
-    again finds it complete on S3 (the driver's skip/resume state lives there too)."""
-    import subprocess
-    import sys
-
+def test_killed_worker_is_recovered_and_losses_match_on_an_object_store(uninterrupted, world_root, s3_root, monkeypatch):
+    """`train.output` and Ray Train's storage on S3 (the session's moto server on 127.0.0.1): the rank-0
+    worker dies after step 5 (inside stage 2, one step past a checkpoint), FailureConfig restarts it from
+    the checkpoint Ray Train recorded on S3, and every step's loss equals the local clean run's; the
+    model loads from S3, `tessera runs` lists the run there, and the same command finds it complete."""
     from tessera import storage
     from tessera.jobs.runs import list_runs
     from tessera.jobs.train import train
     from tessera.model.assets import load_model
-    from tests.conftest import TINY
 
+    monkeypatch.setenv("TESSERA_FAULT", "train:step?at=5")  # read by the driver, handed to the rank-0 worker
     out = f"{s3_root}/run/train"
-    overrides = [f"run.root={world_root}", *TINY, *TINY_TOKENIZER, *TINY_BPE, *TINY_TRAIN, f"train.output={out}",
-                 f"train.storage_path={s3_root}/run/ray_train", "train.max_failures=1"]
-
-    def run(fault):
-        env = dict(os.environ, TESSERA_FAULT=fault)
-        env.pop("RAY_ADDRESS", None)  # an embedded Ray started by the driver: its workers inherit the AWS_* variables
-        return subprocess.run([sys.executable, "-m", "tessera.jobs.train", *[a for o in overrides for a in ("--set", o)]],
-                              env=env, capture_output=True, text=True, timeout=900)
-
-    done = run("train:step?at=5")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cfg = train_config(world_root, "unused", f"train.output={out}", f"train.storage_path={s3_root}/run/ray_train",
+                       "train.max_failures=1")
+    report = train(cfg)
+    assert report["steps"] == 7
     assert storage.exists(f"{out}/fault-5.marker") and storage.exists(f"{out}/loss_curve.png")
-    metrics = [(m["step"], m["stage"], m["loss"]) for m in read_metrics(f"{out}/metrics.csv")]
-    assert metrics == losses(uninterrupted[0])
+    assert losses(cfg) == losses(uninterrupted[0])
     (listed,) = list_runs(f"{s3_root}/run", ask_ray=False)
     assert listed["status"] == "complete" and listed["step"] == 7 and listed["checkpoint"]["path"].startswith("s3://")
     assert load_model(f"{out}/model").vocab.size == load_model(uninterrupted[1]["model"]).vocab.size
-    assert train(train_config(world_root, "unused", f"train.output={out}", f"train.storage_path={s3_root}/run/ray_train",
-                              "train.max_failures=1"))["skipped"] is True
+    assert train(cfg)["skipped"] is True
 
 
 def _kill_session(gcs_port: int) -> None:
