@@ -14,13 +14,13 @@ On a cluster the variable travels in the job's runtime env:
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
 from urllib.parse import parse_qsl
 
 from tessera import storage
+from tessera.loop import worker_print
 
 FAULT_EXIT_CODE = 86
 ENV = "TESSERA_FAULT"
@@ -78,18 +78,11 @@ class StepFault:
             return
         storage.write_bytes(self.marker, b"")
         if self.mode == "hang":
-            _say(f"[train] fault hook: blocking after global step {global_step} until stopped")
+            worker_print(f"[train] fault hook: blocking after global step {global_step} until stopped")
             while True:
                 time.sleep(1)
-        _say(f"[train] fault hook: killing worker after global step {global_step}")
+        worker_print(f"[train] fault hook: killing worker after global step {global_step}")
         os._exit(1)
-
-
-def _say(message: str) -> None:
-    """Straight to the process's stdout: Ray Train's patched `print` would log the line twice."""
-    stream = sys.__stdout__ or sys.stdout
-    stream.write(message + "\n")
-    stream.flush()
 
 
 def actor_fault_marker(output_dir: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -63,3 +64,12 @@ def write_position(directory: str, rank: int, position: dict, step: int) -> None
 def read_position(directory: str, rank: int) -> dict:
     with open(os.path.join(directory, f"position_rank{rank}.json")) as f:
         return json.load(f)
+
+
+def worker_print(message: str) -> None:
+    """One console line from a Ray Train worker, exactly once. Ray Train patches `print` on its workers
+    to log through the root logger *and* echo to a redirected stdout, which printed every line twice
+    in a submitted job's log; the process's own stdout is what Ray forwards to the driver."""
+    stream = sys.__stdout__ or sys.stdout
+    stream.write(message + "\n")
+    stream.flush()

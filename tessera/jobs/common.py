@@ -22,6 +22,8 @@ from typing import Iterator
 
 from tessera import storage
 from tessera.config import ConfigError, RayConfig, TesseraConfig, load_config
+from tessera.faults import ENV as FAULT_ENV
+from tessera.loop import worker_print
 
 
 def parse_args(verb: str, argv: list[str] | None, description: str) -> tuple[TesseraConfig, argparse.Namespace]:
@@ -69,13 +71,6 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def worker_print(message: str) -> None:
-    """One console line from a Ray Train worker, exactly once. Ray Train patches `print` on its workers
-    to log through the root logger *and* echo to a redirected stdout, which printed every line twice
-    in a submitted job's log; the process's own stdout is what Ray forwards to the driver."""
-    stream = sys.__stdout__ or sys.stdout
-    stream.write(message + "\n")
-    stream.flush()
 
 
 def run_ray_train_loop(loop, rank: int, prefix: str, on_log=None, after_step=None) -> None:
@@ -157,7 +152,7 @@ def resubmit_record(module: str, argv: list[str]) -> dict:
 
 def _without_fault_hooks(runtime_env: dict) -> dict:
     """A test's fault hook (`TESSERA_FAULT` in env_vars) fires in the job it was given to, not in every resubmission."""
-    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items() if k != "TESSERA_FAULT"}
+    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items() if k != FAULT_ENV}
     return {k: v for k, v in runtime_env.items() if k != "env_vars"} | ({"env_vars": env_vars} if env_vars else {})
 
 

@@ -31,7 +31,8 @@ from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import StepFault, fault_point
 from tessera.jobs.common import (JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record,
-                                 run_ray_train_loop, without_progress_bars, worker_print)
+                                 run_ray_train_loop, without_progress_bars)
+from tessera.loop import worker_print
 from tessera.manifest import dataset_files
 
 PROBE_TYPES = ("colour", "shape", "size", "position", "count", "exists")

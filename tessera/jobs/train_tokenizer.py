@@ -21,8 +21,8 @@ import numpy as np
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.faults import fault_point
-from tessera.jobs.common import (JobState, fingerprint, parse_args, ray_session, run_ray_train_loop, without_progress_bars,
-                                 worker_print)
+from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session, run_ray_train_loop, without_progress_bars
+from tessera.loop import worker_print
 from tessera.manifest import dataset_files
 
 

@@ -42,7 +42,7 @@ def source_files(uri: str) -> list[str]:
 
 
 def check_container(path: str) -> None:
-    ext = path.rsplit("/", 1)[-1].rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
     if ext not in VIDEO_EXTENSIONS:
         raise Rejected("unsupported_format", f"'.{ext}' is not a video container this source reads ({', '.join(VIDEO_EXTENSIONS)})")
 
