@@ -1,6 +1,6 @@
 """The package's layers hold: no import cycle, and no lower layer imports a higher one.
 
-Layers, lowest first: the core modules (config, schema, storage, faults, manifest, loop, timing); pipelines/,
+Layers, lowest first: the core modules (config, schema, storage, faults, manifest, loop, timing, console); pipelines/,
 tokenize/, bpe/; model/; jobs/; the CLI. Every import counts, inside functions too: a deferred
 import of a higher layer is still a dependency on it.
 """
@@ -11,7 +11,7 @@ import os
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tessera")
-LAYERS = {"config": 0, "schema": 0, "storage": 0, "faults": 0, "manifest": 0, "loop": 0, "timing": 0, "pipelines": 1, "tokenize": 1, "bpe": 1,
+LAYERS = {"config": 0, "schema": 0, "storage": 0, "faults": 0, "manifest": 0, "loop": 0, "timing": 0, "console": 0, "pipelines": 1, "tokenize": 1, "bpe": 1,
           "model": 2, "jobs": 3, "cli": 4}
 
 

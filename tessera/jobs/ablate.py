@@ -18,7 +18,8 @@ import numpy as np
 
 from tessera import storage
 from tessera.config import TesseraConfig, load_config
-from tessera.jobs.common import parse_args, ray_session
+from tessera.console import Console
+from tessera.jobs.common import logs_dir, parse_args, ray_session
 
 METRICS = ("caption_accuracy", "vqa_accuracy", "pope_accuracy", "pope_f1", "generation_accuracy")
 
@@ -113,10 +114,12 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_args("ablate", argv, "Run the ablation studies of ablate.studies and tabulate them.")
-    with ray_session(cfg.ray):
-        report = ablate(cfg, args.config, args.overrides)
-    print(report["markdown"])
-    print(f"[tessera] ablate: {cfg.resolve(cfg.ablate.output)}/report.json, {report['png']}")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("ablate"), ray_session(cfg.ray):  # the live line follows the "[ablate] study / arm" lines
+            report = ablate(cfg, args.config, args.overrides)
+        for line in report["markdown"].splitlines():
+            console.print(line)
+        console.print(f"[tessera] ablate: {cfg.resolve(cfg.ablate.output)}/report.json, {report['png']}")
     return report
 
 

@@ -18,12 +18,28 @@ import hashlib
 import json
 import os
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tessera import storage
 from tessera.config import ConfigError, RayConfig, TesseraConfig, load_config
 from tessera.faults import ENV as FAULT_ENV
 from tessera.loop import worker_print
+
+
+def logs_dir(cfg: TesseraConfig) -> str:
+    """Where the console writes each stage's full log (`tessera.console`): `<run.root>/logs`."""
+    return storage.join(cfg.run.root, "logs")
+
+
+def preflight(verb: str, *checks: Callable[[], None], say: Callable[[str], None] | None = None) -> None:
+    """Checks that need no Ray and write nothing (a source's location, ...): a failed one is reported
+    like a config error, in one line (to stderr, or `say`) with exit status 2, before any work."""
+    try:
+        for check in checks:
+            check()
+    except ConfigError as e:
+        (say or (lambda text: print(text, file=sys.stderr)))(f"tessera {verb}: {e}")
+        raise SystemExit(2) from e
 
 
 def parse_args(verb: str, argv: list[str] | None, description: str) -> tuple[TesseraConfig, argparse.Namespace]:

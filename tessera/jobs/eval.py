@@ -11,7 +11,8 @@ import torch
 
 from tessera import storage
 from tessera.config import TesseraConfig
-from tessera.jobs.common import JobState, fingerprint, parse_args
+from tessera.console import Console
+from tessera.jobs.common import JobState, fingerprint, logs_dir, parse_args
 
 
 def heldout_rows(ev, held, limit: int = 48) -> list[dict]:
@@ -117,15 +118,17 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("eval", argv, "Evaluate a trained model on the held-out shapes world.")
-    report = evaluate_model(cfg)
-    e = report["eval"]
-    print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc {e['pope_accuracy']:.3f} "
-          f"F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation {e['generation_accuracy']}  "
-          f"(analyser {e['analyser_accuracy']:.3f})")
-    chance = report["chance"]["uniform_by_type"]
-    print("[tessera] eval VQA by type (uniform chance): "
-          + ", ".join(f"{t} {a:.2f} ({chance.get(t, 0):.2f})" for t, a in e["vqa_by_type"].items()))
-    print(f"[tessera] eval report: {cfg.resolve(cfg.eval.output)}/report.json")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("eval"):
+            report = evaluate_model(cfg)
+        e = report["eval"]
+        console.print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc "
+                      f"{e['pope_accuracy']:.3f} F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation "
+                      f"{e['generation_accuracy']}  (analyser {e['analyser_accuracy']:.3f})")
+        chance = report["chance"]["uniform_by_type"]
+        console.print("[tessera] eval VQA by type (uniform chance): "
+                      + ", ".join(f"{t} {a:.2f} ({chance.get(t, 0):.2f})" for t, a in e["vqa_by_type"].items()))
+        console.print(f"[tessera] eval report: {cfg.resolve(cfg.eval.output)}/report.json")
     return report
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from tessera import storage
 from tessera.config import TesseraConfig
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.console import Console
+from tessera.jobs.common import JobState, fingerprint, logs_dir, parse_args, ray_session
 from tessera.manifest import dataset_files
 from tessera.tokenize.images import is_heldout
 
@@ -148,13 +149,15 @@ def _statistics(bpe, train: list, held: list, cfg: TesseraConfig, out: str) -> d
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("fit-bpe", argv, "Fit the 2-D visual BPE on token shards.")
-    with ray_session(cfg.ray):
-        report = fit_bpe(cfg)
-    print(f"[tessera] fit-bpe: {report['merges_done']} merges; tokens per image {report['tokens_per_image_before']} -> "
-          f"{report['tokens_per_image_after']} (held-out {report['heldout_tokens_per_image_before']} -> "
-          f"{report['heldout_tokens_per_image_after']}); held-out vocabulary usage {report['vocabulary_usage_heldout']:.1%}")
-    print(f"[tessera] merges: {report['merges']}  tiles: {report['png']}")
-    print(f"[tessera] report: {cfg.resolve(cfg.bpe.output)}/report.json")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("fit-bpe"), ray_session(cfg.ray):
+            report = fit_bpe(cfg)
+        console.print(f"[tessera] fit-bpe: {report['merges_done']} merges; tokens per image {report['tokens_per_image_before']} "
+                      f"-> {report['tokens_per_image_after']} (held-out {report['heldout_tokens_per_image_before']} -> "
+                      f"{report['heldout_tokens_per_image_after']}); held-out vocabulary usage "
+                      f"{report['vocabulary_usage_heldout']:.1%}")
+        console.print(f"[tessera] merges: {report['merges']}  tiles: {report['png']}")
+        console.print(f"[tessera] report: {cfg.resolve(cfg.bpe.output)}/report.json")
     return report
 
 

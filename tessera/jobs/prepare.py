@@ -16,10 +16,12 @@ import json
 
 from tessera import storage
 from tessera.config import TesseraConfig
+from tessera.console import Console
 from tessera.faults import fault_point, fault_when
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, logs_dir, parse_args, preflight, ray_session
 from tessera.manifest import write_manifest
 from tessera.pipelines import samples
+from tessera.pipelines.sources import check_sources
 from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validated
 from tessera.timing import Timer
 
@@ -42,6 +44,7 @@ def prepare(cfg: TesseraConfig) -> dict:
     """Run (or resume, or skip) the prepare job; returns its report. Ray must be initialised."""
     pc = cfg.prepare
     out = cfg.resolve(pc.output)
+    check_sources(pc.sources, cfg.resolve)  # a source that cannot be read fails here, before anything is written
     state = JobState(out, input_fingerprint(cfg))
     if state.is_complete():
         print(f"[tessera] prepare: complete, nothing to do ({state.report_uri})")
@@ -143,10 +146,12 @@ def _reject_counts(counts: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("prepare", argv, "Sources -> interleaved sample parquet shards (+ rejects) on Ray Data.")
-    with ray_session(cfg.ray):
-        report = prepare(cfg)
-    print(f"[tessera] prepare: {report['rows_out']} samples, {report['rejects']} rejects {report['rejects_by_reason']}")
-    print(f"[tessera] report: {cfg.resolve(cfg.prepare.output)}/report.json")
+    preflight("prepare", lambda: check_sources(cfg.prepare.sources, cfg.resolve))
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("prepare"), ray_session(cfg.ray):
+            report = prepare(cfg)
+        console.print(f"[tessera] prepare: {report['rows_out']} samples, {report['rejects']} rejects {report['rejects_by_reason']}")
+        console.print(f"[tessera] report: {cfg.resolve(cfg.prepare.output)}/report.json")
     return report
 
 

@@ -12,7 +12,8 @@ import sys
 import time
 
 from tessera import storage
-from tessera.jobs.common import parse_args, ray_session, resubmit_record
+from tessera.console import Console
+from tessera.jobs.common import logs_dir, parse_args, preflight, ray_session, resubmit_record
 from tessera.jobs.eval import evaluate_model
 from tessera.jobs.fit_bpe import fit_bpe
 from tessera.jobs.prepare import prepare
@@ -20,6 +21,7 @@ from tessera.jobs.synth import run_synth
 from tessera.jobs.tokenize import tokenize
 from tessera.jobs.train import train
 from tessera.jobs.train_tokenizer import train_tokenizer
+from tessera.pipelines.sources import check_sources
 
 # (stage, function, config section holding its output location)
 STAGES = [
@@ -100,40 +102,54 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("run", argv, "Run the whole graph: synth -> prepare -> train-tokenizer -> tokenize -> fit-bpe -> train -> eval.")
     resubmit = resubmit_record("tessera.jobs.run", list(argv if argv is not None else sys.argv[1:]))  # resume re-runs the graph
     t0 = time.perf_counter()
-    synth_result = run_synth(cfg)
-    stages: dict = {"synth": {"seconds": synth_result["seconds"], "skipped": synth_result["skipped"]}}
+    stages: dict = {}
     reports: dict = {}
-    with ray_session(cfg.ray):
-        for name, fn, section in STAGES:
-            t = time.perf_counter()
-            reports[name] = fn(cfg, resubmit) if fn is train else fn(cfg)
-            stages[name] = {"seconds": round(time.perf_counter() - t, 3), "skipped": reports[name].get("skipped", False)}
-    report = build_report(cfg, stages, reports, time.perf_counter() - t0)
-    prep, tok, toks, bpe = (reports[n] for n in ("prepare", "train-tokenizer", "tokenize", "fit-bpe"))
-    report_uri = storage.join(cfg.run.root, "report.json")
-    storage.write_json(report_uri, report)
-    ablation_uri = storage.join(cfg.run.root, "ablations", "report.json")
-    ablation = storage.read_json(ablation_uri) if storage.exists(ablation_uri) else None
-    md = write_markdown(report, storage.join(cfg.run.root, "report.md"), ablation)
-    print("\n== tessera run: summary ==")
-    for name, s in stages.items():
-        print(f"  {name:<16} {'skipped (complete)' if s['skipped'] else 'ran'} in {s['seconds']:.1f}s")
-    print(f"  samples: {prep['rows_out']}   rejects: {prep['rejects']} {prep['rejects_by_reason']}")
-    print(f"  tokenizer: held-out PSNR {tok['metrics']['psnr']:.2f} dB, SSIM {tok['metrics']['ssim']:.3f}, "
-          f"codebook usage {tok['metrics']['pixel_usage']}")
-    print(f"  tokens: {toks['rows_out']} rows, {toks['images']} images, {toks['text_tokens']} text tokens")
-    print(f"  visual BPE: {bpe['merges_done']} merges, tokens per image {bpe['tokens_per_image_before']} -> {bpe['tokens_per_image_after']}")
-    e = report["eval"]
-    print(f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}")
-    print(f"  eval: captions {e['caption_accuracy']:.3f}, VQA {e['vqa_accuracy']:.3f}, POPE acc {e['pope_accuracy']:.3f} "
-          f"F1 {e['pope_f1']:.3f}, generation {_fmt(e['generation_accuracy'])} (analyser {e['analyser_accuracy']:.3f})")
-    print(f"  reconstructions: {tok['pngs']['reconstructions']}")
-    print(f"  BPE tiles:       {bpe['png']}")
-    for name, uri in report["reports"].items():
-        print(f"  {name + ' report:':<24} {uri}")
-    print(f"  run report:              {report_uri}")
-    print(f"  run report (markdown):   {md}")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("synth") as line:
+            synth_result = run_synth(cfg)
+            line.note = "complete, skipped" if synth_result["skipped"] else ""
+        stages["synth"] = {"seconds": synth_result["seconds"], "skipped": synth_result["skipped"]}
+        preflight("run", lambda: check_sources(cfg.prepare.sources, cfg.resolve), say=console.print)
+        with ray_session(cfg.ray):  # Ray's start-up and shutdown lines go to logs/tessera.log
+            for name, fn, section in STAGES:
+                t = time.perf_counter()
+                with console.stage(name) as line:
+                    reports[name] = fn(cfg, resubmit) if fn is train else fn(cfg)
+                    line.note = "complete, skipped" if reports[name].get("skipped") else ""
+                stages[name] = {"seconds": round(time.perf_counter() - t, 3), "skipped": reports[name].get("skipped", False)}
+        report = build_report(cfg, stages, reports, time.perf_counter() - t0)
+        report_uri = storage.join(cfg.run.root, "report.json")
+        storage.write_json(report_uri, report)
+        ablation_uri = storage.join(cfg.run.root, "ablations", "report.json")
+        ablation = storage.read_json(ablation_uri) if storage.exists(ablation_uri) else None
+        md = write_markdown(report, storage.join(cfg.run.root, "report.md"), ablation)
+        for text in summary_lines(report, reports, report_uri, md):
+            console.print(text)
     return report
+
+
+def summary_lines(report: dict, reports: dict, report_uri: str, md: str) -> list[str]:
+    """The run's summary as the console ends it."""
+    prep, tok, toks, bpe = (reports[n] for n in ("prepare", "train-tokenizer", "tokenize", "fit-bpe"))
+    e = report["eval"]
+    lines = ["", "== tessera run: summary =="]
+    lines += [f"  {name:<16} {'skipped (complete)' if s['skipped'] else 'ran'} in {s['seconds']:.1f}s" for name, s in report["stages"].items()]
+    lines += [f"  samples: {prep['rows_out']}   rejects: {prep['rejects']} {prep['rejects_by_reason']}",
+              f"  tokenizer: held-out PSNR {tok['metrics']['psnr']:.2f} dB, SSIM {tok['metrics']['ssim']:.3f}, "
+              f"codebook usage {tok['metrics']['pixel_usage']}",
+              f"  tokens: {toks['rows_out']} rows, {toks['images']} images, {toks['text_tokens']} text tokens",
+              f"  visual BPE: {bpe['merges_done']} merges, tokens per image {bpe['tokens_per_image_before']} -> {bpe['tokens_per_image_after']}",
+              f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}",
+              f"  eval: captions {e['caption_accuracy']:.3f}, VQA {e['vqa_accuracy']:.3f}, POPE acc {e['pope_accuracy']:.3f} "
+              f"F1 {e['pope_f1']:.3f}, generation {_fmt(e['generation_accuracy'])} (analyser {e['analyser_accuracy']:.3f})",
+              "  VQA by type: " + ", ".join(f"{t} {a:.2f} (chance {report['chance']['uniform_by_type'].get(t, 0):.2f})"
+                                            for t, a in e.get("vqa_by_type", {}).items()),
+              f"  reconstructions: {tok['pngs']['reconstructions']}",
+              f"  BPE tiles:       {bpe['png']}",
+              f"  loss curve:      {report['pngs']['loss_curve']}"]
+    lines += [f"  {name + ' report:':<24} {uri}" for name, uri in report["reports"].items()]
+    lines += [f"  run report:              {report_uri}", f"  run report (markdown):   {md}"]
+    return lines
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from tessera import storage
 from tessera.config import TesseraConfig
-from tessera.jobs.common import parse_args
+from tessera.console import Console
+from tessera.jobs.common import logs_dir, parse_args
 from tessera.timing import Timer
 from tessera.pipelines import synth
 
@@ -27,8 +28,10 @@ def run_synth(cfg: TesseraConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("synth", argv, "Write the shapes world (webdataset, HF dataset, MP4 + subtitles, web docs, held-out questions).")
-    result = run_synth(cfg)
-    print(f"[tessera] synth: {result['counts']} -> {result['output']}")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("synth"):
+            result = run_synth(cfg)
+        console.print(f"[tessera] synth: {result['counts']} -> {result['output']}")
     return result
 
 

@@ -17,8 +17,9 @@ import os
 
 from tessera import storage
 from tessera.config import TesseraConfig
+from tessera.console import Console
 from tessera.faults import actor_fault_marker, fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session
+from tessera.jobs.common import JobState, fingerprint, logs_dir, parse_args, ray_session
 from tessera.timing import Timer
 from tessera.manifest import dataset_files, write_manifest
 from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
@@ -152,11 +153,12 @@ def _summary(stats: dict, encode_s: float) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("tokenize", argv, "Interleaved samples -> token shards with the visual and text tokenizers (Ray Data).")
-    with ray_session(cfg.ray):
-        report = tokenize(cfg)
-    print(f"[tessera] tokenize: {report['rows_out']} rows, {report['images']} images, {report['text_tokens']} text tokens, "
-          f"{report['image_codes']} image codes, {report['rejects']} rejects")
-    print(f"[tessera] report: {cfg.resolve(cfg.tokenize.output)}/report.json")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("tokenize"), ray_session(cfg.ray):
+            report = tokenize(cfg)
+        console.print(f"[tessera] tokenize: {report['rows_out']} rows, {report['images']} images, {report['text_tokens']} text "
+                      f"tokens, {report['image_codes']} image codes, {report['rejects']} rejects")
+        console.print(f"[tessera] report: {cfg.resolve(cfg.tokenize.output)}/report.json")
     return report
 
 

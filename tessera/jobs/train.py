@@ -29,8 +29,9 @@ import numpy as np
 
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
+from tessera.console import Console
 from tessera.faults import StepFault, fault_point
-from tessera.jobs.common import (JobState, fingerprint, parse_args, ray_job_record, ray_session, resubmit_record,
+from tessera.jobs.common import (JobState, fingerprint, logs_dir, parse_args, ray_job_record, ray_session, resubmit_record,
                                  run_ray_train_loop, without_progress_bars)
 from tessera.loop import worker_print
 from tessera.manifest import dataset_files
@@ -71,7 +72,8 @@ def train_loop_per_worker(config: dict) -> None:
     loop = StageLoop(trainer, stream, stage.steps, grad_accum=tc.grad_accum, world=world, log_every=tc.log_every,
                      checkpoint_every=tc.checkpoint_every, probe_every=tc.probe_every, probe=probe,
                      offset=config["step_offset"], stage_name=stage.name, stage_index=i)
-    log = (lambda step: _log_step(config["metrics_csv"], stage, step.metrics)) if rank == 0 else None
+    total = sum(s.steps for s in tc.stages)
+    log = (lambda step: _log_step(config["metrics_csv"], stage, total, step.metrics)) if rank == 0 else None
     fault = StepFault(**config["fault"]) if config["fault"] and rank == 0 else None  # a test hook (tessera.faults)
     after_step = (lambda step: fault(config["step_offset"] + step.step)) if fault else None
     run_ray_train_loop(loop, rank, f"[train] stage {i} {stage.name!r}:", on_log=log, after_step=after_step)
@@ -104,11 +106,12 @@ def _parallel_wrapper(strategy: str, world: int):
     return wrap
 
 
-def _log_step(metrics_csv: str, stage, metrics: dict) -> None:
-    """Rank 0: one metrics.csv row and one console line per logged step."""
+def _log_step(metrics_csv: str, stage, total_steps: int, metrics: dict) -> None:
+    """Rank 0: one metrics.csv row and one log line per logged step (its last `a/b` is the whole run's,
+    so the console's estimate of the time left covers every stage)."""
     _append_csv(metrics_csv, metrics)
     probed = " ".join(f"{k[6:]} {v:.2f}" for k, v in metrics.items() if k.startswith("probe_"))
-    worker_print(f"[train] {stage.name} step {metrics['stage_step']}/{stage.steps} (global {metrics['step']}) "
+    worker_print(f"[train] {stage.name} step {metrics['stage_step']}/{stage.steps} (global {metrics['step']}/{total_steps}) "
                  f"loss {metrics['loss']:.4f} text {metrics['text_loss']:.3f} image {metrics['image_loss']:.3f} "
                  f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s" + (f" | probe {probed}" if probed else ""))
 
@@ -425,9 +428,11 @@ def _report(run: _Run, model_dir: str, stage_reports: list, steps: int, seconds:
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("train", argv, "Train the unified model through the configured stages (Ray Train).")
     resubmit = resubmit_record("tessera.jobs.train", list(argv if argv is not None else sys.argv[1:]))
-    with ray_session(cfg.ray):
-        report = train(cfg, resubmit)
-    print(f"[tessera] train: model {report['model']}; loss curve {report['loss_curve']}; report {cfg.resolve(cfg.train.output)}/report.json")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("train"), ray_session(cfg.ray):
+            report = train(cfg, resubmit)
+        console.print(f"[tessera] train: model {report['model']}; loss curve {report['loss_curve']}; "
+                      f"report {cfg.resolve(cfg.train.output)}/report.json")
     return report
 
 

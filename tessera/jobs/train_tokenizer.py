@@ -20,8 +20,10 @@ import numpy as np
 
 from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
+from tessera.console import Console
 from tessera.faults import fault_point
-from tessera.jobs.common import JobState, fingerprint, parse_args, ray_session, run_ray_train_loop, without_progress_bars
+from tessera.jobs.common import (JobState, fingerprint, logs_dir, parse_args, ray_session, run_ray_train_loop,
+                                 without_progress_bars)
 from tessera.loop import worker_print
 from tessera.manifest import dataset_files
 
@@ -261,13 +263,14 @@ def _retrieval(model, held: dict, out: str) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("train-tokenizer", argv, "Train the visual tokenizer (vq or dual preset) on Ray Train.")
-    with ray_session(cfg.ray):
-        report = train_tokenizer(cfg)
-    m = report["metrics"]
-    print(f"[tessera] tokenizer ({report['preset']}): held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, "
-          f"LPIPS {m['lpips']:.3f}, pixel codebook usage {m['pixel_usage']}")
-    print(f"[tessera] reconstructions: {report['pngs']['reconstructions']}")
-    print(f"[tessera] report: {cfg.resolve(cfg.tokenizer.output)}/report.json")
+    with Console(logs_dir(cfg)) as console:
+        with console.stage("train-tokenizer"), ray_session(cfg.ray):
+            report = train_tokenizer(cfg)
+        m = report["metrics"]
+        console.print(f"[tessera] tokenizer ({report['preset']}): held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, "
+                      f"LPIPS {m['lpips']:.3f}, pixel codebook usage {m['pixel_usage']}")
+        console.print(f"[tessera] reconstructions: {report['pngs']['reconstructions']}")
+        console.print(f"[tessera] report: {cfg.resolve(cfg.tokenizer.output)}/report.json")
     return report
 
 

@@ -211,17 +211,29 @@ def test_two_node_cluster_gives_the_same_output_set(prepared, world_root, tmp_pa
         ("prepare.sources=[{name: w, kind: webdataset, uri: '{root}/synth/web'}]", "no *.tar files"),
     ],
 )
-def test_unreadable_sources_fail_before_any_rows_are_processed(override, message, world_root, ray_cluster, tmp_path):
-    from tessera.jobs.prepare import prepare
+def test_unreadable_sources_fail_before_any_work_in_one_line(override, message, world_root, ray_cluster, tmp_path, capsys):
+    """`prepare()` raises before it writes anything; `tessera prepare` says it in one line (naming the source
+    and the location) with exit status 2, before Ray is joined or a log is opened: nothing is written."""
+    from tessera.jobs.prepare import main, prepare
     from tessera.pipelines.readers import SourceError
-    from tests.conftest import tiny_config
+    from tests.conftest import TINY, tiny_config
 
     root = tmp_path / "run"
     root.mkdir()
     os.symlink(world_root / "synth", root / "synth")
-    with pytest.raises(SourceError, match=message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
+    pattern = message.replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")
+    with pytest.raises(SourceError, match=pattern):
         prepare(tiny_config(root, override))
-    assert not (root / "prepare" / "samples").exists()
+    assert sorted(os.listdir(root)) == ["synth"], "nothing written"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main([a for o in [f"run.root={root}", *TINY, override] for a in ("--set", o)])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    (line,) = err.splitlines()
+    assert line.startswith("tessera prepare: config error at 'prepare.sources': source '") and message in line, line
+    assert str(root / "synth") in line and out == ""
+    assert sorted(os.listdir(root)) == ["synth"], "nothing written, not even a log"
 
 
 def test_dedup_runs_on_the_cluster_and_the_driver_gets_only_the_duplicates(ray_cluster, tmp_path, monkeypatch):

@@ -1,7 +1,10 @@
 """A miniature `tessera run` end to end: every stage (upstream ones shared with the other tests
 and found complete), training through two stages, the eval suite and the run report."""
 
+import contextlib
 import json
+import os
+import sys
 
 import pytest
 
@@ -22,12 +25,53 @@ KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eva
         "time.train", "time.eval", "time.prepare"]
 
 
+STAGES = ["synth", "prepare", "train-tokenizer", "tokenize", "fit-bpe", "train", "eval"]
+
+
+@contextlib.contextmanager
+def stdout_to(path):
+    """The process's stdout (fd 1) is `path` meanwhile: a console that is not a terminal, as in CI."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 @pytest.fixture(scope="module")
-def run_report(bpe_fitted, world_root, ray_cluster):
+def run_and_console(bpe_fitted, world_root, ray_cluster, tmp_path_factory):
     from tessera.jobs.run import main
 
     argv = [a for o in [*TINY, *TINY_TOKENIZER, *TINY_BPE, *E2E_TRAIN, f"run.root={world_root}"] for a in ("--set", o)]
-    return main(argv)
+    console = tmp_path_factory.mktemp("console") / "stdout.txt"
+    with stdout_to(console):
+        report = main(argv)
+    return report, console.read_text()
+
+
+@pytest.fixture(scope="module")
+def run_report(run_and_console):
+    return run_and_console[0]
+
+
+def test_the_console_shows_one_line_per_stage_and_logs_the_rest(run_and_console, world_root):
+    """The console contract on the real graph, stdout not a terminal: a final line per stage naming its
+    log, a few progress lines, the summary; every line once; Ray's and the stages' detail in the logs."""
+    _, console = run_and_console
+    lines = [ln for ln in console.splitlines() if ln.strip()]
+    assert len(lines) <= 60, console
+    assert len(set(lines)) == len(lines), "every line once"
+    for stage in STAGES:
+        (final,) = [ln for ln in lines if ln.startswith(f"[{stage}] ") and (" done in " in ln or " failed " in ln)]
+        assert " done in " in final and final.endswith(f"log {world_root / 'logs' / stage}.log"), final
+    assert not any(word in console for word in ("INFO", "WARNING", "Traceback", "pid=", "Running Dataset")), console
+    assert "== tessera run: summary ==" in console and "VQA by type:" in console
+    train_log = (world_root / "logs" / "train.log").read_text()
+    assert "[train] stage 1 'all': mixture" in train_log and "[train] stage 1 'all': mixture" not in console
 
 
 def test_report_has_the_documented_keys(run_report, world_root):

@@ -280,9 +280,14 @@ def test_every_verb_through_the_readme_command_and_stops_at_any_moment_resume_ex
     job = resume([str(world_root), "--output", output, "--address", dashboard])
     status, logs = wait_job(client, job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "stage 0 'embeddings': complete, skipped" in logs and logs.count("'all': resumed at step 2") == 1
-    assert re.findall(r"\[train\] all step \d/4", logs) == ["[train] all step 3/4", "[train] all step 4/4"], "each line once"
-    assert "TrainingReport(" not in logs and "Running Dataset rank" not in logs, "no report reprs, no progress bars redrawn per step"
+    console = [ln for ln in logs.splitlines() if ln.strip()]  # the job's log is the console: its stage line and summary
+    assert len(set(console)) == len(console) and not any("pid=" in ln or "INFO" in ln for ln in console), logs[-3000:]
+    assert any(ln.startswith("[train] done in ") and ln.endswith(os.path.join(str(world_root), "logs", "train.log")) for ln in console)
+    with open(os.path.join(world_root, "logs", "train.log")) as f:
+        detail = f.read().rsplit("==== train ", 1)[-1]  # this job's part of the stage's log (each attempt appends)
+    assert "stage 0 'embeddings': complete, skipped" in detail and detail.count("'all': resumed at step 2") == 1
+    assert re.findall(r"\[train\] all step \d/4", detail) == ["[train] all step 3/4", "[train] all step 4/4"], "each line once"
+    assert "TrainingReport(" not in detail and "Running Dataset rank" not in detail, "no report reprs, no progress bars redrawn per step"
     assert losses(cfg) == losses(uninterrupted[0])
     (done,) = [r for r in list_runs(str(world_root)) if r["path"] == output]
     assert done["status"] == "complete" and done["step"] == 7 and done["ray_status"] == "SUCCEEDED"
