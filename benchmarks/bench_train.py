@@ -1,10 +1,11 @@
 """Benchmark `tessera train`: tokens/s through Ray Train (Ray Data packing -> TorchTrainer) against
 a plain PyTorch loop on the same model, stage and packed rows in this process; the packing
-efficiency (non-padding share); and 1 vs 2 Ray Train workers, in one run.
+efficiency (non-padding share); optionally 1 vs 2 Ray Train workers, in one run.
 
 Needs the demo's tokens and BPE (`make demo`, or any run root):
 
-    .venv/bin/python benchmarks/bench_train.py [--root runs/demo] [--steps 30]
+    .venv/bin/python benchmarks/bench_train.py [--root runs/demo] [--steps 30] [--hidden 256 --layers 8]
+        [--two-workers] [--json FILE]
 
 Each Ray Train figure is the mean of its logged tokens/s after the first 3 steps (start-up and
 the first packing groups excluded); the plain loop times the same steps after one warm-up step.
@@ -13,6 +14,7 @@ the first packing groups excluded); the plain loop times the same steps after on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -26,45 +28,49 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def overrides(root: str, out: str, steps: int, workers: int, cpus: float) -> list[str]:
+def overrides(root: str, out: str, steps: int, workers: int, cpus: float, hidden: int, layers: int) -> list[str]:
     return [f"run.root={root}", f"train.output={out}", f"train.storage_path={out}/ray", f"train.num_workers={workers}",
-            f"train.cpus_per_worker={cpus}", "train.log_every=1", f"train.checkpoint_every={steps}",
+            f"train.cpus_per_worker={cpus}", "train.log_every=1", f"train.checkpoint_every={steps}", "train.probe_every=0",
+            f"model.hidden_size={hidden}", f"model.num_layers={layers}", f"model.intermediate_size={hidden * 11 // 4}",
             f"train.stages=[{{name: bench, steps: {steps}, trainable: all, lr: 0.001, batch_size: 8, seq_len: 512,"
             " mixture: {weights: {kind=image_text: 0.5, task=vqa: 0.5}}}]"]
 
 
 def plain_loop(cfg, steps: int) -> tuple[float, float]:
-    """The same stage in-process: plan -> groups -> packed rows -> StageTrainer."""
-    from tessera.manifest import dataset_files
-    from tessera.model.assets import load_assets
-    from tessera.model.rows import BuildSpec, build_group
-    from tessera.model.mixture import build_index, stage_plan
+    """The same stage in this process, built by the train job's own planning: the same index, sample plan,
+    packing groups and BuildSpec -> packed rows -> the same StageTrainer and model."""
+    from tessera.jobs.train import _load_data, _plan
+    from tessera.model.mixture import stage_plan
     from tessera.model.packing import collate
+    from tessera.model.rows import BuildSpec, build_group
+    from tessera.model.stream import model_inputs
     from tessera.model.trainer import StageTrainer
     from tessera.model.unified import TesseraModel
 
     torch.set_num_threads(2)
-    mc, tc = cfg.model, cfg.train
+    tc = cfg.train
     stage = tc.stages[0]
-    assets = load_assets(mc, cfg.resolve)
-    vocab = assets.vocabulary(mc)
-    index = build_index(dataset_files(os.path.join(cfg.run.root, "tokens", "tokens")), 120.0)
-    plan = stage_plan(index, stage.mixture.weights, 4000, cfg.run.seed, 0)
-    spec = BuildSpec(tuple(vocab.to_dict().items()), os.path.abspath(cfg.resolve(mc.bpe)), ("pixel",), 1, (), "pixel", 0,
-                     stage.seq_len, stage.loss_mask, cfg.run.seed, 0, tc.t2i_rate, tc.cfg_text_dropout)
+    run = _plan(cfg)
+    _load_data(run)
+    seed = tc.effective_seed(cfg.run.seed)
+    plan = stage_plan(run.index, stage.mixture.weights, 4000, seed, 0, stage.mixture.order)
+    spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=seed, stage=0, t2i_rate=tc.t2i_rate_of(stage),
+                     cfg_text_dropout=tc.cfg_text_dropout, **run.spec_kwargs)
     rows, real, total = [], 0, 0
     for g in range(0, len(plan), tc.pack_group):
         grp = plan[g:g + tc.pack_group]
-        packed, _ = build_group(spec, [index.files[s] for s, _ in grp], [index.rows[s] for s, _ in grp], [e for _, e in grp], g // tc.pack_group)
+        packed, _ = build_group(spec, [run.index.files[s] for s, _ in grp], [run.index.rows[s] for s, _ in grp],
+                                [e for _, e in grp], g // tc.pack_group)
         rows += packed
         if len(rows) >= (steps + 1) * stage.batch_size:
             break
-    model = TesseraModel.create(mc, vocab, seed=cfg.run.seed)
+    model = TesseraModel.create(cfg.model, run.vocab, run.sizes, run.depth, seed=seed)
     trainer = StageTrainer(model, stage, tc.weight_decay, tc.grad_clip, torch.device("cpu"))
     t0 = None
     for s in range(steps + 1):
         batch = collate(rows[s * stage.batch_size:(s + 1) * stage.batch_size])
-        trainer.train_step([batch])
+        metrics = trainer.train_step([model_inputs(batch)])
+        float(metrics["loss"])  # the step is done when its loss is read (as the train loop does on logged steps)
         if s == 0:
             t0 = time.perf_counter()
             continue
@@ -87,6 +93,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="runs/demo")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--hidden", type=int, default=128, help="model width (the demo's: 128)")
+    ap.add_argument("--layers", type=int, default=4, help="decoder layers (the demo's: 4)")
+    ap.add_argument("--two-workers", action="store_true", help="also 2 Ray Train workers (DDP, gloo) on the same cores")
+    ap.add_argument("--json", default="", help="also write the figures to this file (one JSON object)")
     args = ap.parse_args()
     root = os.path.abspath(args.root)
 
@@ -94,20 +104,32 @@ def main() -> None:
 
     from tessera.config import load_config
 
+    result = {"bench": "train", "cores": os.cpu_count(), "steps": args.steps, "hidden": args.hidden, "layers": args.layers,
+              "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
     with tempfile.TemporaryDirectory() as work:
-        cfg1 = load_config("configs/demo.yaml", overrides(root, f"{work}/w1", args.steps, 1, 1.5))
+        cfg1 = load_config("configs/demo.yaml", overrides(root, f"{work}/w1", args.steps, 1, 1.5, args.hidden, args.layers))
         plain, plain_eff = plain_loop(cfg1, args.steps)
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False)
         one, eff1, wall1 = ray_train(cfg1)
-        cfg2 = load_config("configs/demo.yaml", overrides(root, f"{work}/w2", args.steps, 2, 0.75))
-        two, eff2, wall2 = ray_train(cfg2)
+        result |= {"plain_tokens_per_s": round(plain, 1), "ray_tokens_per_s": round(one, 1), "ray_over_plain": round(one / plain, 3),
+                   "packing_efficiency": round(eff1, 4), "ray_wall_s": round(wall1, 1)}
+        if args.two_workers:
+            cfg2 = load_config("configs/demo.yaml", overrides(root, f"{work}/w2", args.steps, 2, 0.75, args.hidden, args.layers))
+            two, eff2, wall2 = ray_train(cfg2)
+            result |= {"two_workers_tokens_per_s": round(two, 1), "two_over_one": round(two / one, 3)}
         ray.shutdown()
-    print(f"# bench_train: {args.steps} steps of 8 x 512-token packed rows, demo model, 2-core CPU")
+    print(f"# bench_train: {args.steps} steps of 8 x 512-token packed rows, {args.hidden} wide x {args.layers} layers, "
+          f"{os.cpu_count()}-core CPU")
     print(f"plain PyTorch loop (same rows, in process): {plain:8.0f} tokens/s   packing efficiency {plain_eff:.3f}")
-    print(f"Ray Train, 1 worker (Ray Data packing):    {one:8.0f} tokens/s   packing efficiency {eff1:.3f}   wall {wall1:.0f}s")
+    print(f"Ray Train, 1 worker (rows packed ahead):   {one:8.0f} tokens/s   packing efficiency {eff1:.3f}   wall {wall1:.0f}s")
     print(f"Ray Train / plain loop: {one / plain:.2f}x")
-    print(f"Ray Train, 2 workers (DDP, gloo):           {two:8.0f} tokens/s   packing efficiency {eff2:.3f}   wall {wall2:.0f}s")
-    print(f"2 workers / 1 worker: {two / one:.2f}x")
+    if args.two_workers:
+        print(f"Ray Train, 2 workers (DDP, gloo):          {result['two_workers_tokens_per_s']:8.0f} tokens/s   wall {wall2:.0f}s")
+        print(f"2 workers / 1 worker: {result['two_over_one']:.2f}x")
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("eval", argv, "Evaluate a trained model on the held-out shapes world.")
     with Console(logs_dir(cfg)) as console:
-        with console.stage("eval"):
+        with console.stage("eval") as line:
             report = evaluate_model(cfg)
+            line.note = "complete, nothing to do" if report.get("skipped") else ""
         e = report["eval"]
         console.print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc "
                       f"{e['pope_accuracy']:.3f} F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation "

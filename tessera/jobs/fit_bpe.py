@@ -150,8 +150,9 @@ def _statistics(bpe, train: list, held: list, cfg: TesseraConfig, out: str) -> d
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("fit-bpe", argv, "Fit the 2-D visual BPE on token shards.")
     with Console(logs_dir(cfg)) as console:
-        with console.stage("fit-bpe"), ray_session(cfg.ray):
+        with console.stage("fit-bpe") as line, ray_session(cfg.ray):
             report = fit_bpe(cfg)
+            line.note = "complete, nothing to do" if report.get("skipped") else ""
         console.print(f"[tessera] fit-bpe: {report['merges_done']} merges; tokens per image {report['tokens_per_image_before']} "
                       f"-> {report['tokens_per_image_after']} (held-out {report['heldout_tokens_per_image_before']} -> "
                       f"{report['heldout_tokens_per_image_after']}); held-out vocabulary usage "

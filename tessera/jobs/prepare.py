@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("prepare", argv, "Sources -> interleaved sample parquet shards (+ rejects) on Ray Data.")
     preflight("prepare", lambda: check_sources(cfg.prepare.sources, cfg.resolve))
     with Console(logs_dir(cfg)) as console:
-        with console.stage("prepare"), ray_session(cfg.ray):
+        with console.stage("prepare") as line, ray_session(cfg.ray):
             report = prepare(cfg)
+            line.note = "complete, nothing to do" if report.get("skipped") else ""
         console.print(f"[tessera] prepare: {report['rows_out']} samples, {report['rejects']} rejects {report['rejects_by_reason']}")
         console.print(f"[tessera] report: {cfg.resolve(cfg.prepare.output)}/report.json")
     return report

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     with Console(logs_dir(cfg)) as console:
         with console.stage("synth") as line:
             synth_result = run_synth(cfg)
-            line.note = "complete, skipped" if synth_result["skipped"] else ""
+            line.note = "complete, nothing to do" if synth_result["skipped"] else ""
         stages["synth"] = {"seconds": synth_result["seconds"], "skipped": synth_result["skipped"]}
         preflight("run", lambda: check_sources(cfg.prepare.sources, cfg.resolve), say=console.print)
         with ray_session(cfg.ray):  # Ray's start-up and shutdown lines go to logs/tessera.log
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
                 t = time.perf_counter()
                 with console.stage(name) as line:
                     reports[name] = fn(cfg, resubmit) if fn is train else fn(cfg)
-                    line.note = "complete, skipped" if reports[name].get("skipped") else ""
+                    line.note = "complete, nothing to do" if reports[name].get("skipped") else ""
                 stages[name] = {"seconds": round(time.perf_counter() - t, 3), "skipped": reports[name].get("skipped", False)}
         report = build_report(cfg, stages, reports, time.perf_counter() - t0)
         report_uri = storage.join(cfg.run.root, "report.json")

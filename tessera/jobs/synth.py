@@ -29,8 +29,9 @@ def run_synth(cfg: TesseraConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("synth", argv, "Write the shapes world (webdataset, HF dataset, MP4 + subtitles, web docs, held-out questions).")
     with Console(logs_dir(cfg)) as console:
-        with console.stage("synth"):
+        with console.stage("synth") as line:
             result = run_synth(cfg)
+            line.note = "complete, nothing to do" if result.get("skipped") else ""
         console.print(f"[tessera] synth: {result['counts']} -> {result['output']}")
     return result
 

@@ -154,8 +154,9 @@ def _summary(stats: dict, encode_s: float) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("tokenize", argv, "Interleaved samples -> token shards with the visual and text tokenizers (Ray Data).")
     with Console(logs_dir(cfg)) as console:
-        with console.stage("tokenize"), ray_session(cfg.ray):
+        with console.stage("tokenize") as line, ray_session(cfg.ray):
             report = tokenize(cfg)
+            line.note = "complete, nothing to do" if report.get("skipped") else ""
         console.print(f"[tessera] tokenize: {report['rows_out']} rows, {report['images']} images, {report['text_tokens']} text "
                       f"tokens, {report['image_codes']} image codes, {report['rejects']} rejects")
         console.print(f"[tessera] report: {cfg.resolve(cfg.tokenize.output)}/report.json")

@@ -429,8 +429,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("train", argv, "Train the unified model through the configured stages (Ray Train).")
     resubmit = resubmit_record("tessera.jobs.train", list(argv if argv is not None else sys.argv[1:]))
     with Console(logs_dir(cfg)) as console:
-        with console.stage("train"), ray_session(cfg.ray):
+        with console.stage("train") as line, ray_session(cfg.ray):
             report = train(cfg, resubmit)
+            line.note = "complete, nothing to do" if report.get("skipped") else ""
         console.print(f"[tessera] train: model {report['model']}; loss curve {report['loss_curve']}; "
                       f"report {cfg.resolve(cfg.train.output)}/report.json")
     return report

@@ -264,8 +264,9 @@ def _retrieval(model, held: dict, out: str) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("train-tokenizer", argv, "Train the visual tokenizer (vq or dual preset) on Ray Train.")
     with Console(logs_dir(cfg)) as console:
-        with console.stage("train-tokenizer"), ray_session(cfg.ray):
+        with console.stage("train-tokenizer") as line, ray_session(cfg.ray):
             report = train_tokenizer(cfg)
+            line.note = "complete, nothing to do" if report.get("skipped") else ""
         m = report["metrics"]
         console.print(f"[tessera] tokenizer ({report['preset']}): held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, "
                       f"LPIPS {m['lpips']:.3f}, pixel codebook usage {m['pixel_usage']}")

@@ -33,7 +33,9 @@ def test_train_tokenizer_job_writes_a_loadable_tokenizer_and_resumes(prepared, w
     assert not (root / "tokenizer" / "report.json").exists()
     code, out = _run(root, ray_cluster)  # the same command again: resumes from the last checkpoint
     assert code == 0, out
-    assert "resumed at step 12" in out
+    assert "[train-tokenizer] done in" in out and str(root / "logs" / "train-tokenizer.log") in out
+    detail = (root / "logs" / "train-tokenizer.log").read_text().rsplit("==== train-tokenizer ", 1)[-1]  # this attempt's part
+    assert "resumed at step 12" in detail and "resumed at step 12" not in out
     report = json.loads((root / "tokenizer" / "report.json").read_text())
     assert report["steps"] == 12 and report["grid"] == [8, 8]
     m = report["metrics"]
