@@ -273,6 +273,20 @@ class Console:
         self.print(line)
 
 
+@contextlib.contextmanager
+def redirected(fd: int, target: int) -> Iterator[None]:
+    """File descriptor `fd` (1: stdout, 2: stderr) writes into the open descriptor `target` meanwhile."""
+    _flush_std()
+    saved = os.dup(fd)
+    os.dup2(target, fd)
+    try:
+        yield
+    finally:
+        _flush_std()
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def one_line_cause(error: BaseException) -> str:
     """The innermost cause of an error in one line: `Type: first line of its message`."""
     seen = set()

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import sys
 import tempfile
 
 import numpy as np
 
 from tessera import storage
 from tessera.config import VideoConfig
+from tessera.console import redirected
 from tessera.pipelines.images import Rejected
 
 
@@ -91,15 +91,8 @@ def _native_stderr_captured():
     """decord's C++ logger writes each failure to file descriptor 2 as well as into the exception it
     raises (whose text becomes the reject's detail); keep that copy off the console (one line per bad
     file otherwise). A decode runs on its task's one thread, so the brief redirect catches only it."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    with tempfile.TemporaryFile() as sink, redirected(2, sink.fileno()):
+        yield
 
 
 def interleave(frame_times: np.ndarray, subtitles: list[dict]) -> list[tuple[str, float, int | str]]:

@@ -1,10 +1,7 @@
 """A miniature `tessera run` end to end: every stage (upstream ones shared with the other tests
 and found complete), training through two stages, the eval suite and the run report."""
 
-import contextlib
 import json
-import os
-import sys
 
 import pytest
 
@@ -28,27 +25,15 @@ KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eva
 STAGES = ["synth", "prepare", "train-tokenizer", "tokenize", "fit-bpe", "train", "eval"]
 
 
-@contextlib.contextmanager
-def stdout_to(path):
-    """The process's stdout (fd 1) is `path` meanwhile: a console that is not a terminal, as in CI."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(path, "w") as f:
-        os.dup2(f.fileno(), 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 @pytest.fixture(scope="module")
 def run_and_console(bpe_fitted, world_root, ray_cluster, tmp_path_factory):
     from tessera.jobs.run import main
 
     argv = [a for o in [*TINY, *TINY_TOKENIZER, *TINY_BPE, *E2E_TRAIN, f"run.root={world_root}"] for a in ("--set", o)]
+    from tessera.console import redirected
+
     console = tmp_path_factory.mktemp("console") / "stdout.txt"
-    with stdout_to(console):
+    with open(console, "w") as f, redirected(1, f.fileno()):  # stdout a file: a console that is not a terminal, as in CI
         report = main(argv)
     return report, console.read_text()
 
