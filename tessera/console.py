@@ -250,6 +250,8 @@ class Console:
                 self._finish(stage, f"[{name}] failed after {format_seconds(stage.elapsed)}: {cause} · log {stage.log_uri}")
             else:
                 self._finish(stage, self._done_line(stage))
+            if isinstance(e.code, str):  # its text is on the console already; Python would print it again on exit
+                raise SystemExit(1) from e
             raise
         except Exception as e:  # noqa: BLE001 - every failure gets its one line; the traceback goes to the log
             traceback.print_exc()

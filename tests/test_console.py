@@ -77,6 +77,17 @@ def test_a_failed_stage_says_which_why_in_one_line_and_where_the_traceback_is(tm
     assert "Traceback (most recent call last)" in log and "Training failed: see the worker's error" in log
 
 
+def test_a_stage_that_exits_with_a_message_says_it_once(tmp_path):
+    stream = io.StringIO()
+    with pytest.raises(SystemExit) as exit_info:
+        with Console(str(tmp_path / "logs"), stream=stream) as console:
+            with console.stage("synth"):
+                raise SystemExit("tessera synth: synth.output must be a local path")
+    assert exit_info.value.code == 1, "the status a message exit has, without Python printing the message a second time"
+    assert stream.getvalue().splitlines() == [
+        f"[synth] failed after 0s: tessera synth: synth.output must be a local path · log {tmp_path / 'logs' / 'synth.log'}"]
+
+
 def test_the_innermost_cause_is_the_one_line():
     try:
         try:
