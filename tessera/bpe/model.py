@@ -39,6 +39,7 @@ class VisualBPE:
             shape_w.append(w)
         self.shape_h = np.array(shape_h, dtype=np.int32)
         self.shape_w = np.array(shape_w, dtype=np.int32)
+        self._shape_lists = (shape_h, shape_w)  # plain lists: per-token lookups in `anchors`
         self._encoder = _core.Encoder(self.codebook_size, [(a, b, DIRS.index(d)) for a, b, d in self.merges])
 
     # ------------------------------------------------------------------ fit
@@ -93,11 +94,26 @@ class VisualBPE:
     def anchors(self, tokens: Sequence[int] | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """(T,) tile ids -> (T, 2) int64 (row, column) of each tile's anchor (top-left) cell,
         by the same placement as `decode`: each tile at the first free cell in raster order."""
-        tiling = self.start_decoding(shape)
+        # A flat bytearray and its C-level `find` instead of `PartialTiling` (numpy calls per token): this runs
+        # for every image of every packed training row and was most of the packing time.
+        H, W = int(shape[0]), int(shape[1])
+        heights, widths = self._shape_lists
+        occupied = bytearray(H * W)
         out = np.empty((len(tokens), 2), np.int64)
-        for i, t in enumerate(tokens):
-            out[i] = tiling.next_cell()
-            tiling.push(int(t))
+        cursor = 0
+        for i, t in enumerate(np.asarray(tokens).tolist()):
+            if cursor < 0:
+                raise ValueError("more tiles than the grid holds")
+            r, c = divmod(cursor, W)
+            h, w = heights[t], widths[t]
+            if r + h > H or c + w > W:
+                raise ValueError(f"token {t} ({h}x{w}) does not fit at ({r}, {c})")
+            out[i] = r, c
+            for start in range(cursor, cursor + h * W, W):
+                if occupied.find(1, start, start + w) >= 0:
+                    raise ValueError(f"token {t} ({h}x{w}) overlaps an earlier tile at ({r}, {c})")
+                occupied[start:start + w] = b"\x01" * w
+            cursor = occupied.find(0, cursor)
         return out
 
     def start_decoding(self, shape: tuple[int, int]) -> "PartialTiling":

@@ -37,6 +37,7 @@ from tessera.loop import worker_print
 from tessera.manifest import dataset_files
 
 PROBE_TYPES = ("colour", "shape", "size", "position", "count", "exists")
+GROUPS_PER_BLOCK = 8  # packing groups per Ray Data block (and task)
 METRIC_FIELDS = ["step", "stage", "stage_index", "stage_step", "loss", "text_loss", "image_loss", "lr", "grad_norm",
                  "tokens_per_s", "packing_efficiency"] + [f"probe_{t}" for t in PROBE_TYPES]
 
@@ -174,10 +175,13 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
     for r in range(world):
         items = [{"group": g, "files": [index.files[s] for s, _ in grp], "rows": [index.rows[s] for s, _ in grp],
                   "epochs": [e for _, e in grp]} for g, grp in enumerate(groups) if g % world == r]
-        # packed ahead of training (materialised in the object store): packing tasks running beside
-        # the steps would take CPU from the worker's torch threads on a small machine
-        datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
-            pack_groups, fn_kwargs={"spec": spec}, batch_size=1, num_cpus=0.25).materialize()
+        # Packed ahead of training (materialised in the object store): packing tasks running beside
+        # the steps would take CPU from the worker's torch threads on a small machine. Whole CPUs and
+        # blocks of several groups: fractional tasks make Ray start (and then reap) extra worker
+        # processes beyond its pool, which cost ~8x the packing itself on 2 cores (benchmarks/bench_train.py).
+        blocks = max(1, math.ceil(len(items) / GROUPS_PER_BLOCK))
+        datasets[f"rank{r}"] = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            pack_groups, fn_kwargs={"spec": spec}, batch_size=None, num_cpus=1).materialize()
         without_progress_bars(datasets[f"rank{r}"])
     return datasets, {"plan_samples": len(plan), "groups": len(groups), "estimated_rows_per_rank": per_rank, **stats}
 
