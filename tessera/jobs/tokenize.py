@@ -1,7 +1,8 @@
 """`tessera tokenize`: interleaved samples -> token shards (Ray Data, tokenizer in an actor pool).
 
-    samples --CPU: PNG -> arrays--> actor pool (visual tokenizer; num_gpus per actor on a cluster)
-            --CPU: text tokenizer--> _work/encoded --> tokens/*.parquet + rejects/*.parquet -> manifests -> report
+    samples --> actor pool: PNG -> arrays -> visual tokenizer -> text tokenizer --> _work/encoded
+            --> tokens/*.parquet + rejects/*.parquet -> manifests -> report
+    (GPU actors, `num_gpus_per_actor` > 0: the PNG decode and the text tokenizer are CPU tasks around the pool)
 
 The text tokenizer is the configured `from_pretrained` one, or a byte-level BPE trained here on
 the prepared texts, streamed from Ray Data (never gathered on the driver). Same commit protocol as
@@ -83,7 +84,8 @@ def _text_tokenizer(kc, files: list[str], out: str, timer) -> tuple[str, dict]:
 
 def _encode(state: JobState, kc, files: list[str], tok_dir: str, image_size: int, text_dir: str, identities: dict,
             timer) -> str:
-    """read -> decode PNGs (CPU) -> visual tokenizer (actor pool) -> text tokenizer (CPU) -> _work/encoded."""
+    """read -> actor pool (PNG decode, visual tokenizer, text tokenizer) -> _work/encoded; with GPU actors the
+    decode and the text tokenizer run as CPU tasks before and after the pool."""
     import ray.data
 
     from tessera.tokenize import tokens
@@ -93,21 +95,25 @@ def _encode(state: JobState, kc, files: list[str], tok_dir: str, image_size: int
     if state.step_done("encode"):
         return encoded
     target = state.step_dir("encoded", fresh=True)
+    text_kwargs = {"text_tokenizer": text_dir, "tokenizer_hash": identities["tokenizer"]["hash"],
+                   "text_tokenizer_hash": identities["text_tokenizer"]["hash"]}
+    whole_rows = not kc.num_gpus_per_actor  # CPU actors decode and text-tokenize their own rows (see TokenizeActor)
     with timer("encode"):
         ds = ray.data.read_parquet(files)
-        ds = ds.map_batches(tokens.decode_stage, fn_kwargs={"image_size": image_size}, batch_format="pyarrow",
-                            batch_size=kc.batch_size, num_cpus=0.5)
+        if not whole_rows:
+            ds = ds.map_batches(tokens.decode_stage, fn_kwargs={"image_size": image_size}, batch_format="pyarrow",
+                                batch_size=kc.batch_size, num_cpus=0.5)
         # blocks of one actor batch, streamed (no shuffle), so work spreads over the whole pool
         ds = ds.repartition(target_num_rows_per_block=kc.batch_size)
         ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_dir": tok_dir, "image_size": image_size,
                                                                   "chunk": kc.encode_batch,
-                                                                  "fault_marker": actor_fault_marker(state.output)},
+                                                                  "fault_marker": actor_fault_marker(state.output),
+                                                                  "whole_rows": text_kwargs if whole_rows else None},
                             compute=ray.data.ActorPoolStrategy(size=kc.num_actors, max_tasks_in_flight_per_actor=2),
                             batch_size=kc.batch_size, batch_format="pyarrow", num_cpus=kc.cpus_per_actor,
                             num_gpus=kc.num_gpus_per_actor or None)  # Ray restarts pool actors and retries their tasks by default
-        ds = ds.map_batches(tokens.text_stage, fn_kwargs={"text_tokenizer": text_dir, "tokenizer_hash": identities["tokenizer"]["hash"],
-                                                         "text_tokenizer_hash": identities["text_tokenizer"]["hash"]},
-                            batch_format="pyarrow", num_cpus=0.5)
+        if not whole_rows:
+            ds = ds.map_batches(tokens.text_stage, fn_kwargs=text_kwargs, batch_format="pyarrow", num_cpus=0.5)
         ds.write_parquet(target, min_rows_per_file=kc.rows_per_shard)
     state.mark_done("encode", {"seconds": timer.seconds["encode"]})
     fault_point("tokenize:after_encode")

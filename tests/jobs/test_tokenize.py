@@ -197,3 +197,20 @@ def test_report_counts_come_from_per_block_sums_not_rows_on_the_driver(tokenized
     assert report["rows_out"] == shards.num_rows
     assert report["images"] == sum(sum(r) for r in shards.column("is_image").to_pylist())
     assert report["text_tokens"] == sum(len(ids) for row in shards.column("text_ids").to_pylist() for ids in row)
+
+
+def test_whole_row_actors_and_the_staged_gpu_path_give_the_same_rows(tokenized, world_root):
+    """CPU actors decode and text-tokenize their own rows; GPU actors get decoded rows from CPU tasks and
+    hand theirs to a text task: the same token rows either way (Ray-free: the actor class is called directly)."""
+    from tessera.tokenize import tokens
+    from tessera.tokenize.ray_job import TokenizeActor
+
+    cfg, report = tokenized
+    tok_dir = str(world_root / "tokenizer")
+    text = {"text_tokenizer": str(world_root / "tokens" / "text_tokenizer"), "tokenizer_hash": "t", "text_tokenizer_hash": "x"}
+    batch = read(world_root / "prepare" / "samples").slice(0, 12)
+    whole = TokenizeActor(tok_dir, 32, 4, "cpu", whole_rows=text)(batch)
+    staged = tokens.text_stage(TokenizeActor(tok_dir, 32, 4, "cpu")(tokens.decode_stage(batch, 32)), **text)
+    drop = ["busy_s", "idle_s", "actor"]  # timings and the actor's name
+    assert whole.drop_columns(drop).to_pylist() == staged.drop_columns(drop).to_pylist()
+    assert sum(len(c) for r in whole.column("pixel_codes").to_pylist() for c in r) > 0
