@@ -6,9 +6,12 @@
 2. scale: 8192 merges over 100k 32x32 grids, codebook 8192, structured synthetic corpus
    (regions of repeated codes plus noise, Zipf-distributed codes): wall time, peak memory,
    and its split between count, choose and apply;
-3. encode: grids/s/core at 32x32 with that vocabulary, against the reference encoder.
+3. encode: grids/s/core at 32x32 with that vocabulary, against the reference encoder;
+4. the distributed fit's merges (Ray actors) against the 1-worker fit's on a 20k-grid subset
+   (`merges_equal_one_worker`).
+Peak memory is each process's peak RSS (the driver and every shard actor) and their sum (`peak_rss_sum_gb`).
 
-    .venv/bin/python benchmarks/bench_bpe.py [--big-grids 100000] [--big-merges 8192]
+    .venv/bin/python benchmarks/bench_bpe.py [--grids 100000] [--big-merges 8192] [--workers 2] [--json FILE]
 """
 
 from __future__ import annotations
@@ -81,10 +84,19 @@ def bench_scale(args) -> tuple[dict, VisualBPE, np.ndarray]:
     r = bpe.report
     out = {"grids": args.big_grids, "side": 32, "codebook": 8192, "merges_requested": args.big_merges,
            "merges_done": r["merges_done"], "workers": args.workers, "wall_s": round(wall, 1), "corpus_gen_s": round(gen_s, 1),
-           "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "rss_before_fit_mb": round(rss0, 1),
+           "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "shard_peak_rss_mb": r["shard_peak_rss_mb"],
+           "peak_rss_sum_gb": r["peak_rss_sum_gb"], "rss_before_fit_mb": round(rss0, 1),
            "index_bytes_per_input_token": r["index_bytes_per_input_token"], "compression_ratio": r["compression_ratio"],
            "tokens_per_image_before": 1024, "tokens_per_image_after": round(r["output_tokens"] / args.big_grids, 1)}
     return out, bpe, grids
+
+
+def same_merges_as_one_worker(grids: np.ndarray, workers: int, n: int = 20_000, merges: int = 500) -> dict:
+    """The distributed fit (Ray actors, `workers` shards, at least 2) against the 1-worker fit on a subset."""
+    subset = list(grids[:n])
+    one = VisualBPE.fit(subset, 8192, merges)
+    many = VisualBPE.fit(subset, 8192, merges, num_shards=max(2, workers), shards=RayShards)
+    return {"grids": len(subset), "merges": merges, "workers": max(2, workers), "equal": one.merges == many.merges}
 
 
 def bench_encode(bpe: VisualBPE, grids: np.ndarray) -> dict:
@@ -107,12 +119,16 @@ def bench_encode(bpe: VisualBPE, grids: np.ndarray) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--big-grids", type=int, default=100_000)
+    ap.add_argument("--grids", "--big-grids", dest="big_grids", type=int, default=100_000, help="grids of 32x32 for the scale fit")
     ap.add_argument("--big-merges", type=int, default=8192)
     ap.add_argument("--naive-merges", type=int, default=10)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="shards of the scale fit (> 1: one Ray actor each)")
+    ap.add_argument("--json", default="", help="also write the figures to this file (one JSON object)")
     args = ap.parse_args()
 
+    import ray
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     naive = bench_vs_naive(args)
     print(f"fit vs naive recount (2k x 16x16): fast 500 merges {naive['fast_fit_s']}s; naive {naive['naive_merges_timed']} merges "
           f"{naive['naive_s']}s vs fast {naive['fast_same_merges_s']}s -> {naive['speedup_same_merges']}x "
@@ -124,7 +140,15 @@ def main() -> None:
     enc = bench_encode(bpe, grids)
     print(f"encode: {enc['grids_per_s_per_core']} grids/s/core at 32x32, vocab {enc['vocab']} "
           f"({enc['speedup_vs_reference']}x the reference encoder)")
-    print(json.dumps({"bench": "bpe", "fit_vs_naive": naive, "scale": scale, "encode": enc}))
+    same = same_merges_as_one_worker(grids, args.workers)
+    print(f"merges of {same['workers']} Ray shards == 1 worker on {same['grids']} grids, {same['merges']} merges: {same['equal']}")
+    result = {"bench": "bpe", "cores": os.cpu_count(), "fit_s": scale["wall_s"], "peak_rss_sum_gb": scale["peak_rss_sum_gb"],
+              "merges_equal_one_worker": same["equal"], "fit_vs_naive": naive, "scale": scale, "encode": enc,
+              "same_merges": same, "command": " ".join([os.path.basename(sys.executable), *sys.argv])}
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

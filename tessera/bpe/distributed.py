@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from tessera.bpe.shards import Corpus, make_shard
+from tessera.bpe.shards import Corpus, make_shard, peak_rss_mb
 
 
 @ray.remote(num_cpus=0.5)
@@ -27,7 +27,8 @@ class ShardActor:
         return self.shard.tiles()
 
     def stats(self):
-        return {"cells": self.shard.num_cells(), "tiles": self.shard.num_tiles(), "index_entries": self.shard.index_entries()}
+        return {"cells": self.shard.num_cells(), "tiles": self.shard.num_tiles(), "index_entries": self.shard.index_entries(),
+                "peak_rss_mb": peak_rss_mb()}
 
 
 class RayShards:
@@ -50,7 +51,8 @@ class RayShards:
 
     def stats(self):
         parts = ray.get([a.stats.remote() for a in self.actors])
-        return {k: sum(p[k] for p in parts) for k in parts[0]}
+        return {**{k: sum(p[k] for p in parts) for k in ("cells", "tiles", "index_entries")},
+                "shard_peak_rss_mb": [p["peak_rss_mb"] for p in parts]}
 
     def __del__(self):
         for a in getattr(self, "actors", []):

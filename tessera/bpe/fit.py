@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from tessera.bpe.core import _core
-from tessera.bpe.shards import Corpus, LocalShards, ShardSet
+from tessera.bpe.shards import Corpus, LocalShards, ShardSet, peak_rss_mb
 from tessera.timing import Timer
 
 DIRS = ("h", "v")
@@ -199,7 +198,9 @@ def run_fit(corpus: Corpus, params: FitParams, shards: ShardBackend = LocalShard
         "pairs_in_table": int(table.num_pairs()),
         # tile + owner maps (8 B/cell) and the position index (4 B per entry) held by the shards
         "index_bytes_per_input_token": round((8 * final["cells"] + 4 * final["index_entries"]) / max(initial["cells"], 1), 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),  # this (the driver's) process
+        "shard_peak_rss_mb": final["shard_peak_rss_mb"],  # each shard actor's process (none: shards in this one)
+        "peak_rss_sum_gb": round((peak_rss_mb() + sum(final["shard_peak_rss_mb"])) / 1024, 3),
         "merge_frequencies": frequencies[:50],
         "occurrences_merged_total": int(sum(merged_counts)),
     }

@@ -70,7 +70,7 @@ class ShardSet(Protocol):
     def count(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
     def apply(self, a: int, b: int, d: int, new_id: int, h: int, w: int) -> list[tuple[np.ndarray, np.ndarray, int]]: ...
     def tiles(self) -> list[np.ndarray]: ...
-    def stats(self) -> dict: ...
+    def stats(self) -> dict: ...  # cells, tiles, index_entries, shard_peak_rss_mb (one per shard process)
 
 
 def make_shard(corpus: Corpus, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int]) -> "_core.Shard":
@@ -96,4 +96,11 @@ class LocalShards:
 
     def stats(self):
         return {"cells": sum(s.num_cells() for s in self.shards), "tiles": sum(s.num_tiles() for s in self.shards),
-                "index_entries": sum(s.index_entries() for s in self.shards)}
+                "index_entries": sum(s.index_entries() for s in self.shards), "shard_peak_rss_mb": []}  # in the driver's
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

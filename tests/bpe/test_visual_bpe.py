@@ -262,3 +262,7 @@ def test_distributed_fit_equals_single_worker(ray_cluster):
     assert one.merges == two.merges == three.merges == local_three.merges
     assert two.report["num_shards"] == 2 and one.report["output_tokens"] == two.report["output_tokens"]
     assert set(two.report["seconds"]) >= {"build", "count", "choose", "apply", "reduce"}
+    # peak memory per process: the driver and each shard actor, and their sum
+    assert len(three.report["shard_peak_rss_mb"]) == 3 and min(three.report["shard_peak_rss_mb"]) > 0
+    assert three.report["peak_rss_sum_gb"] * 1024 >= three.report["peak_rss_mb"] + sum(three.report["shard_peak_rss_mb"]) - 1
+    assert one.report["shard_peak_rss_mb"] == [] and one.report["peak_rss_sum_gb"] * 1024 >= one.report["peak_rss_mb"] - 1
