@@ -107,7 +107,9 @@ def pipeline(work: str, root: str, name: str, actors: int, cpus_per_actor: float
     ray.shutdown()
     out = pa.concat_tables([pq.read_table(f) for f in dataset_files(os.path.join(work, f"tokens-{name}", "tokens"))])
     return {"actors": actors, "cpus_per_actor": cpus_per_actor, "images": report["images"], "encode_s": report["seconds"]["encode"],
-            "images_per_s": report["images_per_s"], "actor_wait_fraction": report["actor_wait_fraction"]}, keyed(out)
+            "images_per_s": report["images_per_s"], "actor_wait_fraction": report["actor_wait_fraction"],
+            # each actor's images per second of busy time (decode + tokenizers): what the pool does once started
+            "per_actor_busy_images_per_s": sorted(report["images_per_s_per_actor"].values())}, keyed(out)
 
 
 def main() -> None:
@@ -158,8 +160,9 @@ def main() -> None:
     print(f"{'  (tokenizer forward alone, 1 thread)':<48}{forward:>10.1f}")
     for name, (r, _) in runs.items():
         label = f"pipeline, {name} ({r['cpus_per_actor']:g} CPU each)"
-        print(f"{label:<48}{r['images_per_s']:>10.1f}   "
-              f"actor wait {r['actor_wait_fraction']:.0%}   tokens identical: {identical[name]}")
+        busy = "/".join(f"{b:.0f}" for b in r["per_actor_busy_images_per_s"])
+        print(f"{label:<48}{r['images_per_s']:>10.1f}   busy rate per actor {busy}, "
+              f"actor wait {r['actor_wait_fraction']:.0%}, tokens identical: {identical[name]}")
     print(f"pipeline (1 actor) / plain script: {result['pipeline_over_bare']:.2f}x; "
           f"2 actors / plain script: {result['pipeline_2_actors_over_bare']:.2f}x; best {best / plain:.2f}x")
     print(json.dumps(result))
