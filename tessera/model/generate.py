@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tessera.model.mot import CACHE_ARG
 from tessera.model.rvq_heads import pick
 from tessera.model.unified import TesseraModel
 from tessera.tokenize.tokenizer import tokenizer_device
@@ -61,7 +62,7 @@ class Decoder:
         with autocast(self.device):
             out = self.model(x, pos, codes=self._codes_tensor(run_codes), past_key_values=self.past,
                              use_cache=self.use_cache, cells=cells_t)
-        self.past = out.past_key_values if self.use_cache else None
+        self.past = getattr(out, CACHE_ARG) if self.use_cache else None
         return out.last_hidden_state[0, -1].float(), out.logits[0, -1].float()
 
 

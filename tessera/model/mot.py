@@ -17,6 +17,7 @@ synchronisation in the training step and one graph for `torch.compile`).
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -29,6 +30,18 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+# The KV cache's keyword: transformers 5.24 renamed `past_key_values` to `cache` in Qwen2's forwards (the old
+# name is renamed back with a warning until 5.40). Decoder layers receive it under the installed name, and a
+# layer that looked only for the other would run without its cache: pass and take whichever is installed.
+CACHE_ARG = "cache" if "cache" in inspect.signature(Qwen2DecoderLayer.forward).parameters else "past_key_values"
+
+
+def pop_cache(kwargs: dict):
+    """The KV cache from a forward's keyword arguments, under either name (removed from `kwargs`)."""
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
 
 
 def routed(text: nn.Module, visual: nn.Module, x: torch.Tensor, visual_mask: torch.Tensor | None) -> torch.Tensor:
@@ -46,7 +59,8 @@ class MoTAttention(Qwen2Attention):
         for name in PROJECTIONS:
             setattr(self, f"visual_{name}", copy.deepcopy(getattr(self, name)))
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, visual_mask=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, visual_mask=None, **kwargs):
+        cache = pop_cache(kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -58,8 +72,8 @@ class MoTAttention(Qwen2Attention):
         value_states = project("v_proj", hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         attn_output, attn_weights = attention(
             self, query_states, key_states, value_states, attention_mask,
@@ -101,8 +115,9 @@ class MoTDecoderLayer(Qwen2DecoderLayer):
         for text, visual in pairs:
             visual.load_state_dict(text.state_dict())
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
                 position_embeddings=None, visual_mask=None, **kwargs):
+        kwargs[CACHE_ARG] = pop_cache(kwargs)  # the name the installed Qwen2Attention takes
         both = self.mot_attention
         residual = hidden_states
         if both:
@@ -111,8 +126,7 @@ class MoTDecoderLayer(Qwen2DecoderLayer):
         else:
             hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                          past_key_values=past_key_values, use_cache=use_cache,
-                                          position_embeddings=position_embeddings, **kwargs)
+                                          use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
         hidden_states = residual + hidden_states
         residual = hidden_states
         if both:

@@ -34,7 +34,7 @@ from torch import nn
 from tessera.config import ModelConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tessera.model.mot import apply_mot
+from tessera.model.mot import CACHE_ARG, apply_mot
 from tessera.model.rvq_heads import CodeEmbedding, DepthHead, depth_loss
 from tessera.model.vocab import Vocabulary
 
@@ -43,7 +43,8 @@ IGNORE = -100
 
 @dataclass
 class TesseraOutput(CausalLMOutputWithPast):
-    """`CausalLMOutputWithPast` (loss, logits (B, L, V), past_key_values) plus what training logs:
+    """`CausalLMOutputWithPast` (loss, logits (B, L, V), the KV cache: `past_key_values`, or `cache` from
+    transformers 5.24 on, see `mot.CACHE_ARG`) plus what training logs:
     the loss over text targets and over image targets, the number of targets (all on device,
     detached), and the final hidden states (B, L, H) that the rvq depth heads read."""
 
@@ -186,10 +187,10 @@ class TesseraModel(nn.Module):
             attention_mask = packed_attention_mask(doc_ids, turn_ids)
         routing = {"visual_mask": self.visual_mask(input_ids)} if self.cfg.mot else {}
         out = self.lm.model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                            past_key_values=past_key_values, use_cache=use_cache, **routing)
+                            use_cache=use_cache, **{CACHE_ARG: past_key_values}, **routing)
         hidden = out.last_hidden_state
         logits = self.lm.lm_head(hidden)
-        result = TesseraOutput(logits=logits, past_key_values=out.past_key_values, last_hidden_state=hidden)
+        result = TesseraOutput(logits=logits, last_hidden_state=hidden, **{CACHE_ARG: getattr(out, CACHE_ARG)})
         if labels is not None:
             self._add_loss(result, labels, target_codes)
         return result
