@@ -184,6 +184,7 @@ def run_fit(corpus: Corpus, params: FitParams, shards: ShardBackend = LocalShard
     if progress:
         print(file=sys.stderr)
     final = shard_set.stats()
+    driver_rss = peak_rss_mb()
     report = {
         "merges_done": len(merges),
         "resumed_from": 0 if resumed is None else len(resumed[0]),
@@ -198,9 +199,9 @@ def run_fit(corpus: Corpus, params: FitParams, shards: ShardBackend = LocalShard
         "pairs_in_table": int(table.num_pairs()),
         # tile + owner maps (8 B/cell) and the position index (4 B per entry) held by the shards
         "index_bytes_per_input_token": round((8 * final["cells"] + 4 * final["index_entries"]) / max(initial["cells"], 1), 2),
-        "peak_rss_mb": peak_rss_mb(),  # this (the driver's) process
+        "peak_rss_mb": driver_rss,  # this (the driver's) process
         "shard_peak_rss_mb": final["shard_peak_rss_mb"],  # each shard actor's process (none: shards in this one)
-        "peak_rss_sum_gb": round((peak_rss_mb() + sum(final["shard_peak_rss_mb"])) / 1024, 3),
+        "peak_rss_sum_gb": round((driver_rss + sum(final["shard_peak_rss_mb"])) / 1024, 3),
         "merge_frequencies": frequencies[:50],
         "occurrences_merged_total": int(sum(merged_counts)),
     }
