@@ -39,7 +39,7 @@ class VisualBPE:
             shape_w.append(w)
         self.shape_h = np.array(shape_h, dtype=np.int32)
         self.shape_w = np.array(shape_w, dtype=np.int32)
-        self._shape_lists = (shape_h, shape_w)  # plain lists: per-token lookups in `anchors`
+        self._shape_lists = (shape_h, shape_w)  # plain lists: per-token lookups in `PartialTiling.push`
         self._encoder = _core.Encoder(self.codebook_size, [(a, b, DIRS.index(d)) for a, b, d in self.merges])
 
     # ------------------------------------------------------------------ fit
@@ -94,26 +94,11 @@ class VisualBPE:
     def anchors(self, tokens: Sequence[int] | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """(T,) tile ids -> (T, 2) int64 (row, column) of each tile's anchor (top-left) cell,
         by the same placement as `decode`: each tile at the first free cell in raster order."""
-        # A flat bytearray and its C-level `find` instead of `PartialTiling` (numpy calls per token): this runs
-        # for every image of every packed training row and was most of the packing time.
-        H, W = int(shape[0]), int(shape[1])
-        heights, widths = self._shape_lists
-        occupied = bytearray(H * W)
+        tiling = self.start_decoding(shape)
         out = np.empty((len(tokens), 2), np.int64)
-        cursor = 0
         for i, t in enumerate(np.asarray(tokens).tolist()):
-            if cursor < 0:
-                raise ValueError("more tiles than the grid holds")
-            r, c = divmod(cursor, W)
-            h, w = heights[t], widths[t]
-            if r + h > H or c + w > W:
-                raise ValueError(f"token {t} ({h}x{w}) does not fit at ({r}, {c})")
-            out[i] = r, c
-            for start in range(cursor, cursor + h * W, W):
-                if occupied.find(1, start, start + w) >= 0:
-                    raise ValueError(f"token {t} ({h}x{w}) overlaps an earlier tile at ({r}, {c})")
-                occupied[start:start + w] = b"\x01" * w
-            cursor = occupied.find(0, cursor)
+            out[i] = tiling.next_cell()
+            tiling.push(t)
         return out
 
     def start_decoding(self, shape: tuple[int, int]) -> "PartialTiling":
@@ -171,7 +156,11 @@ class PartialTiling:
     def __init__(self, bpe: VisualBPE, shape: tuple[int, int]):
         self.bpe = bpe
         self.H, self.W = int(shape[0]), int(shape[1])
-        self.occupied = np.zeros((self.H, self.W), dtype=bool)
+        # one flat bytearray, seen by numpy as the (H, W) bool grid: `push` marks and scans it with the
+        # bytearray's C-level slicing and `find` (it runs per token of every image of every packed training
+        # row, through `VisualBPE.anchors`), `valid_mask` reads it as an array
+        self._flat = bytearray(self.H * self.W)
+        self.occupied = np.frombuffer(self._flat, dtype=bool).reshape(self.H, self.W)
         self.cursor = 0
         self.max_h = int(bpe.shape_h.max())
 
@@ -198,12 +187,16 @@ class PartialTiling:
 
     def push(self, token: int) -> None:
         if self.done:
-            raise ValueError("the grid is already full")
+            raise ValueError("more tiles than the grid holds: it is already full")
         r, c = self.next_cell()
-        h, w = self.bpe.shape(token)
-        if r + h > self.H or c + w > self.W or self.occupied[r:r + h, c:c + w].any():
+        heights, widths = self.bpe._shape_lists
+        h, w = heights[token], widths[token]
+        if r + h > self.H or c + w > self.W:
             raise ValueError(f"token {token} ({h}x{w}) does not fit at ({r}, {c})")
-        self.occupied[r:r + h, c:c + w] = True
-        flat = self.occupied.ravel()
-        while self.cursor < flat.size and flat[self.cursor]:
-            self.cursor += 1
+        flat, W = self._flat, self.W
+        for start in range(self.cursor, self.cursor + h * W, W):
+            if flat.find(1, start, start + w) >= 0:
+                raise ValueError(f"token {token} ({h}x{w}) does not fit at ({r}, {c}): it overlaps an earlier tile")
+            flat[start:start + w] = b"\x01" * w
+        free = flat.find(0, self.cursor)
+        self.cursor = free if free >= 0 else len(flat)

@@ -164,25 +164,26 @@ def test_decode_encode_round_trip_on_new_grids(data, M, seed):
         tokens = bpe.encode(g)
         assert tokens.tolist() == ref.encode(g, as_ref(bpe.merges), K).tolist()
         assert np.array_equal(bpe.decode(tokens, g.shape), g)
-        assert bpe.anchors(tokens, g.shape).tolist() == tiling_anchors(bpe, tokens, g.shape)
+        assert np.array_equal(grid_from_anchors(bpe, tokens, g.shape), g), "anchors place the tiles where decode does"
     same = np.stack([rng.integers(0, K, size=(4, 5)) for _ in range(6)])
     assert [t.tolist() for t in bpe.encode_batch(same)] == [bpe.encode(g).tolist() for g in same]
 
 
-def tiling_anchors(bpe, tokens, shape) -> list:
-    """Anchors by `PartialTiling`, the placement constrained decoding uses (the reference for `VisualBPE.anchors`)."""
-    state, out = bpe.start_decoding(shape), []
-    for t in tokens:
-        out.append(list(state.next_cell()))
-        state.push(int(t))
-    return out
+def grid_from_anchors(bpe, tokens, shape) -> np.ndarray:
+    """Each tile's codes written at its anchor from `VisualBPE.anchors` (checked against the compiled decode)."""
+    grid = np.full(shape, -1)
+    for (r, c), t in zip(bpe.anchors(tokens, shape), tokens):
+        codes = bpe.tile_codes(int(t))
+        assert (grid[r:r + codes.shape[0], c:c + codes.shape[1]] == -1).all()
+        grid[r:r + codes.shape[0], c:c + codes.shape[1]] = codes
+    return grid
 
 
 def test_anchors_refuse_tokens_that_do_not_tile_the_grid():
     bpe = VisualBPE(3, [(0, 1, "h"), (3, 3, "v")])  # id 3: 1x2, id 4: 2x2
     tokens = [4, 3, 3, 2, 2, 2, 2]
     assert bpe.anchors(tokens, (3, 4)).tolist() == [[0, 0], [0, 2], [1, 2], [2, 0], [2, 1], [2, 2], [2, 3]]
-    assert bpe.anchors(tokens, (3, 4)).tolist() == tiling_anchors(bpe, tokens, (3, 4))
+    assert np.array_equal(grid_from_anchors(bpe, tokens, (3, 4)), bpe.decode(tokens, (3, 4)))
     with pytest.raises(ValueError, match="does not fit"):
         bpe.anchors([2, 2, 4], (2, 3))
     with pytest.raises(ValueError, match="overlaps"):
