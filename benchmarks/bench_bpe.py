@@ -3,9 +3,10 @@
 1. fit: the compiled incremental fit vs the naive full-recount reference (tessera/bpe/reference.py)
    on 2k grids of 16x16, 500 merges (the reference is timed on its first --naive-merges merges,
    and the fast fit on the same merges, so the ratio compares like with like);
-2. scale: 8192 merges over 100k 32x32 grids, codebook 8192, structured synthetic corpus
-   (regions of repeated codes plus noise, Zipf-distributed codes): wall time, peak memory,
-   and its split between count, choose and apply;
+2. scale: 8192 merges over 100k (`--grids`) 32x32 grids, codebook 8192, structured synthetic corpus
+   (regions of repeated codes plus noise, Zipf-distributed codes), each shard making its own part
+   (`GridSource`; the `build` phase includes making them): wall time, peak memory, and its split
+   between build, count, choose, apply and reduce;
 3. encode: grids/s/core at 32x32 with that vocabulary, against the reference encoder;
 4. the distributed fit's merges (Ray actors) against the 1-worker fit's on a 20k-grid subset
    (`merges_equal_one_worker`).
@@ -30,15 +31,17 @@ import numpy as np  # noqa: E402
 from tessera.bpe import VisualBPE  # noqa: E402
 from tessera.bpe import reference as ref  # noqa: E402
 from tessera.bpe.distributed import RayShards  # noqa: E402
-from tessera.bpe.shards import LocalShards  # noqa: E402
+from tessera.bpe.shards import Corpus, GridSource, LocalShards  # noqa: E402
 
 
-def structured_corpus(n: int, side: int, K: int, seed: int = 0) -> np.ndarray:
-    """(n, side, side) int32: random rectangles of Zipf codes with repeated 2x2 motifs, 10% noise."""
-    rng = np.random.default_rng(seed)
-    zipf = lambda size: np.minimum(rng.zipf(1.3, size=size) - 1, K - 1)  # noqa: E731
+def structured_corpus(n: int, side: int, K: int, seed: int = 0, start: int = 0) -> np.ndarray:
+    """(n, side, side) int32, grids start..start+n-1 of the corpus `seed`: random rectangles of Zipf
+    codes with repeated 2x2 motifs, 10% noise. Grid i depends only on (seed, i), so a shard can make
+    its own part of the corpus and any split gives the same grids."""
     grids = np.empty((n, side, side), dtype=np.int32)
     for i in range(n):
+        rng = np.random.default_rng([seed, start + i])
+        zipf = lambda size: np.minimum(rng.zipf(1.3, size=size) - 1, K - 1)  # noqa: E731
         g = np.empty((side, side), dtype=np.int32)
         g[:] = zipf(1)[0]
         for _ in range(rng.integers(3, 8)):
@@ -72,35 +75,41 @@ def bench_vs_naive(args) -> dict:
             "speedup_500_vs_extrapolated_naive": round(naive_s / args.naive_merges * 500 / fast_500, 1)}
 
 
-def bench_scale(args) -> tuple[dict, VisualBPE, np.ndarray]:
-    t = time.perf_counter()
-    grids = structured_corpus(args.big_grids, 32, 8192, seed=2)
-    gen_s = time.perf_counter() - t
+def shard_grids(start: int, stop: int, seed: int = 2) -> Corpus:
+    """What one shard makes for itself: grids start..stop-1 of the scale corpus."""
+    return Corpus.from_array(structured_corpus(stop - start, 32, 8192, seed=seed, start=start), 8192)
+
+
+def bench_scale(args) -> tuple[dict, VisualBPE]:
+    """The scale fit. Each shard makes its own grids (`GridSource`, in its Ray actor with > 1 workers):
+    the driver never holds the corpus, as a shard reading its own token files would not."""
+    bounds = np.linspace(0, args.big_grids, args.workers + 1).astype(int)
+    sources = [GridSource(shard_grids, (int(a), int(b)), f"structured-2-{a}-{b}", int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.perf_counter()
-    bpe = VisualBPE.fit(list(grids), 8192, args.big_merges, num_shards=args.workers,
-                        shards=RayShards if args.workers > 1 else LocalShards, progress=True)
+    bpe = VisualBPE.fit_sources(sources, 8192, args.big_merges, shards=RayShards if args.workers > 1 else LocalShards, progress=True)
     wall = time.perf_counter() - t
     r = bpe.report
     out = {"grids": args.big_grids, "side": 32, "codebook": 8192, "merges_requested": args.big_merges,
-           "merges_done": r["merges_done"], "workers": args.workers, "wall_s": round(wall, 1), "corpus_gen_s": round(gen_s, 1),
+           "merges_done": r["merges_done"], "workers": args.workers, "wall_s": round(wall, 1),
            "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "shard_peak_rss_mb": r["shard_peak_rss_mb"],
-           "peak_rss_sum_gb": r["peak_rss_sum_gb"], "rss_before_fit_mb": round(rss0, 1),
-           "index_bytes_per_input_token": r["index_bytes_per_input_token"], "compression_ratio": r["compression_ratio"],
-           "tokens_per_image_before": 1024, "tokens_per_image_after": round(r["output_tokens"] / args.big_grids, 1)}
-    return out, bpe, grids
+           "peak_rss_sum_gb": r["peak_rss_sum_gb"], "rss_before_fit_mb": round(rss0, 1), "index": r["index"],
+           "pairs_in_table": r["pairs_in_table"], "index_bytes_per_input_token": r["index_bytes_per_input_token"],
+           "compression_ratio": r["compression_ratio"], "tokens_per_image_before": 1024,
+           "tokens_per_image_after": round(r["output_tokens"] / args.big_grids, 1)}
+    return out, bpe
 
 
-def same_merges_as_one_worker(grids: np.ndarray, workers: int, n: int = 20_000, merges: int = 500) -> dict:
+def same_merges_as_one_worker(workers: int, n: int = 20_000, merges: int = 500) -> dict:
     """The distributed fit (Ray actors, `workers` shards, at least 2) against the 1-worker fit on a subset."""
-    subset = list(grids[:n])
+    subset = list(structured_corpus(n, 32, 8192, seed=2))
     one = VisualBPE.fit(subset, 8192, merges)
     many = VisualBPE.fit(subset, 8192, merges, num_shards=max(2, workers), shards=RayShards)
     return {"grids": len(subset), "merges": merges, "workers": max(2, workers), "equal": one.merges == many.merges}
 
 
-def bench_encode(bpe: VisualBPE, grids: np.ndarray) -> dict:
-    sample = grids[: min(len(grids), 4000)]
+def bench_encode(bpe: VisualBPE) -> dict:
+    sample = structured_corpus(4000, 32, 8192, seed=2)
     bpe.encode_batch(sample[:100])  # warm-up
     t = time.perf_counter()
     bpe.encode_batch(sample)
@@ -133,14 +142,15 @@ def main() -> None:
     print(f"fit vs naive recount (2k x 16x16): fast 500 merges {naive['fast_fit_s']}s; naive {naive['naive_merges_timed']} merges "
           f"{naive['naive_s']}s vs fast {naive['fast_same_merges_s']}s -> {naive['speedup_same_merges']}x "
           f"(500 merges, extrapolated naive: {naive['speedup_500_vs_extrapolated_naive']}x)", flush=True)
-    scale, bpe, grids = bench_scale(args)
+    scale, bpe = bench_scale(args)
     print(f"scale: {scale['merges_done']} merges over {scale['grids']} 32x32 grids (K=8192) in {scale['wall_s']}s; "
-          f"split {scale['seconds']}; peak RSS {scale['peak_rss_mb']} MB; {scale['index_bytes_per_input_token']} B/token; "
+          f"split {scale['seconds']}; peak RSS driver {scale['peak_rss_mb']} MB, shards {scale['shard_peak_rss_mb']} MB, "
+          f"sum {scale['peak_rss_sum_gb']} GB; index {scale['index']}; {scale['index_bytes_per_input_token']} B/token; "
           f"tokens/image 1024 -> {scale['tokens_per_image_after']}", flush=True)
-    enc = bench_encode(bpe, grids)
+    enc = bench_encode(bpe)
     print(f"encode: {enc['grids_per_s_per_core']} grids/s/core at 32x32, vocab {enc['vocab']} "
           f"({enc['speedup_vs_reference']}x the reference encoder)")
-    same = same_merges_as_one_worker(grids, args.workers)
+    same = same_merges_as_one_worker(args.workers)
     print(f"merges of {same['workers']} Ray shards == 1 worker on {same['grids']} grids, {same['merges']} merges: {same['equal']}")
     result = {"bench": "bpe", "cores": os.cpu_count(), "fit_s": scale["wall_s"], "peak_rss_sum_gb": scale["peak_rss_sum_gb"],
               "merges_equal_one_worker": same["equal"], "fit_vs_naive": naive, "scale": scale, "encode": enc,

@@ -414,7 +414,7 @@ class BPEConfig:
         _check(self.alpha >= 0, "alpha", f">= 0, got {self.alpha}")
         _check(self.top_k >= 1, "top_k", f">= 1, got {self.top_k}")
         _check(self.min_frequency >= 1, "min_frequency", f">= 1, got {self.min_frequency}")
-        _check(min(self.max_tile) >= 1, "max_tile", f"(h, w) >= 1, got {self.max_tile}")
+        _check(1 <= min(self.max_tile) and max(self.max_tile) <= 16, "max_tile", f"(h, w) in 1..16, got {self.max_tile}")
         _check(self.depth >= 0, "depth", f">= 0, got {self.depth}")
         _check(self.num_workers >= 1, "num_workers", f">= 1, got {self.num_workers}")
         _check(self.heldout_every >= 2, "heldout_every", f">= 2, got {self.heldout_every}")

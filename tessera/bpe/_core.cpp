@@ -2,8 +2,15 @@
 // tessera/bpe/reference.py, the literal transcription this must agree with).
 //
 // A corpus is many grids concatenated; a cell is a flat position. `tile[p]` is the id of the
-// tile anchored at p, or -1 if p is covered by a tile anchored elsewhere; `owner[p]` is the
-// anchor of the tile covering p. Ids have fixed shapes (sh[id], sw[id]).
+// tile anchored at p, or -1 if p is covered by a tile anchored elsewhere; `back[p]` is p's
+// (row, column) offset from the anchor of the tile covering it, 4 bits each (one byte a cell, not
+// an int32 owner map: tiles are at most 16 x 16). Ids have fixed shapes (sh[id], sw[id]).
+//
+// Memory of a shard (a billion-cell corpus must fit in a few shards): tile 4 B + back 1 B per
+// cell, and the position index sized exactly at the count (two passes: counts, then reserved
+// vectors), about 2 entries x 4 B per cell at its peak. Entries go stale as tiles merge; when
+// they outnumber the live pairs by half, the index drops them (`compact`), so it shrinks with
+// the tiling instead of growing with every merge.
 //
 //   Shard  — holds grids, a lazy position index (pair key -> anchors of first tiles; entries
 //            are validated when used, never deleted eagerly) and applies merges, returning
@@ -31,6 +38,12 @@ using u64 = uint64_t;
 using Key = u64;
 
 static constexpr int H_DIR = 0, V_DIR = 1;
+static constexpr i32 MAX_SIDE = 16;  // `back` packs offsets inside a tile in 4 bits each
+
+static void check_side(i32 h, i32 w) {
+  if (h < 1 || w < 1 || h > MAX_SIDE || w > MAX_SIDE)
+    throw std::invalid_argument("tile shapes must lie in 1..16 x 1..16 (the core packs offsets in 4 bits)");
+}
 
 // (a, b, d) -> key; key order == lexicographic (a, b, d) order, which the tie-breaks rely on.
 static inline Key make_key(i64 a, i64 b, int d) { return ((u64)a << 32) | ((u64)b << 1) | (u64)d; }
@@ -45,11 +58,17 @@ struct Shapes {
 
 // One or many grids, concatenated.
 struct Tiling {
-  std::vector<i32> tile, owner;
+  std::vector<i32> tile;
+  std::vector<uint8_t> back;
   std::vector<i64> offset;  // start of each grid, plus the total at the end
   std::vector<i32> H, W;
   const Shapes* shapes = nullptr;
 
+  // Anchor of the tile covering cell p of grid g.
+  i64 owner(i64 p, int g) const {
+    uint8_t o = back[p];
+    return p - (i64)(o >> 4) * W[g] - (o & 15);
+  }
   int grid_of(i64 p) const {
     return (int)(std::upper_bound(offset.begin(), offset.end(), p) - offset.begin()) - 1;
   }
@@ -75,12 +94,12 @@ struct Tiling {
     i32 r = (i32)(local / W[g]), c = (i32)(local % W[g]);
     if (d == H_DIR) {
       if (c == 0) return -1;
-      i64 o = owner[p - 1];
+      i64 o = owner(p - 1, g);
       if ((o - offset[g]) / W[g] != r) return -1;
       return shapes->h[tile[o]] == shapes->h[id] ? o : -1;
     }
     if (r == 0) return -1;
-    i64 o = owner[p - W[g]];
+    i64 o = owner(p - W[g], g);
     if ((o - offset[g]) % W[g] != c) return -1;
     return shapes->w[tile[o]] == shapes->w[id] ? o : -1;
   }
@@ -99,18 +118,20 @@ struct Tiling {
     i32 hb = shapes->h[b], wb = shapes->w[b];
     tile[p] = new_id;
     tile[q] = -1;
+    i64 rel = q - p;  // b's anchor relative to p: (0, wa) or (ha, 0)
+    i32 qr = (i32)(rel / W[g]), qc = (i32)(rel % W[g]);
     for (i32 dr = 0; dr < hb; ++dr)
-      for (i32 dc = 0; dc < wb; ++dc) owner[q + (i64)dr * W[g] + dc] = (i32)p;
+      for (i32 dc = 0; dc < wb; ++dc) back[q + (i64)dr * W[g] + dc] = (uint8_t)(((qr + dr) << 4) | (qc + dc));
   }
-  void init_owner() {
-    owner.assign(tile.size(), -1);
+  void init_back() {
+    back.assign(tile.size(), 0);
     for (size_t g = 0; g + 1 < offset.size(); ++g) {
       for (i64 p = offset[g]; p < offset[g + 1]; ++p) {
         i32 id = tile[p];
         if (id < 0) continue;
         if (id >= (i32)shapes->h.size()) throw std::invalid_argument("tile id without a shape");
         for (i32 dr = 0; dr < shapes->h[id]; ++dr)
-          for (i32 dc = 0; dc < shapes->w[id]; ++dc) owner[p + (i64)dr * W[g] + dc] = (i32)p;
+          for (i32 dc = 0; dc < shapes->w[id]; ++dc) back[p + (i64)dr * W[g] + dc] = (uint8_t)((dr << 4) | dc);
       }
     }
   }
@@ -121,10 +142,17 @@ struct Shard {
   Tiling t;
   std::unordered_map<Key, std::vector<i32>> where;
 
+  i64 entries_ = 0;      // index entries (live or stale)
+  i64 live_ = 0;         // live pairs: the sum of this shard's pair counts
+  i64 compactions_ = 0;
+  i64 compact_min = 65536;  // stale entries tolerated beyond half the live ones (tests set 0)
+
   Shard(py::array_t<i32, py::array::c_style | py::array::forcecast> tiles, std::vector<i64> offsets, std::vector<i32> hs,
         std::vector<i32> ws, std::vector<i32> shape_h, std::vector<i32> shape_w) {
     shapes.h = std::move(shape_h);
     shapes.w = std::move(shape_w);
+    if (shapes.h.size() != shapes.w.size()) throw std::invalid_argument("shape_h and shape_w differ in length");
+    for (size_t i = 0; i < shapes.h.size(); ++i) check_side(shapes.h[i], shapes.w[i]);
     t.shapes = &shapes;
     t.tile.assign(tiles.data(), tiles.data() + tiles.size());
     if (t.tile.size() >= (size_t)INT32_MAX) throw std::invalid_argument("a shard holds at most 2^31 cells");
@@ -133,31 +161,70 @@ struct Shard {
     t.W = std::move(ws);
     if (t.offset.size() != t.H.size() + 1 || (size_t)t.offset.back() != t.tile.size())
       throw std::invalid_argument("offsets do not match the tiles");
-    t.init_owner();
+    t.init_back();
   }
 
   // Pair counts of the current tiling; fills the position index. -> (keys, counts)
   std::pair<py::array_t<u64>, py::array_t<i64>> count() {
-    where.clear();
+    std::unordered_map<Key, std::vector<i32>>().swap(where);
     std::unordered_map<Key, i64> counts;
-    for (size_t g = 0; g + 1 < t.offset.size(); ++g) {
-      for (i64 p = t.offset[g]; p < t.offset[g + 1]; ++p) {
-        if (t.tile[p] < 0) continue;
-        for (int d = 0; d < 2; ++d) {
-          i64 q = t.next(p, d, (int)g);
-          if (q < 0) continue;
-          Key k = make_key(t.tile[p], t.tile[q], d);
-          counts[k] += 1;
-          where[k].push_back((i32)p);
+    // visit(k, p) for every pair (anchor p, key k) of the current tiling, in raster order
+    auto each_pair = [&](auto&& visit) {
+      for (size_t g = 0; g + 1 < t.offset.size(); ++g) {
+        for (i64 p = t.offset[g]; p < t.offset[g + 1]; ++p) {
+          if (t.tile[p] < 0) continue;
+          for (int d = 0; d < 2; ++d) {
+            i64 q = t.next(p, d, (int)g);
+            if (q >= 0) visit(make_key(t.tile[p], t.tile[q], d), p);
+          }
         }
       }
+    };
+    each_pair([&](Key k, i64) { counts[k] += 1; });
+    // the second pass fills vectors reserved to their exact size: no growth slack
+    where.reserve(counts.size());
+    i64 total = 0;
+    for (auto& [k, c] : counts) {
+      where[k].reserve((size_t)c);
+      total += c;
     }
+    each_pair([&](Key k, i64 p) { where.find(k)->second.push_back((i32)p); });
+    entries_ = live_ = total;
     return to_arrays(counts);
+  }
+
+  // Drop index entries that no longer name their pair (see the header), and emptied keys.
+  void compact() {
+    i64 kept = 0;
+    for (auto it = where.begin(); it != where.end();) {
+      Key k = it->first;
+      i64 a = key_a(k), b = key_b(k);
+      int d = key_d(k);
+      auto& v = it->second;
+      size_t n = 0;
+      for (i32 p32 : v) {
+        i64 p = p32;
+        if (t.tile[p] != a) continue;
+        i64 q = t.next(p, d, t.grid_of(p));
+        if (q >= 0 && t.tile[q] == b) v[n++] = p32;
+      }
+      if (n == 0) {
+        it = where.erase(it);
+        continue;
+      }
+      v.resize(n);
+      if (v.capacity() > n + n / 4 + 8) v.shrink_to_fit();
+      kept += (i64)n;
+      ++it;
+    }
+    entries_ = kept;
+    ++compactions_;
   }
 
   // Apply merge (a, b, d) -> new_id of shape (nh, nw). -> (keys, deltas, merged occurrences)
   py::tuple apply(i64 a, i64 b, int d, i32 new_id, i32 nh, i32 nw) {
     if ((size_t)new_id != shapes.h.size()) throw std::invalid_argument("merges must be applied in order");
+    check_side(nh, nw);
     shapes.add(nh, nw);
     std::unordered_map<Key, i64> delta;
     i64 merged = 0;
@@ -165,6 +232,7 @@ struct Shard {
     if (it != where.end()) {
       std::vector<i32> occ = std::move(it->second);
       where.erase(it);
+      entries_ -= (i64)occ.size();
       std::sort(occ.begin(), occ.end());  // raster order of anchors (grids are concatenated row-major)
       occ.erase(std::unique(occ.begin(), occ.end()), occ.end());
       std::vector<std::tuple<i64, i64, int>> old_pairs, new_pairs;
@@ -187,11 +255,14 @@ struct Shard {
           Key k = make_key(t.tile[x], t.tile[y], dd);
           delta[k] += 1;
           where[k].push_back((i32)x);
+          ++entries_;
         }
         ++merged;
       }
     }
     for (auto i = delta.begin(); i != delta.end();) i = (i->second == 0) ? delta.erase(i) : std::next(i);
+    for (auto& kv : delta) live_ += kv.second;
+    if (entries_ > live_ + live_ / 2 + compact_min) compact();
     auto [keys, vals] = to_arrays(delta);
     return py::make_tuple(keys, vals, merged);
   }
@@ -212,6 +283,8 @@ struct Shard {
     return n;
   }
   i64 num_cells() const { return (i64)t.tile.size(); }
+  i64 num_keys() const { return (i64)where.size(); }
+  i64 compactions() const { return compactions_; }
 
   static std::pair<py::array_t<u64>, py::array_t<i64>> to_arrays(const std::unordered_map<Key, i64>& m) {
     std::vector<std::pair<Key, i64>> items(m.begin(), m.end());
@@ -335,6 +408,7 @@ struct Encoder {
       auto [a, b, d] = merges[i];
       if (a < 0 || b < 0 || a >= K + (i64)i || b >= K + (i64)i) throw std::invalid_argument("merge refers to an id not yet created");
       rank[make_key(a, b, d)] = (i32)i;
+      check_side(d == H_DIR ? shapes.h[a] : shapes.h[a] + shapes.h[b], d == H_DIR ? shapes.w[a] + shapes.w[b] : shapes.w[a]);
       shapes.add(d == H_DIR ? shapes.h[a] : shapes.h[a] + shapes.h[b], d == H_DIR ? shapes.w[a] + shapes.w[b] : shapes.w[a]);
     }
   }
@@ -349,8 +423,7 @@ struct Encoder {
     t.offset = {0, (i64)H * W};
     t.H = {H};
     t.W = {W};
-    t.owner.resize(t.tile.size());
-    for (size_t i = 0; i < t.owner.size(); ++i) t.owner[i] = (i32)i;
+    t.back.assign(t.tile.size(), 0);
     using E = std::pair<i32, i64>;  // (rank, anchor of first tile)
     std::priority_queue<E, std::vector<E>, std::greater<E>> pq;
     auto push_pairs_of = [&](i64 p, bool both_sides) {
@@ -514,7 +587,10 @@ PYBIND11_MODULE(_core, m) {
       .def("tiles", &Shard::tiles)
       .def("num_tiles", &Shard::num_tiles)
       .def("num_cells", &Shard::num_cells)
-      .def("index_entries", &Shard::index_entries);
+      .def("index_entries", &Shard::index_entries)
+      .def("num_keys", &Shard::num_keys)
+      .def("compactions", &Shard::compactions)
+      .def_readwrite("compact_min", &Shard::compact_min);
   py::class_<Table>(m, "Table")
       .def(py::init<std::vector<i32>, std::vector<i32>, i32, i32, i64>(), py::arg("shape_h"), py::arg("shape_w"),
            py::arg("max_h"), py::arg("max_w"), py::arg("min_frequency"))

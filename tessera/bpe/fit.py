@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from tessera.bpe.core import _core
-from tessera.bpe.shards import Corpus, LocalShards, ShardSet, peak_rss_mb
+from tessera.bpe.shards import Corpus, GridSource, LocalShards, ShardSet, peak_rss_mb, source_fingerprint
 from tessera.timing import Timer
 
 DIRS = ("h", "v")
@@ -48,8 +48,8 @@ class FitParams:
             raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
         if self.alpha < 0:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
-        if len(self.max_tile) != 2 or min(self.max_tile) < 1:
-            raise ValueError(f"max_tile must be (h, w) >= 1, got {self.max_tile}")
+        if len(self.max_tile) != 2 or min(self.max_tile) < 1 or max(self.max_tile) > 16:
+            raise ValueError(f"max_tile must be (h, w) in 1..16, got {self.max_tile}")
         self.max_tile = (int(self.max_tile[0]), int(self.max_tile[1]))
 
     def to_dict(self) -> dict:
@@ -115,21 +115,24 @@ class FitCheckpointer:
 
 # ----------------------------------------------------------------------------- the loop
 
-ShardBackend = Callable[[list[Corpus], Optional[list[np.ndarray]], list[int], list[int]], ShardSet]
-"""(shard corpora, their saved anchor maps or None, shape_h, shape_w) -> a `ShardSet`: `LocalShards`
-here, or `tessera.bpe.distributed.RayShards` (one actor per shard), chosen by the caller."""
+ShardBackend = Callable[[list[Corpus | GridSource], Optional[list[np.ndarray]], list[int], list[int]], ShardSet]
+"""(shard corpora or grid sources, their saved anchor maps or None, shape_h, shape_w) -> a `ShardSet`:
+`LocalShards` here, or `tessera.bpe.distributed.RayShards` (one actor per shard), chosen by the caller."""
 
 
-def run_fit(corpus: Corpus, params: FitParams, shards: ShardBackend = LocalShards, num_shards: int = 1,
+def run_fit(corpus: Corpus | list[GridSource], params: FitParams, shards: ShardBackend = LocalShards, num_shards: int = 1,
             checkpointer: FitCheckpointer | None = None, progress: bool = False,
             stop_after: int | None = None) -> FitResult:
-    """Fit merges on `corpus` split into `num_shards` shards of the `shards` backend; any backend and
-    any number of shards give the same merges. `stop_after` (tests) stops after that many merges of
-    this call, as if killed. The report's `seconds` are the phases of one `Timer`."""
+    """Fit merges on `corpus` split into `num_shards` shards of the `shards` backend, or on one shard
+    per `GridSource` (each loads its own grids where it lives); any backend and any number of shards
+    give the same merges. `stop_after` (tests) stops after that many merges of this call, as if
+    killed. The report's `seconds` are the phases of one `Timer`."""
     K = params.codebook_size
     timer = Timer()
-    corpora = corpus.split(num_shards)
-    fingerprint = corpus.fingerprint()
+    if isinstance(corpus, Corpus):
+        corpora, fingerprint, num_grids = corpus.split(num_shards), corpus.fingerprint(), corpus.num_grids
+    else:
+        corpora, fingerprint, num_grids = list(corpus), source_fingerprint(list(corpus)), sum(s.num_grids for s in corpus)
     resumed = checkpointer.load(params, fingerprint, len(corpora)) if checkpointer else None
     merges: list[tuple[int, int, int]] = []
     shape_h, shape_w = [1] * K, [1] * K
@@ -194,11 +197,13 @@ def run_fit(corpus: Corpus, params: FitParams, shards: ShardBackend = LocalShard
         "input_tokens": int(initial["cells"]),
         "output_tokens": int(final["tiles"]),
         "compression_ratio": round(initial["cells"] / max(final["tiles"], 1), 4),
-        "num_grids": corpus.num_grids,
+        "num_grids": num_grids,
         "num_shards": len(corpora),
         "pairs_in_table": int(table.num_pairs()),
-        # tile + owner maps (8 B/cell) and the position index (4 B per entry) held by the shards
-        "index_bytes_per_input_token": round((8 * final["cells"] + 4 * final["index_entries"]) / max(initial["cells"], 1), 2),
+        "index": {"entries_after_count": int(initial["index_entries"]), "keys_after_count": int(initial["keys"]),
+                  "entries_final": int(final["index_entries"]), "compactions": int(final["compactions"])},
+        # at the count, the shards' peak: tile (4 B) + back (1 B) per cell and the position index (4 B per entry)
+        "index_bytes_per_input_token": round((5 * initial["cells"] + 4 * initial["index_entries"]) / max(initial["cells"], 1), 2),
         "peak_rss_mb": driver_rss,  # this (the driver's) process
         "shard_peak_rss_mb": final["shard_peak_rss_mb"],  # each shard actor's process (none: shards in this one)
         "peak_rss_sum_gb": round((driver_rss + sum(final["shard_peak_rss_mb"])) / 1024, 3),

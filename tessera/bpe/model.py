@@ -16,7 +16,7 @@ import numpy as np
 
 from tessera.bpe.core import _core
 from tessera.bpe.fit import DIRS, FitCheckpointer, FitParams, FitResult, ShardBackend, merged_shape, run_fit
-from tessera.bpe.shards import Corpus, LocalShards
+from tessera.bpe.shards import Corpus, GridSource, LocalShards
 
 FORMAT = "tessera-visual-bpe/1"
 
@@ -52,8 +52,24 @@ class VisualBPE:
         """Fit on `grids` (2-D integer arrays, codes in [0, codebook_size), sizes may differ), split into
         `num_shards` shards of the `shards` backend (in process, or `tessera.bpe.distributed.RayShards`:
         one Ray actor each); the merges are identical for any backend and number of shards."""
+        return cls._fit(Corpus.from_grids(grids, codebook_size), codebook_size, num_merges, alpha, top_k, min_frequency,
+                        max_tile, num_shards, shards, checkpoint_dir, checkpoint_every, progress, stop_after)
+
+    @classmethod
+    def fit_sources(cls, sources: list[GridSource], codebook_size: int, num_merges: int, alpha: float = 0.0,
+                    top_k: int = 32, min_frequency: int = 2, max_tile: tuple[int, int] = (4, 4),
+                    shards: ShardBackend = LocalShards, checkpoint_dir: str | None = None, checkpoint_every: int = 0,
+                    progress: bool = False, stop_after: int | None = None) -> "VisualBPE":
+        """Fit with one shard per `GridSource`, each loading its own grids where it lives (in a Ray
+        actor with `RayShards`): the corpus never passes through this process. Same merges as `fit`
+        on the concatenated grids."""
+        return cls._fit(list(sources), codebook_size, num_merges, alpha, top_k, min_frequency, max_tile, len(sources),
+                        shards, checkpoint_dir, checkpoint_every, progress, stop_after)
+
+    @classmethod
+    def _fit(cls, corpus, codebook_size, num_merges, alpha, top_k, min_frequency, max_tile, num_shards, shards,
+             checkpoint_dir, checkpoint_every, progress, stop_after) -> "VisualBPE":
         params = FitParams(codebook_size, num_merges, alpha, top_k, min_frequency, tuple(max_tile))
-        corpus = Corpus.from_grids(grids, codebook_size)
         checkpointer = FitCheckpointer(checkpoint_dir, checkpoint_every) if checkpoint_dir else None
         result: FitResult = run_fit(corpus, params, shards, num_shards, checkpointer, progress, stop_after)
         return cls(codebook_size, result.merges, params.to_dict(), result.report)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -44,6 +44,20 @@ class Corpus:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         return Corpus(np.concatenate(parts), offsets, np.array(hs, np.int32), np.array(ws, np.int32))
 
+    @staticmethod
+    def from_array(grids: np.ndarray, codebook_size: int) -> "Corpus":
+        """(G, H, W) integer codes of one shape -> a Corpus viewing them (no per-grid copies: a
+        shard that makes or reads millions of grids holds them once)."""
+        if grids.ndim != 3 or grids.size == 0:
+            raise ValueError(f"expected a non-empty (G, H, W) array, got shape {grids.shape}")
+        if not np.issubdtype(grids.dtype, np.integer):
+            raise ValueError(f"expected integer codes, got {grids.dtype}")
+        if grids.min() < 0 or grids.max() >= codebook_size:
+            raise ValueError(f"codes must lie in [0, {codebook_size}), got [{grids.min()}, {grids.max()}]")
+        G, H, W = grids.shape
+        cells = np.ascontiguousarray(grids, dtype=np.int32).reshape(-1)
+        return Corpus(cells, np.arange(G + 1, dtype=np.int64) * (H * W), np.full(G, H, np.int32), np.full(G, W, np.int32))
+
     @property
     def num_grids(self) -> int:
         return len(self.heights)
@@ -66,14 +80,40 @@ class Corpus:
         return out
 
 
+@dataclass(frozen=True)
+class GridSource:
+    """One shard's grids, loaded where the shard lives: a Ray actor reads (or makes) its own part
+    of the corpus, so no process holds all of it and nothing large crosses the object store.
+    `load(*args)` -> `Corpus` must be importable by the actor; `fingerprint` names the content
+    (it keys checkpoints, as `Corpus.fingerprint` does)."""
+
+    load_fn: Callable[..., Corpus]
+    args: tuple
+    fingerprint: str
+    num_grids: int
+
+    def load(self) -> Corpus:
+        return self.load_fn(*self.args)
+
+
+def source_fingerprint(sources: list[GridSource]) -> str:
+    return hashlib.sha256("\n".join(s.fingerprint for s in sources).encode()).hexdigest()[:16]
+
+
 class ShardSet(Protocol):
     def count(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
     def apply(self, a: int, b: int, d: int, new_id: int, h: int, w: int) -> list[tuple[np.ndarray, np.ndarray, int]]: ...
     def tiles(self) -> list[np.ndarray]: ...
-    def stats(self) -> dict: ...  # cells, tiles, index_entries, shard_peak_rss_mb (one per shard process)
+    def stats(self) -> dict: ...  # cells, tiles, index_entries, keys, compactions, shard_peak_rss_mb (one per shard process)
 
 
-def make_shard(corpus: Corpus, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int]) -> "_core.Shard":
+def make_shard(corpus: Corpus | GridSource, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int]) -> "_core.Shard":
+    if isinstance(corpus, GridSource):
+        source, corpus = corpus, corpus.load()
+        if not isinstance(corpus, Corpus) or corpus.cells.size == 0:
+            raise ValueError(f"grid source {source.fingerprint}: load() must return a non-empty Corpus")
+        if tiles is None and (corpus.cells.min() < 0 or corpus.cells.max() >= len(shape_h)):
+            raise ValueError(f"grid source {source.fingerprint}: codes must lie in [0, {len(shape_h)})")
     return _core.Shard(corpus.cells if tiles is None else tiles, corpus.offsets.tolist(), corpus.heights.tolist(),
                        corpus.widths.tolist(), shape_h, shape_w)
 
@@ -81,7 +121,7 @@ def make_shard(corpus: Corpus, tiles: np.ndarray | None, shape_h: list[int], sha
 class LocalShards:
     """Shards in this process (num_workers=1)."""
 
-    def __init__(self, corpora: list[Corpus], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int]):
+    def __init__(self, corpora: list[Corpus | GridSource], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int]):
         self.shards = [make_shard(c, None if tiles is None else t, shape_h, shape_w)
                        for c, t in zip(corpora, tiles or [None] * len(corpora))]
 
@@ -96,7 +136,8 @@ class LocalShards:
 
     def stats(self):
         return {"cells": sum(s.num_cells() for s in self.shards), "tiles": sum(s.num_tiles() for s in self.shards),
-                "index_entries": sum(s.index_entries() for s in self.shards), "shard_peak_rss_mb": []}  # in the driver's
+                "index_entries": sum(s.index_entries() for s in self.shards), "keys": sum(s.num_keys() for s in self.shards),
+                "compactions": sum(s.compactions() for s in self.shards), "shard_peak_rss_mb": []}  # in the driver's
 
 
 def peak_rss_mb() -> float:

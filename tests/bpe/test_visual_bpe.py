@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from tessera.bpe import VisualBPE
 from tessera.bpe import reference as ref
+from tessera.bpe.shards import Corpus, GridSource, LocalShards
 
 D = {"h": 0, "v": 1}
 
@@ -18,11 +19,22 @@ def as_ref(merges):
     return [(a, b, D[d]) for a, b, d in merges]
 
 
+class CompactingShards(LocalShards):
+    """In-process shards that drop stale index entries whenever they outnumber half the live pairs
+    (the default waits for 65,536 more), so small corpora exercise `compact`."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        for s in self.shards:
+            s.compact_min = 0
+
+
 def fit_both(grids, K, M, **kw):
     fast = VisualBPE.fit(grids, K, M, **kw)
     args = {k: kw[k] for k in ("alpha", "top_k", "min_frequency", "max_tile") if k in kw}
     slow, shapes, tilings = ref.fit(grids, K, M, **args)
     assert as_ref(fast.merges) == slow
+    assert VisualBPE.fit(grids, K, M, shards=CompactingShards, **kw).merges == fast.merges, "compacting the index changes nothing"
     return fast, tilings
 
 
@@ -248,6 +260,36 @@ def test_checkpoint_resume_equals_an_uninterrupted_fit(tmp_path):
     # a checkpoint of other parameters is not used
     other = VisualBPE.fit(grids, 8, 40, alpha=0.0, checkpoint_dir=ckpt, checkpoint_every=7)
     assert other.report["resumed_from"] == 0
+
+
+def test_compacting_the_position_index_keeps_the_merges_and_drops_stale_entries():
+    rng = np.random.default_rng(5)
+    grids = [np.repeat(rng.integers(0, 6, size=(6, 12)), 2, 0) for _ in range(60)]
+    plain = VisualBPE.fit(grids, 6, 80, alpha=0.3)
+    compacting = VisualBPE.fit(grids, 6, 80, alpha=0.3, shards=CompactingShards)
+    assert compacting.merges == plain.merges and compacting.report["output_tokens"] == plain.report["output_tokens"]
+    assert plain.report["index"]["compactions"] == 0 and compacting.report["index"]["compactions"] > 0
+    assert compacting.report["index"]["entries_final"] < plain.report["index"]["entries_final"]
+
+
+def _generated_grids(seed: int, start: int, stop: int) -> Corpus:
+    """Grids start..stop-1 of a corpus where grid i depends only on (seed, i): what a shard makes itself."""
+    return Corpus.from_array(np.stack([np.random.default_rng([seed, i]).integers(0, 5, size=(4, 6)) for i in range(start, stop)]), 5)
+
+
+def test_grid_sources_load_where_the_shard_lives_and_give_the_merges_of_the_whole_corpus(ray_cluster):
+    from tessera.bpe.distributed import RayShards
+
+    whole = [np.random.default_rng([9, i]).integers(0, 5, size=(4, 6)) for i in range(90)]
+    sources = [GridSource(_generated_grids, (9, a, b), f"gen-9-{a}-{b}", b - a) for a, b in ((0, 40), (40, 90))]
+    expected = VisualBPE.fit(whole, 5, 50)
+    for backend in (LocalShards, RayShards):
+        bpe = VisualBPE.fit_sources(sources, 5, 50, shards=backend)
+        assert bpe.merges == expected.merges
+        assert bpe.report["num_grids"] == 90 and bpe.report["num_shards"] == 2
+    bad = [GridSource(_generated_grids, (9, 0, 10), "gen", 10)]
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
+        VisualBPE.fit_sources(bad, 4, 5)
 
 
 def test_distributed_fit_equals_single_worker(ray_cluster):
