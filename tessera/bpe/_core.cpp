@@ -6,8 +6,8 @@
 // (row, column) offset from the anchor of the tile covering it, 4 bits each (one byte a cell, not
 // an int32 owner map: tiles are at most 16 x 16). Ids have fixed shapes (sh[id], sw[id]).
 //
-// Memory of a shard (a billion-cell corpus must fit in a few shards): tile 4 B + back 1 B per
-// cell, and the position index sized exactly at the count (two passes: counts, then reserved
+// Memory of a shard (a billion-cell corpus must fit in a few shards): tile 2 B (uint16 ids while
+// the vocabulary has at most 65,535 ids, else 4 B) + back 1 B per cell, and the position index sized exactly at the count (two passes: counts, then reserved
 // vectors), about 2 entries x 4 B per cell at its peak. Entries go stale as tiles merge; when
 // they outnumber the live pairs by half, the index drops them (`compact`), so it shrinks with
 // the tiling instead of growing with every merge.
@@ -56,9 +56,22 @@ struct Shapes {
   void add(i32 hh, i32 ww) { h.push_back(hh); w.push_back(ww); }
 };
 
+// Tile ids as stored: `none` marks a cell covered by a tile anchored elsewhere.
+template <typename T> struct TileIds;
+template <> struct TileIds<i32> {
+  static constexpr i32 none = -1;
+  static constexpr i64 max_id = INT32_MAX - 1;
+};
+template <> struct TileIds<uint16_t> {
+  static constexpr uint16_t none = 0xFFFF;
+  static constexpr i64 max_id = 0xFFFE;
+};
+
 // One or many grids, concatenated.
+template <typename T>
 struct Tiling {
-  std::vector<i32> tile;
+  static constexpr T NONE = TileIds<T>::none;
+  std::vector<T> tile;
   std::vector<uint8_t> back;
   std::vector<i64> offset;  // start of each grid, plus the total at the end
   std::vector<i32> H, W;
@@ -81,11 +94,11 @@ struct Tiling {
     if (d == H_DIR) {
       if (c + w >= W[g]) return -1;
       i64 q = p + w;
-      return (tile[q] >= 0 && shapes->h[tile[q]] == h) ? q : -1;
+      return (tile[q] != NONE && shapes->h[tile[q]] == h) ? q : -1;
     }
     if (r + h >= H[g]) return -1;
     i64 q = p + (i64)h * W[g];
-    return (tile[q] >= 0 && shapes->w[tile[q]] == w) ? q : -1;
+    return (tile[q] != NONE && shapes->w[tile[q]] == w) ? q : -1;
   }
   // Anchor of the tile X with (X, tile at p, d) adjacent, or -1.
   i64 prev(i64 p, int d, int g) const {
@@ -116,8 +129,8 @@ struct Tiling {
   void merge(i64 p, i64 q, i32 new_id, int g) {
     i32 b = tile[q];
     i32 hb = shapes->h[b], wb = shapes->w[b];
-    tile[p] = new_id;
-    tile[q] = -1;
+    tile[p] = (T)new_id;
+    tile[q] = NONE;
     i64 rel = q - p;  // b's anchor relative to p: (0, wa) or (ha, 0)
     i32 qr = (i32)(rel / W[g]), qc = (i32)(rel % W[g]);
     for (i32 dr = 0; dr < hb; ++dr)
@@ -127,8 +140,8 @@ struct Tiling {
     back.assign(tile.size(), 0);
     for (size_t g = 0; g + 1 < offset.size(); ++g) {
       for (i64 p = offset[g]; p < offset[g + 1]; ++p) {
+        if (tile[p] == NONE) continue;
         i32 id = tile[p];
-        if (id < 0) continue;
         if (id >= (i32)shapes->h.size()) throw std::invalid_argument("tile id without a shape");
         for (i32 dr = 0; dr < shapes->h[id]; ++dr)
           for (i32 dc = 0; dc < shapes->w[id]; ++dc) back[p + (i64)dr * W[g] + dc] = (uint8_t)((dr << 4) | dc);
@@ -137,9 +150,11 @@ struct Tiling {
   }
 };
 
+template <typename T>
 struct Shard {
+  static constexpr T NONE = TileIds<T>::none;
   Shapes shapes;
-  Tiling t;
+  Tiling<T> t;
   std::unordered_map<Key, std::vector<i32>> where;
 
   i64 entries_ = 0;      // index entries (live or stale)
@@ -154,8 +169,13 @@ struct Shard {
     if (shapes.h.size() != shapes.w.size()) throw std::invalid_argument("shape_h and shape_w differ in length");
     for (size_t i = 0; i < shapes.h.size(); ++i) check_side(shapes.h[i], shapes.w[i]);
     t.shapes = &shapes;
-    t.tile.assign(tiles.data(), tiles.data() + tiles.size());
-    if (t.tile.size() >= (size_t)INT32_MAX) throw std::invalid_argument("a shard holds at most 2^31 cells");
+    if ((size_t)tiles.size() >= (size_t)INT32_MAX) throw std::invalid_argument("a shard holds at most 2^31 cells");
+    t.tile.resize(tiles.size());
+    const i32* src = tiles.data();
+    for (py::ssize_t i = 0; i < tiles.size(); ++i) {  // -1 (covered) -> NONE
+      if (src[i] < -1 || src[i] > TileIds<T>::max_id) throw std::invalid_argument("tile id outside what this shard stores");
+      t.tile[i] = src[i] < 0 ? NONE : (T)src[i];
+    }
     t.offset = std::move(offsets);
     t.H = std::move(hs);
     t.W = std::move(ws);
@@ -172,7 +192,7 @@ struct Shard {
     auto each_pair = [&](auto&& visit) {
       for (size_t g = 0; g + 1 < t.offset.size(); ++g) {
         for (i64 p = t.offset[g]; p < t.offset[g + 1]; ++p) {
-          if (t.tile[p] < 0) continue;
+          if (t.tile[p] == NONE) continue;
           for (int d = 0; d < 2; ++d) {
             i64 q = t.next(p, d, (int)g);
             if (q >= 0) visit(make_key(t.tile[p], t.tile[q], d), p);
@@ -224,6 +244,7 @@ struct Shard {
   // Apply merge (a, b, d) -> new_id of shape (nh, nw). -> (keys, deltas, merged occurrences)
   py::tuple apply(i64 a, i64 b, int d, i32 new_id, i32 nh, i32 nw) {
     if ((size_t)new_id != shapes.h.size()) throw std::invalid_argument("merges must be applied in order");
+    if (new_id > TileIds<T>::max_id) throw std::invalid_argument("new id beyond what this shard stores");
     check_side(nh, nw);
     shapes.add(nh, nw);
     std::unordered_map<Key, i64> delta;
@@ -267,14 +288,16 @@ struct Shard {
     return py::make_tuple(keys, vals, merged);
   }
 
+  // The anchor map as int32 (-1 = covered), whatever this shard stores.
   py::array_t<i32> tiles() const {
     py::array_t<i32> out(t.tile.size());
-    std::copy(t.tile.begin(), t.tile.end(), out.mutable_data());
+    i32* dst = out.mutable_data();
+    for (size_t i = 0; i < t.tile.size(); ++i) dst[i] = t.tile[i] == NONE ? -1 : (i32)t.tile[i];
     return out;
   }
   i64 num_tiles() const {
     i64 n = 0;
-    for (i32 v : t.tile) n += v >= 0;
+    for (T v : t.tile) n += v != NONE;
     return n;
   }
   i64 index_entries() const {
@@ -415,7 +438,7 @@ struct Encoder {
 
   // -> tile ids in raster order of anchors, and the final anchor map if wanted.
   std::vector<i32> encode_one(const i32* grid, i32 H, i32 W, std::vector<i32>* anchor_map = nullptr) const {
-    Tiling t;
+    Tiling<i32> t;
     t.shapes = &shapes;
     t.tile.assign(grid, grid + (i64)H * W);
     for (i32 v : t.tile)
@@ -575,22 +598,29 @@ struct Encoder {
   }
 };
 
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "Compiled core of Tessera's 2-D visual BPE";
-  m.def("make_key", &make_key);
-  py::class_<Shard>(m, "Shard")
+template <typename T>
+static void bind_shard(py::module_& m, const char* name) {
+  py::class_<Shard<T>>(m, name)
       .def(py::init<py::array_t<i32, py::array::c_style | py::array::forcecast>, std::vector<i64>, std::vector<i32>,
                     std::vector<i32>, std::vector<i32>, std::vector<i32>>(),
            py::arg("tiles"), py::arg("offsets"), py::arg("heights"), py::arg("widths"), py::arg("shape_h"), py::arg("shape_w"))
-      .def("count", &Shard::count)
-      .def("apply", &Shard::apply)
-      .def("tiles", &Shard::tiles)
-      .def("num_tiles", &Shard::num_tiles)
-      .def("num_cells", &Shard::num_cells)
-      .def("index_entries", &Shard::index_entries)
-      .def("num_keys", &Shard::num_keys)
-      .def("compactions", &Shard::compactions)
-      .def_readwrite("compact_min", &Shard::compact_min);
+      .def("count", &Shard<T>::count)
+      .def("apply", &Shard<T>::apply)
+      .def("tiles", &Shard<T>::tiles)
+      .def("num_tiles", &Shard<T>::num_tiles)
+      .def("num_cells", &Shard<T>::num_cells)
+      .def("index_entries", &Shard<T>::index_entries)
+      .def("num_keys", &Shard<T>::num_keys)
+      .def("compactions", &Shard<T>::compactions)
+      .def_readwrite("compact_min", &Shard<T>::compact_min)
+      .def_readonly_static("max_id", &TileIds<T>::max_id);
+}
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "Compiled core of Tessera's 2-D visual BPE";
+  m.def("make_key", &make_key);
+  bind_shard<i32>(m, "Shard");
+  bind_shard<uint16_t>(m, "Shard16");
   py::class_<Table>(m, "Table")
       .def(py::init<std::vector<i32>, std::vector<i32>, i32, i32, i64>(), py::arg("shape_h"), py::arg("shape_w"),
            py::arg("max_h"), py::arg("max_w"), py::arg("min_frequency"))

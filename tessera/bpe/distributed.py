@@ -6,16 +6,23 @@ the driver sends (a, b, d, new id, shape) and receives only the count deltas.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import ray
 
-from tessera.bpe.shards import Corpus, GridSource, make_shard, peak_rss_mb
+from tessera.bpe.shards import Corpus, GridSource, load_source, make_shard, peak_rss_mb
 
 
 @ray.remote(num_cpus=0.5)
 class ShardActor:
-    def __init__(self, corpus: Corpus | GridSource, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int]):
-        self.shard = make_shard(corpus, tiles, shape_h, shape_w)  # a GridSource is loaded here, in the actor
+    def __init__(self, corpus: Corpus | GridSource, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int],
+                 max_id: int | None = None):
+        t0 = time.perf_counter()
+        if isinstance(corpus, GridSource):  # loaded here, in the actor
+            corpus = load_source(corpus, tiles, len(shape_h))
+        self.load_s = time.perf_counter() - t0
+        self.shard = make_shard(corpus, tiles, shape_h, shape_w, max_id)
 
     def ready(self) -> bool:
         return True
@@ -31,17 +38,19 @@ class ShardActor:
 
     def stats(self):
         return {"cells": self.shard.num_cells(), "tiles": self.shard.num_tiles(), "index_entries": self.shard.index_entries(),
-                "keys": self.shard.num_keys(), "compactions": self.shard.compactions(), "peak_rss_mb": peak_rss_mb()}
+                "keys": self.shard.num_keys(), "compactions": self.shard.compactions(), "load_s": self.load_s,
+                "peak_rss_mb": peak_rss_mb()}
 
 
 class RayShards:
     """The `ShardSet` of `tessera.bpe.fit`, one Ray actor per shard (Ray must be initialised,
     or an embedded one is started)."""
 
-    def __init__(self, corpora: list[Corpus | GridSource], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int]):
+    def __init__(self, corpora: list[Corpus | GridSource], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int],
+                 max_id: int | None = None):
         if not ray.is_initialized():
             ray.init()
-        self.actors = [ShardActor.remote(c, None if tiles is None else tiles[i], shape_h, shape_w) for i, c in enumerate(corpora)]
+        self.actors = [ShardActor.remote(c, None if tiles is None else tiles[i], shape_h, shape_w, max_id) for i, c in enumerate(corpora)]
         ray.get([a.ready.remote() for a in self.actors])  # built (and their grids loaded) inside the fit's `build` phase
 
     def count(self):
@@ -56,7 +65,7 @@ class RayShards:
     def stats(self):
         parts = ray.get([a.stats.remote() for a in self.actors])
         return {**{k: sum(p[k] for p in parts) for k in ("cells", "tiles", "index_entries", "keys", "compactions")},
-                "shard_peak_rss_mb": [p["peak_rss_mb"] for p in parts]}
+                "load_s": max(p["load_s"] for p in parts), "shard_peak_rss_mb": [p["peak_rss_mb"] for p in parts]}
 
     def __del__(self):
         for a in getattr(self, "actors", []):

@@ -115,8 +115,9 @@ class FitCheckpointer:
 
 # ----------------------------------------------------------------------------- the loop
 
-ShardBackend = Callable[[list[Corpus | GridSource], Optional[list[np.ndarray]], list[int], list[int]], ShardSet]
-"""(shard corpora or grid sources, their saved anchor maps or None, shape_h, shape_w) -> a `ShardSet`:
+ShardBackend = Callable[[list[Corpus | GridSource], Optional[list[np.ndarray]], list[int], list[int], int], ShardSet]
+"""(shard corpora or grid sources, their saved anchor maps or None, shape_h, shape_w, the largest id the
+fit can create: it picks 2- or 4-byte tile ids) -> a `ShardSet`:
 `LocalShards` here, or `tessera.bpe.distributed.RayShards` (one actor per shard), chosen by the caller."""
 
 
@@ -145,7 +146,7 @@ def run_fit(corpus: Corpus | list[GridSource], params: FitParams, shards: ShardB
             shape_w.append(w)
 
     with timer.phase("build"):
-        shard_set = shards(corpora, tiles, shape_h, shape_w)
+        shard_set = shards(corpora, tiles, shape_h, shape_w, K + params.num_merges - 1)
     table = _core.Table(list(shape_h), list(shape_w), params.max_tile[0], params.max_tile[1], params.min_frequency)
     with timer.phase("count"):
         for keys, counts in shard_set.count():
@@ -194,6 +195,7 @@ def run_fit(corpus: Corpus | list[GridSource], params: FitParams, shards: ShardB
         "stopped_early": len(merges) < params.num_merges and (stop_after is None or done_this_call < stop_after),
         "seconds": {"build": 0.0, "count": 0.0, "choose": 0.0, "apply": 0.0, "reduce": 0.0, "checkpoint": 0.0} | timer.rounded(),
         "wall_s": timer.total,
+        "grid_load_s": round(float(initial["load_s"]), 3),  # of `build`: making or reading GridSource grids
         "input_tokens": int(initial["cells"]),
         "output_tokens": int(final["tiles"]),
         "compression_ratio": round(initial["cells"] / max(final["tiles"], 1), 4),
@@ -202,8 +204,10 @@ def run_fit(corpus: Corpus | list[GridSource], params: FitParams, shards: ShardB
         "pairs_in_table": int(table.num_pairs()),
         "index": {"entries_after_count": int(initial["index_entries"]), "keys_after_count": int(initial["keys"]),
                   "entries_final": int(final["index_entries"]), "compactions": int(final["compactions"])},
-        # at the count, the shards' peak: tile (4 B) + back (1 B) per cell and the position index (4 B per entry)
-        "index_bytes_per_input_token": round((5 * initial["cells"] + 4 * initial["index_entries"]) / max(initial["cells"], 1), 2),
+        # at the count, the shards' peak: tile (2 B, or 4 B beyond 65,535 ids) + back (1 B) per cell and the
+        # position index (4 B per entry)
+        "index_bytes_per_input_token": round(((1 + (2 if K + params.num_merges - 1 <= _core.Shard16.max_id else 4)) * initial["cells"]
+                                              + 4 * initial["index_entries"]) / max(initial["cells"], 1), 2),
         "peak_rss_mb": driver_rss,  # this (the driver's) process
         "shard_peak_rss_mb": final["shard_peak_rss_mb"],  # each shard actor's process (none: shards in this one)
         "peak_rss_sum_gb": round((driver_rss + sum(final["shard_peak_rss_mb"])) / 1024, 3),

@@ -7,6 +7,7 @@ build on this module; `distributed` no longer imports `fit`, which breaks the im
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
@@ -104,25 +105,43 @@ class ShardSet(Protocol):
     def count(self) -> list[tuple[np.ndarray, np.ndarray]]: ...
     def apply(self, a: int, b: int, d: int, new_id: int, h: int, w: int) -> list[tuple[np.ndarray, np.ndarray, int]]: ...
     def tiles(self) -> list[np.ndarray]: ...
-    def stats(self) -> dict: ...  # cells, tiles, index_entries, keys, compactions, shard_peak_rss_mb (one per shard process)
+    def stats(self) -> dict: ...  # cells, tiles, index_entries, keys, compactions, load_s (making or reading
+    # GridSource grids; shards in parallel count once), shard_peak_rss_mb (one per shard process)
 
 
-def make_shard(corpus: Corpus | GridSource, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int]) -> "_core.Shard":
+def load_source(source: GridSource, tiles: np.ndarray | None, vocab_size: int) -> Corpus:
+    """A source's grids, checked as `Corpus.from_grids` checks grids (codes in [0, vocab_size) unless
+    saved tiles replace them)."""
+    corpus = source.load()
+    if not isinstance(corpus, Corpus) or corpus.cells.size == 0:
+        raise ValueError(f"grid source {source.fingerprint}: load() must return a non-empty Corpus")
+    if tiles is None and (corpus.cells.min() < 0 or corpus.cells.max() >= vocab_size):
+        raise ValueError(f"grid source {source.fingerprint}: codes must lie in [0, {vocab_size})")
+    return corpus
+
+
+def make_shard(corpus: Corpus | GridSource, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int],
+               max_id: int | None = None) -> "_core.Shard":
+    """A compiled shard; `max_id`, the largest id the fit can create, picks 2-byte tile ids
+    (`Shard16`) when it fits in them (the default assumes no more ids than `shape_h` has)."""
     if isinstance(corpus, GridSource):
-        source, corpus = corpus, corpus.load()
-        if not isinstance(corpus, Corpus) or corpus.cells.size == 0:
-            raise ValueError(f"grid source {source.fingerprint}: load() must return a non-empty Corpus")
-        if tiles is None and (corpus.cells.min() < 0 or corpus.cells.max() >= len(shape_h)):
-            raise ValueError(f"grid source {source.fingerprint}: codes must lie in [0, {len(shape_h)})")
-    return _core.Shard(corpus.cells if tiles is None else tiles, corpus.offsets.tolist(), corpus.heights.tolist(),
+        corpus = load_source(corpus, tiles, len(shape_h))
+    max_id = len(shape_h) - 1 if max_id is None else max_id
+    shard_class = _core.Shard16 if max_id <= _core.Shard16.max_id else _core.Shard
+    return shard_class(corpus.cells if tiles is None else tiles, corpus.offsets.tolist(), corpus.heights.tolist(),
                        corpus.widths.tolist(), shape_h, shape_w)
 
 
 class LocalShards:
     """Shards in this process (num_workers=1)."""
 
-    def __init__(self, corpora: list[Corpus | GridSource], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int]):
-        self.shards = [make_shard(c, None if tiles is None else t, shape_h, shape_w)
+    def __init__(self, corpora: list[Corpus | GridSource], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int],
+                 max_id: int | None = None):
+        t0 = time.perf_counter()
+        corpora = [load_source(c, t, len(shape_h)) if isinstance(c, GridSource) else c
+                   for c, t in zip(corpora, tiles or [None] * len(corpora))]
+        self.load_s = time.perf_counter() - t0
+        self.shards = [make_shard(c, None if tiles is None else t, shape_h, shape_w, max_id)
                        for c, t in zip(corpora, tiles or [None] * len(corpora))]
 
     def count(self):
@@ -137,7 +156,8 @@ class LocalShards:
     def stats(self):
         return {"cells": sum(s.num_cells() for s in self.shards), "tiles": sum(s.num_tiles() for s in self.shards),
                 "index_entries": sum(s.index_entries() for s in self.shards), "keys": sum(s.num_keys() for s in self.shards),
-                "compactions": sum(s.compactions() for s in self.shards), "shard_peak_rss_mb": []}  # in the driver's
+                "compactions": sum(s.compactions() for s in self.shards), "load_s": self.load_s,
+                "shard_peak_rss_mb": []}  # in the driver's
 
 
 def peak_rss_mb() -> float:

@@ -20,12 +20,14 @@ def as_ref(merges):
 
 
 class CompactingShards(LocalShards):
-    """In-process shards that drop stale index entries whenever they outnumber half the live pairs
-    (the default waits for 65,536 more), so small corpora exercise `compact`."""
+    """In-process shards with 4-byte tile ids (a fit's own shards take 2-byte ids while the vocabulary
+    fits) that drop stale index entries whenever they outnumber half the live pairs (the default waits
+    for 65,536 more), so small corpora exercise both storages and `compact`."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, corpora, tiles, shape_h, shape_w, max_id):
+        super().__init__(corpora, tiles, shape_h, shape_w, max_id=2**20)
         for s in self.shards:
+            assert type(s).__name__ == "Shard"
             s.compact_min = 0
 
 
@@ -286,7 +288,7 @@ def test_grid_sources_load_where_the_shard_lives_and_give_the_merges_of_the_whol
     for backend in (LocalShards, RayShards):
         bpe = VisualBPE.fit_sources(sources, 5, 50, shards=backend)
         assert bpe.merges == expected.merges
-        assert bpe.report["num_grids"] == 90 and bpe.report["num_shards"] == 2
+        assert bpe.report["num_grids"] == 90 and bpe.report["num_shards"] == 2 and bpe.report["grid_load_s"] >= 0
     bad = [GridSource(_generated_grids, (9, 0, 10), "gen", 10)]
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 4\)"):
         VisualBPE.fit_sources(bad, 4, 5)
