@@ -1,0 +1,103 @@
+"""The demo's answer stage in process, on a finished run's real tokens: probe accuracy per question
+type on held-out scenes *and* on training scenes every `--every` steps, so a curve says whether the
+model under-fits (both low) or memorises (training high, held-out low).
+
+Rows are the train job's own (`stage_plan` + `build_group`: same mixture, packing, loss mask and
+shuffle); the model starts from `--init` (e.g. the run's stage-1 model) or fresh. Chance per type:
+colour .17, shape .25, size .50, position .11, count .33 (README "Learning").
+
+    PYTHONPATH=. python experiments/answer_stage.py runs/demo --init runs/demo/train/stages/1-layers/model \
+        [--steps 560] [--lr 3e-3] [--mix demo|vqa] [--set model.KEY=VALUE ...]
+"""
+
+import argparse
+import json
+import os
+import re
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tessera.config import load_config
+from tessera.jobs.train import _load_data, _plan
+from tessera.model.assets import load_model
+from tessera.model.evaluate import Evaluator, HeldOut, run_probe
+from tessera.model.mixture import stage_plan
+from tessera.model.packing import collate
+from tessera.model.rows import BuildSpec, _builder, build_group
+from tessera.model.stream import model_inputs
+from tessera.model.trainer import StageTrainer
+from tessera.model.unified import TesseraModel
+from tessera.tokenize.tokenizer import load_tokenizer
+
+MIXTURES = {"demo": {"kind=image_text": 0.4, "task=vqa": 0.6}, "vqa": {"task=vqa": 1.0}}
+TYPES = [("colour", r"^What colour"), ("shape", r"^What shape"), ("size", r"^What size"), ("position", r"^Where"),
+         ("count", r"^How many"), ("exists", r"^Is there")]
+VQA_TYPES = ("colour", "shape", "size", "position", "count")
+
+
+def training_questions(instruct_dir: str, scenes: int, resolution: int) -> HeldOut:
+    """The first `scenes` training VQA scenes as a held-out-shaped set (one question per turn)."""
+    questions, images = [], {}
+    with open(os.path.join(instruct_dir, "vqa-00000.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:scenes]
+    for r in rows:
+        path = os.path.join(instruct_dir, r["images"][0])
+        images[path] = np.asarray(Image.open(path).convert("RGB").resize((resolution, resolution)))
+        for q, a in zip(r["texts"][1::2], r["texts"][2::2]):
+            questions.append({"image": path, "type": next(t for t, p in TYPES if re.match(p, q)), "question": q, "answer": a})
+    return HeldOut([], questions, images)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("root")
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--init", default="", help="model directory to start from (default: a fresh model)")
+    ap.add_argument("--steps", type=int, default=560)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--mix", default="demo", choices=sorted(MIXTURES))
+    ap.add_argument("--every", type=int, default=80)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="config override, e.g. model.hidden_size=256")
+    ap.add_argument("--tag", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = load_config(a.config, [f"run.root={a.root}"] + a.set)
+    run = _plan(cfg)
+    _load_data(run)
+    stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: %g, warmup_steps: %d, batch_size: %d, "
+                               "seq_len: 512, loss_mask: answers}]" % (a.steps, a.lr, a.warmup, a.batch)]).train.stages[0]
+    spec = BuildSpec(seq_len=512, loss_mask="answers", seed=a.seed, stage=2, t2i_rate=0.0, cfg_text_dropout=0.1, **run.spec_kwargs)
+    plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 4, a.seed, 2)
+    rows = []
+    for g in range(0, len(plan), 128):
+        grp = plan[g:g + 128]
+        rows += build_group(spec, [run.index.files[s] for s, _ in grp], [run.index.rows[s] for s, _ in grp], [e for _, e in grp], g)[0]
+        if len(rows) >= a.steps * a.batch:
+            break
+    tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(cfg.model.tokenizer), "cpu")
+    seen = training_questions(os.path.join(cfg.resolve(cfg.synth.output), "instruct"), 60, tcfg.image_size)
+    train_items = Evaluator(None, _builder(spec), run.assets.text_tokenizer, tokenizer, seen).probe_items(30)
+    model = load_model(a.init) if a.init else TesseraModel.create(cfg.model, run.vocab, run.sizes, run.depth, seed=a.seed)
+    trainer = StageTrainer(model, stage, 0.01, 1.0, torch.device("cpu"))
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        batch = rows[(step - 1) * a.batch:step * a.batch]
+        m = trainer.train_step([model_inputs(collate(batch))])
+        if step % a.every == 0 or step == a.steps:
+            out = {"tag": a.tag, "step": step, "loss": round(float(m["loss"]), 4), "lr": round(float(m["lr"]), 6),
+                   "seconds": round(time.time() - t0, 1)}
+            for name, items in (("train", train_items), ("heldout", run.probe)):
+                acc = run_probe(model, items)
+                out[name] = {k: round(v, 3) for k, v in acc.items()}
+                out[f"{name}_vqa"] = round(float(np.mean([acc[t] for t in VQA_TYPES])), 3)
+            print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
