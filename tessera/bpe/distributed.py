@@ -19,8 +19,7 @@ class ShardActor:
     def __init__(self, corpus: Corpus | GridSource, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int],
                  max_id: int | None = None):
         t0 = time.perf_counter()
-        if isinstance(corpus, GridSource):  # loaded here, in the actor
-            corpus = load_source(corpus, tiles, len(shape_h))
+        corpus = load_source(corpus, tiles, len(shape_h))  # a GridSource's grids are made or read here, in the actor
         self.load_s = time.perf_counter() - t0
         self.shard = make_shard(corpus, tiles, shape_h, shape_w, max_id)
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from tessera.bpe.core import _core
-from tessera.bpe.shards import Corpus, GridSource, LocalShards, ShardSet, peak_rss_mb, source_fingerprint
+from tessera.bpe.shards import Corpus, GridSource, LocalShards, ShardSet, peak_rss_mb, source_fingerprint, tile_id_bytes
 from tessera.timing import Timer
 
 DIRS = ("h", "v")
@@ -206,7 +206,7 @@ def run_fit(corpus: Corpus | list[GridSource], params: FitParams, shards: ShardB
                   "entries_final": int(final["index_entries"]), "compactions": int(final["compactions"])},
         # at the count, the shards' peak: tile (2 B, or 4 B beyond 65,535 ids) + back (1 B) per cell and the
         # position index (4 B per entry)
-        "index_bytes_per_input_token": round(((1 + (2 if K + params.num_merges - 1 <= _core.Shard16.max_id else 4)) * initial["cells"]
+        "index_bytes_per_input_token": round(((1 + tile_id_bytes(K + params.num_merges - 1)) * initial["cells"]
                                               + 4 * initial["index_entries"]) / max(initial["cells"], 1), 2),
         "peak_rss_mb": driver_rss,  # this (the driver's) process
         "shard_peak_rss_mb": final["shard_peak_rss_mb"],  # each shard actor's process (none: shards in this one)

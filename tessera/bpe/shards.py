@@ -16,6 +16,18 @@ import numpy as np
 from tessera.bpe.core import _core
 
 
+def _checked_codes(a: np.ndarray, ndim: int, codebook_size: int, where: str) -> np.ndarray:
+    """`a` if it is a non-empty `ndim`-D array of integer codes in [0, codebook_size), else ValueError
+    (prefixed by `where`)."""
+    if a.ndim != ndim or a.size == 0:
+        raise ValueError(f"{where}expected a non-empty {ndim}-D array, got shape {a.shape}")
+    if not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{where}expected integer codes, got {a.dtype}")
+    if a.min() < 0 or a.max() >= codebook_size:
+        raise ValueError(f"{where}codes must lie in [0, {codebook_size}), got [{a.min()}, {a.max()}]")
+    return a
+
+
 @dataclass
 class Corpus:
     """Grids concatenated row-major: `cells` (N,) int32, `offsets` (G + 1,), `heights`/`widths` (G,)."""
@@ -29,13 +41,7 @@ class Corpus:
     def from_grids(grids: Iterable[np.ndarray], codebook_size: int) -> "Corpus":
         parts, hs, ws = [], [], []
         for i, g in enumerate(grids):
-            g = np.asarray(g)
-            if g.ndim != 2 or g.size == 0:
-                raise ValueError(f"grid {i}: expected a non-empty 2-D array, got shape {g.shape}")
-            if not np.issubdtype(g.dtype, np.integer):
-                raise ValueError(f"grid {i}: expected integer codes, got {g.dtype}")
-            if g.min() < 0 or g.max() >= codebook_size:
-                raise ValueError(f"grid {i}: codes must lie in [0, {codebook_size}), got [{g.min()}, {g.max()}]")
+            g = _checked_codes(np.asarray(g), 2, codebook_size, f"grid {i}: ")
             parts.append(np.ascontiguousarray(g, dtype=np.int32).ravel())
             hs.append(g.shape[0])
             ws.append(g.shape[1])
@@ -49,12 +55,7 @@ class Corpus:
     def from_array(grids: np.ndarray, codebook_size: int) -> "Corpus":
         """(G, H, W) integer codes of one shape -> a Corpus viewing them (no per-grid copies: a
         shard that makes or reads millions of grids holds them once)."""
-        if grids.ndim != 3 or grids.size == 0:
-            raise ValueError(f"expected a non-empty (G, H, W) array, got shape {grids.shape}")
-        if not np.issubdtype(grids.dtype, np.integer):
-            raise ValueError(f"expected integer codes, got {grids.dtype}")
-        if grids.min() < 0 or grids.max() >= codebook_size:
-            raise ValueError(f"codes must lie in [0, {codebook_size}), got [{grids.min()}, {grids.max()}]")
+        _checked_codes(grids, 3, codebook_size, "")
         G, H, W = grids.shape
         cells = np.ascontiguousarray(grids, dtype=np.int32).reshape(-1)
         return Corpus(cells, np.arange(G + 1, dtype=np.int64) * (H * W), np.full(G, H, np.int32), np.full(G, W, np.int32))
@@ -109,9 +110,11 @@ class ShardSet(Protocol):
     # GridSource grids; shards in parallel count once), shard_peak_rss_mb (one per shard process)
 
 
-def load_source(source: GridSource, tiles: np.ndarray | None, vocab_size: int) -> Corpus:
+def load_source(source: Corpus | GridSource, tiles: np.ndarray | None, vocab_size: int) -> Corpus:
     """A source's grids, checked as `Corpus.from_grids` checks grids (codes in [0, vocab_size) unless
-    saved tiles replace them)."""
+    saved tiles replace them); a Corpus is returned as it is."""
+    if isinstance(source, Corpus):
+        return source
     corpus = source.load()
     if not isinstance(corpus, Corpus) or corpus.cells.size == 0:
         raise ValueError(f"grid source {source.fingerprint}: load() must return a non-empty Corpus")
@@ -120,14 +123,17 @@ def load_source(source: GridSource, tiles: np.ndarray | None, vocab_size: int) -
     return corpus
 
 
-def make_shard(corpus: Corpus | GridSource, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int],
+def tile_id_bytes(max_id: int) -> int:
+    """Bytes a shard stores per tile id when the fit creates ids up to `max_id`."""
+    return 2 if max_id <= _core.Shard16.max_id else 4
+
+
+def make_shard(corpus: Corpus, tiles: np.ndarray | None, shape_h: list[int], shape_w: list[int],
                max_id: int | None = None) -> "_core.Shard":
     """A compiled shard; `max_id`, the largest id the fit can create, picks 2-byte tile ids
     (`Shard16`) when it fits in them (the default assumes no more ids than `shape_h` has)."""
-    if isinstance(corpus, GridSource):
-        corpus = load_source(corpus, tiles, len(shape_h))
     max_id = len(shape_h) - 1 if max_id is None else max_id
-    shard_class = _core.Shard16 if max_id <= _core.Shard16.max_id else _core.Shard
+    shard_class = _core.Shard16 if tile_id_bytes(max_id) == 2 else _core.Shard
     return shard_class(corpus.cells if tiles is None else tiles, corpus.offsets.tolist(), corpus.heights.tolist(),
                        corpus.widths.tolist(), shape_h, shape_w)
 
@@ -138,8 +144,7 @@ class LocalShards:
     def __init__(self, corpora: list[Corpus | GridSource], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int],
                  max_id: int | None = None):
         t0 = time.perf_counter()
-        corpora = [load_source(c, t, len(shape_h)) if isinstance(c, GridSource) else c
-                   for c, t in zip(corpora, tiles or [None] * len(corpora))]
+        corpora = [load_source(c, t, len(shape_h)) for c, t in zip(corpora, tiles or [None] * len(corpora))]
         self.load_s = time.perf_counter() - t0
         self.shards = [make_shard(c, None if tiles is None else t, shape_h, shape_w, max_id)
                        for c, t in zip(corpora, tiles or [None] * len(corpora))]
