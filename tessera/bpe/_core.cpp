@@ -7,8 +7,9 @@
 // an int32 owner map: tiles are at most 16 x 16). Ids have fixed shapes (sh[id], sw[id]).
 //
 // Memory of a shard (a billion-cell corpus must fit in a few shards): tile 2 B (uint16 ids while
-// the vocabulary has at most 65,535 ids, else 4 B) + back 1 B per cell, and the position index sized exactly at the count (two passes: counts, then reserved
-// vectors), about 2 entries x 4 B per cell at its peak. Entries go stale as tiles merge; when
+// the vocabulary has at most 65,535 ids, else 4 B) + back 1 B per cell, and the position index
+// sized exactly at the count (two passes: counts, then reserved vectors), about 2 entries x 4 B
+// per cell at its peak. Entries go stale as tiles merge; when
 // they outnumber the live pairs by half, the index drops them (`compact`), so it shrinks with
 // the tiling instead of growing with every merge.
 //
@@ -300,11 +301,7 @@ struct Shard {
     for (T v : t.tile) n += v != NONE;
     return n;
   }
-  i64 index_entries() const {
-    i64 n = 0;
-    for (auto& kv : where) n += (i64)kv.second.size();
-    return n;
-  }
+  i64 index_entries() const { return entries_; }
   i64 num_cells() const { return (i64)t.tile.size(); }
   i64 num_keys() const { return (i64)where.size(); }
   i64 compactions() const { return compactions_; }
@@ -431,8 +428,10 @@ struct Encoder {
       auto [a, b, d] = merges[i];
       if (a < 0 || b < 0 || a >= K + (i64)i || b >= K + (i64)i) throw std::invalid_argument("merge refers to an id not yet created");
       rank[make_key(a, b, d)] = (i32)i;
-      check_side(d == H_DIR ? shapes.h[a] : shapes.h[a] + shapes.h[b], d == H_DIR ? shapes.w[a] + shapes.w[b] : shapes.w[a]);
-      shapes.add(d == H_DIR ? shapes.h[a] : shapes.h[a] + shapes.h[b], d == H_DIR ? shapes.w[a] + shapes.w[b] : shapes.w[a]);
+      i32 mh = d == H_DIR ? shapes.h[a] : shapes.h[a] + shapes.h[b];
+      i32 mw = d == H_DIR ? shapes.w[a] + shapes.w[b] : shapes.w[a];
+      check_side(mh, mw);
+      shapes.add(mh, mw);
     }
   }
 

@@ -116,10 +116,10 @@ def load_source(source: Corpus | GridSource, tiles: np.ndarray | None, vocab_siz
     if isinstance(source, Corpus):
         return source
     corpus = source.load()
-    if not isinstance(corpus, Corpus) or corpus.cells.size == 0:
-        raise ValueError(f"grid source {source.fingerprint}: load() must return a non-empty Corpus")
-    if tiles is None and (corpus.cells.min() < 0 or corpus.cells.max() >= vocab_size):
-        raise ValueError(f"grid source {source.fingerprint}: codes must lie in [0, {vocab_size})")
+    if not isinstance(corpus, Corpus):
+        raise ValueError(f"grid source {source.fingerprint}: load() must return a Corpus, got {type(corpus).__name__}")
+    if tiles is None:
+        _checked_codes(corpus.cells, 1, vocab_size, f"grid source {source.fingerprint}: ")
     return corpus
 
 
@@ -143,11 +143,11 @@ class LocalShards:
 
     def __init__(self, corpora: list[Corpus | GridSource], tiles: list[np.ndarray] | None, shape_h: list[int], shape_w: list[int],
                  max_id: int | None = None):
+        saved = tiles or [None] * len(corpora)
         t0 = time.perf_counter()
-        corpora = [load_source(c, t, len(shape_h)) for c, t in zip(corpora, tiles or [None] * len(corpora))]
+        corpora = [load_source(c, t, len(shape_h)) for c, t in zip(corpora, saved)]
         self.load_s = time.perf_counter() - t0
-        self.shards = [make_shard(c, None if tiles is None else t, shape_h, shape_w, max_id)
-                       for c, t in zip(corpora, tiles or [None] * len(corpora))]
+        self.shards = [make_shard(c, t, shape_h, shape_w, max_id) for c, t in zip(corpora, saved)]
 
     def count(self):
         return [s.count() for s in self.shards]
