@@ -120,7 +120,8 @@ class SynthConfig:
         _check(1 <= self.video_fps <= 60, "video_fps", f"1..60, got {self.video_fps}")
 
 
-SourceKind = Literal["webdataset", "hf_dataset", "video", "web"]
+SourceKind = Literal["webdataset", "hf_dataset", "video", "web",
+                     "img2dataset", "llava", "obelics", "mint1t", "video2dataset", "video_csv"]
 
 
 @dataclass
@@ -131,16 +132,27 @@ class SourceConfig:
     """Source name recorded in every sample (`source` column) and in sample ids."""
     kind: SourceKind
     uri: str
-    """webdataset: a directory of .tar shards; hf_dataset: a `save_to_disk` directory;
-    video: a directory of .mp4 files with `<stem>.json` subtitle sidecars;
-    web: a directory of .jsonl documents (image paths relative to the file)."""
+    """webdataset: a directory of .tar shards; hf_dataset: a `save_to_disk` directory or a directory of
+    parquet files with an `Image()` column; video: a directory of videos (any container decord reads)
+    with `<stem>.srt`, `<stem>.vtt` or `<stem>.json` subtitles beside each; web: a directory of .jsonl
+    documents (image paths relative to the file); img2dataset: its output folder (`{shard}.tar` +
+    `{shard}.parquet`); llava: a JSON array file, a JSONL file or a directory of them; obelics: a
+    directory of parquet files (`texts`, `images` as URLs, `metadata`); mint1t and video2dataset: a
+    directory of webdataset .tar shards; video_csv: a CSV manifest (`path, caption[, start, end]`) or a
+    directory of them, video paths relative to the manifest."""
     caption_key: str = "txt"
     """webdataset: extension holding the caption (`txt`, or `json` with a `caption` field);
     hf_dataset: the caption column."""
     image_key: str = "jpg"
     """webdataset: image extension; hf_dataset: the image column."""
     id_key: str = ""
-    """hf_dataset: column with a stable row key (empty = row index)."""
+    """hf_dataset: column with a stable row key (empty = row index, or a content hash for parquet)."""
+    image_folder: str = ""
+    """llava: the folder its relative `image` paths are resolved under (paths that escape it are rejected)."""
+
+    def __post_init__(self):
+        _check(self.kind != "llava" or bool(self.image_folder), "image_folder",
+               f"set for llava source '{self.name}' (the folder its `image` paths are relative to)")
 
 
 @dataclass
@@ -199,6 +211,30 @@ class CurriculumConfig:
 
 
 @dataclass
+class DownloadConfig:
+    """The bounded, retrying, timed-out download of images referenced by URL (obelics documents)."""
+
+    timeout_s: float = 10.0
+    """Connect and read timeout of one request."""
+    retries: int = 2
+    """Retries after the first attempt on a timeout, a dropped connection, 429 or 5xx (never on 404)."""
+    backoff_s: float = 0.5
+    """Exponential backoff base between retries."""
+    max_concurrency: int = 8
+    """Parallel requests per normalisation task."""
+    max_bytes: int = 20_000_000
+    """Responses larger than this are refused (`download_failed`)."""
+    cache: str = "{root}/cache/downloads"
+    """Each URL's bytes (or its permanent failure: 404, not an image) are kept here, so a re-run or a
+    resumed run does not download again."""
+
+    def __post_init__(self):
+        _check(self.timeout_s > 0, "timeout_s", f"> 0, got {self.timeout_s}")
+        _check(0 <= self.retries <= 10, "retries", f"0..10, got {self.retries}")
+        _check(self.max_concurrency >= 1, "max_concurrency", f">= 1, got {self.max_concurrency}")
+
+
+@dataclass
 class PrepareConfig:
     output: str = "{root}/prepare"
     sources: list[SourceConfig] = field(default_factory=list)
@@ -207,6 +243,7 @@ class PrepareConfig:
     video: VideoConfig = field(default_factory=VideoConfig)
     text: TextFilterConfig = field(default_factory=TextFilterConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     dedup: bool = True
     """Drop exact duplicates by content hash; the copy with the smallest sample_id survives."""
     rows_per_shard: int = 256
@@ -606,8 +643,26 @@ class TrainConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """A held-out set in a published format (see `tessera.model.eval_sets`)."""
+
+    name: str
+    kind: Literal["pope", "vqa", "captions"]
+    uri: str
+    """The set's .jsonl (or JSON array) file."""
+    image_folder: str = ""
+    """Where its `image` paths are resolved; empty = the file's folder."""
+    limit: int = 0
+    """Rows scored (0 = all)."""
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, "name", f"a non-empty name without '/', got {self.name!r}")
+        _check(self.limit >= 0, "limit", f">= 0, got {self.limit}")
+
+
+@dataclass
 class EvalConfig:
-    """`tessera eval`: the held-out shapes-world suite."""
+    """`tessera eval`: the held-out shapes-world suite (when its held-out set exists) and every set of `sets`."""
 
     output: str = "{root}/eval"
     model: str = ""
@@ -624,8 +679,12 @@ class EvalConfig:
     temperature: float = 0.7
     top_k: int = 0
     seed: int = 0
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    """Held-out sets in published formats, each scored into report.json under `eval.sets.<name>`."""
 
     def __post_init__(self):
+        names = [s.name for s in self.sets]
+        _check(len(names) == len(set(names)), "sets", f"unique set names, got {names}")
         for key in ("num_captions", "num_questions", "num_generate"):
             _check(getattr(self, key) >= 0, key, f">= 0, got {getattr(self, key)}")
         _check(self.cfg_scale >= 1.0, "cfg_scale", f">= 1 (1 = no guidance), got {self.cfg_scale}")
@@ -716,13 +775,15 @@ class TesseraConfig:
 
 
 def default_sources(synth_output: str) -> list[SourceConfig]:
-    """The four source kinds of the shapes world, as written by `tessera synth`."""
+    """The shapes world's sources, as written by `tessera synth` in published layouts (img2dataset, a
+    saved HF dataset, videos with .srt/.vtt, OBELICS-style jsonl documents, LLaVA conversations)."""
     return [
-        SourceConfig(name="shapes_wds", kind="webdataset", uri=f"{synth_output}/wds", caption_key="txt", image_key="jpg"),
+        SourceConfig(name="shapes_wds", kind="img2dataset", uri=f"{synth_output}/wds", caption_key="txt", image_key="jpg"),
         SourceConfig(name="shapes_hf", kind="hf_dataset", uri=f"{synth_output}/hf", caption_key="caption", image_key="image", id_key="id"),
         SourceConfig(name="shapes_video", kind="video", uri=f"{synth_output}/video"),
         SourceConfig(name="shapes_web", kind="web", uri=f"{synth_output}/web"),
-        SourceConfig(name="shapes_instruct", kind="web", uri=f"{synth_output}/instruct"),
+        SourceConfig(name="shapes_instruct", kind="llava", uri=f"{synth_output}/instruct/llava_vqa.json",
+                     image_folder=f"{synth_output}/instruct"),
     ]
 
 

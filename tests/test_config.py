@@ -9,7 +9,7 @@ from tessera.config import ConfigError, config_from_dict, load_config
 def test_defaults_and_demo_config_load():
     cfg = load_config()
     assert cfg.run.root == "runs/demo"
-    assert [s.kind for s in cfg.prepare.sources] == ["webdataset", "hf_dataset", "video", "web", "web"]
+    assert [s.kind for s in cfg.prepare.sources] == ["img2dataset", "hf_dataset", "video", "web", "llava"]
     assert load_config(None, ["run.name=other"]).run.root == "runs/other"  # derived again, not copied from the default
     demo = load_config("configs/demo.yaml")
     assert demo.synth.num_image_text == 512

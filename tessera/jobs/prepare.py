@@ -21,7 +21,7 @@ from tessera.faults import fault_point, fault_when
 from tessera.jobs.common import JobState, fingerprint, logs_dir, parse_args, preflight, ray_session
 from tessera.manifest import write_manifest
 from tessera.pipelines import samples
-from tessera.pipelines.sources import check_sources
+from tessera.pipelines.sources import check_sources, resolved
 from tessera.schema import REJECT_SCHEMA, SAMPLE_SCHEMA, validated
 from tessera.timing import Timer
 
@@ -31,7 +31,7 @@ def _input_listing(cfg: TesseraConfig) -> list:
     listing = []
     for s in cfg.prepare.sources:
         uri = cfg.resolve(s.uri)
-        files = storage.list_files(uri, "", recursive=True)
+        files = storage.list_files(uri, "", recursive=True) or ([uri] if storage.exists(uri) else [])  # a directory, or one file
         listing.append([s.name, [(f.rsplit("/", 1)[-1], storage.file_size(f)) for f in files]])
     return listing
 
@@ -79,7 +79,9 @@ def _normalize(cfg: TesseraConfig, state: JobState, timer: Timer) -> str:
         target = state.step_dir("normalized", fresh=True)
         fault_when("prepare:during_normalize", lambda: bool(storage.list_files(target, ".parquet")))
         with timer("normalize"):
-            datasets = [read_source(s, cfg.resolve(s.uri), pc) for s in pc.sources]
+            # locations expanded ({root}) once, here: the batch functions see real paths
+            pcr = dataclasses.replace(pc, download=dataclasses.replace(pc.download, cache=cfg.resolve(pc.download.cache)))
+            datasets = [read_source(resolved(s, cfg.resolve), cfg.resolve(s.uri), pcr) for s in pc.sources]
             ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
             ds.write_parquet(target, min_rows_per_file=pc.rows_per_shard)
         state.mark_done("normalize", {"seconds": timer.seconds["normalize"]})

@@ -208,10 +208,14 @@ def _plan_statistics(index, plan: list, spec, first_groups: list) -> dict:
 
 
 def _probe_items(cfg: TesseraConfig, builder, assets) -> list[dict]:
-    """Held-out probe prompts (see `Evaluator.probe_items`), built once on the driver."""
+    """Held-out probe prompts (see `Evaluator.probe_items`), built once on the driver; none without the
+    shapes world's held-out set (a run on the user's own corpora)."""
+    from tessera import storage
     from tessera.model.evaluate import Evaluator, HeldOut
     from tessera.tokenize.tokenizer import load_tokenizer
 
+    if not storage.exists(storage.join(cfg.resolve(cfg.eval.heldout), "scenes.jsonl")):
+        return []
     tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(cfg.model.tokenizer), "cpu")
     held = HeldOut.load(cfg.resolve(cfg.eval.heldout), tcfg.image_size)
     return Evaluator(None, builder, assets.text_tokenizer, tokenizer, held).probe_items(cfg.train.probe_questions)

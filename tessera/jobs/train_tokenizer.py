@@ -103,7 +103,7 @@ def _plots(out: str, images, recs, ev: dict) -> dict:
 
     n = min(8, len(images))
     to_img = lambda t: ((t.permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)  # noqa: E731
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4))
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), squeeze=False)  # n may be 1: a small corpus
     for i in range(n):
         for row, src in enumerate((images, recs)):
             axes[row, i].imshow(to_img(src[i]))

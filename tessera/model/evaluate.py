@@ -80,11 +80,14 @@ def normalise(answer: str) -> str:
 
 
 class Evaluator:
-    def __init__(self, model: TesseraModel | None, builder: SequenceBuilder, text_tokenizer, tokenizer, heldout: HeldOut,
-                 device: torch.device | str = "cpu"):
-        """`model` None: only prompts are built (see `probe_items`)."""
+    def __init__(self, model: TesseraModel | None, builder: SequenceBuilder, text_tokenizer, tokenizer, heldout: HeldOut | None,
+                 device: torch.device | str = "cpu", image_size: int | None = None):
+        """`model` None: only prompts are built (see `probe_items`). `heldout` None: no shapes world;
+        only images given to `add_images` (uint8 (image_size, image_size, 3)) can be asked about."""
         self.model = model.eval() if model is not None else None
         self.builder, self.text, self.tokenizer, self.heldout = builder, text_tokenizer, tokenizer, heldout
+        self.images = dict(heldout.images) if heldout is not None else {}
+        self.image_size = image_size
         self.device = torch.device(device)
         self._rows = {}
 
@@ -93,7 +96,7 @@ class Evaluator:
     def image_row(self, image_path: str) -> dict:
         """A token row holding one held-out image, encoded by the visual tokenizer."""
         if image_path not in self._rows:
-            img = torch.from_numpy(np.array(self.heldout.images[image_path])).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
+            img = torch.from_numpy(np.array(self.images[image_path])).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
             codes = self.tokenizer.encode(img.to(tokenizer_device(self.tokenizer)))
             row = {"sample_id": image_path, "is_image": [True], "grid_shapes": [], "pixel_codes": [], "semantic_codes": []}
             for name in ("pixel", "semantic"):
@@ -103,6 +106,10 @@ class Evaluator:
                     row["grid_shapes"] = [list(grid.shape)]
             self._rows[image_path] = row
         return self._rows[image_path]
+
+    def add_images(self, images: dict) -> None:
+        """{key: uint8 (R, R, 3)} that `answer` may then be asked about (R = the tokenizer's image size)."""
+        self.images.update(images)
 
     def encode_text(self, text: str) -> list[int]:
         """The same canonical segment encoding as the token shards (`encode_segments`)."""

@@ -29,6 +29,18 @@ def document_key(line: str) -> str:
     return "line-" + hashlib.sha1(line.encode()).hexdigest()[:16]
 
 
+def check_aligned(texts, images) -> None:
+    """The OBELICS / MMC4 / MINT-1T convention: two lists of one length, and at each position exactly
+    one of a text and an image (null where the other is set). Raises Rejected."""
+    if not isinstance(texts, list) or not isinstance(images, list):
+        raise Rejected("malformed_document", "'texts' and 'images' must both be lists")
+    if len(texts) != len(images):
+        raise Rejected("malformed_document", f"'texts' ({len(texts)}) and 'images' ({len(images)}) differ in length")
+    for i, (t, im) in enumerate(zip(texts, images)):
+        if (t is None) == (im is None):
+            raise Rejected("malformed_document", f"position {i} must hold exactly one of a text or an image")
+
+
 def parse_document(line: str) -> dict:
     """JSON line -> validated dict with aligned `texts`/`images`. Raises Rejected."""
     try:
@@ -38,13 +50,8 @@ def parse_document(line: str) -> dict:
     if not isinstance(doc, dict):
         raise Rejected("malformed_document", f"expected a JSON object, got {type(doc).__name__}")
     texts, images = doc.get("texts"), doc.get("images")
-    if not isinstance(texts, list) or not isinstance(images, list):
-        raise Rejected("malformed_document", "'texts' and 'images' must both be lists")
-    if len(texts) != len(images):
-        raise Rejected("malformed_document", f"'texts' ({len(texts)}) and 'images' ({len(images)}) differ in length")
+    check_aligned(texts, images)
     for i, (t, im) in enumerate(zip(texts, images)):
-        if (t is None) == (im is None):
-            raise Rejected("malformed_document", f"position {i} must hold exactly one of a text or an image")
         if t is not None and not isinstance(t, str) or im is not None and not isinstance(im, str):
             raise Rejected("malformed_document", f"position {i}: texts and image references must be strings")
     if not any(im is not None for im in images):

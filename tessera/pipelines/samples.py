@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from tessera import storage
 from tessera.config import PrepareConfig, SourceConfig
-from tessera.pipelines import documents, images, video
+from tessera.pipelines import documents, images, subtitles, video
 from tessera.pipelines.images import Rejected
 from tessera.schema import SAMPLE_SCHEMA, sample_id
 
@@ -149,7 +149,7 @@ def webdataset_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) 
     # the configured key first, then the image extensions shards commonly hold (a .png among .jpg keys);
     # raw columns, so a member that is present but empty stays `empty_file`, not `missing_image`
     image_keys = [source.image_key, *[k for k in WDS_IMAGE_KEYS if k != source.image_key]]
-    present = {k: batch.column(k).to_pylist() for k in batch.column_names if not k.startswith("__")}
+    present = {k: _column(batch, k) for k in batch.column_names if not k.startswith("__")}
     imgs = [next((present[k][i] for k in image_keys if k in present and present[k][i] is not None), None)
             for i in range(batch.num_rows)]
     members = [sorted(k for k, values in present.items() if values[i] is not None) for i in range(batch.num_rows)]
@@ -200,8 +200,18 @@ def hf_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.Ta
         arr = images.decode_image(data, cfg.image)
         return build_sample(source.name, "image_text", key, [("image", arr), ("text", str(cap).strip())], meta, cfg)
 
-    return to_table(_guarded(source.name, "image_text", str(k), lambda k=k, i=i, c=c, s=s: one(str(k), i, c, s))
+    keys = [str(k) if k is not None else _row_key(i, c) for k, i, c in zip(keys, imgs, caps)]
+    return to_table(_guarded(source.name, "image_text", k, lambda k=k, i=i, c=c, s=s: one(k, i, c, s))
                     for k, i, c, s in zip(keys, imgs, caps, scenes))
+
+
+def _row_key(img, cap) -> str:
+    """The key of a parquet row without an id column: a hash of its image and caption."""
+    data = img.get("bytes") if isinstance(img, dict) else img
+    path = img.get("path") if isinstance(img, dict) else None
+    h = hashlib.sha1(data if isinstance(data, bytes) else str(path).encode())
+    h.update(str(cap).encode())
+    return "row-" + h.hexdigest()[:20]
 
 
 def video_key(path: str, root: str) -> str:
@@ -217,38 +227,44 @@ def video_key(path: str, root: str) -> str:
 
 def video_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.Table:
     """Rows of `ray.data.read_binary_files(include_paths=True)` over every file of the source but the
-    sidecars (`video.source_files`); subtitles come from the `<stem>.json` sidecar next to each video."""
+    sidecars (`video.source_files`); subtitles come from the `<stem>.srt`, `.vtt` or `.json` file next
+    to each video (`subtitles.parse`)."""
     datas = _column(batch, "bytes")
     paths = _column(batch, "path")
 
     def one(data, path, key):
         video.check_container(path)
-        sidecar_uri = storage.with_scheme(path.rsplit(".", 1)[0] + ".json", source.uri)
-        sidecar_name = sidecar_uri.rsplit("/", 1)[-1]
-        side: dict = {}
-        if storage.exists(sidecar_uri):
-            try:
-                side = json.loads(storage.read_bytes(sidecar_uri))
-            except json.JSONDecodeError as e:
-                raise Rejected("malformed_document", f"subtitle sidecar {sidecar_name} is not JSON: {e}") from e
-        subs = video.read_subtitles(side, sidecar_name)
+        sidecar_uri = video.subtitle_sidecar(storage.with_scheme(path, source.uri))
+        side, subs = {}, []
+        if sidecar_uri is not None:
+            raw = storage.read_bytes(sidecar_uri)
+            subs = subtitles.parse(raw, sidecar_uri.rsplit("/", 1)[-1])
+            if sidecar_uri.endswith(".json"):
+                side = json.loads(raw)
         if cfg.video.require_text and not any(str(s.get("text", "")).strip() for s in subs):
-            raise Rejected("missing_caption", f"no subtitles for {key} (expected {sidecar_name})")
+            stem = key.rsplit(".", 1)[0]
+            raise Rejected("missing_caption", f"no subtitles for {key} (expected {stem}.srt, .vtt or .json beside it)")
         frames, times = video.decode_clip(data, cfg.video)
-        order = video.interleave(times, subs)
-        positions, stamps = [], []
-        for what, t, value in order:
-            positions.append(("image", images.normalize_array(frames[value], cfg.image)) if what == "image" else ("text", value))
-            stamps.append(round(float(t), 6))
-        texts = [v for k, v in positions if k == "text"]
-        if texts:
-            check_texts(texts, cfg, "subtitles")
-        meta = {"key": key, "num_frames": int(len(frames)), "scene": side.get("scene"), "moves": side.get("moves")}
-        return build_sample(source.name, "video", key, positions, {k: v for k, v in meta.items() if v is not None},
-                            cfg, timestamps=stamps)
+        meta = {"key": key, "scene": side.get("scene"), "moves": side.get("moves")}
+        return clip_sample(source.name, key, frames, times, subs, meta, cfg)
 
     keys = [video_key(p, source.uri) for p in paths]
     return to_table(_guarded(source.name, "video", k, lambda d=d, p=p, k=k: one(d, p, k)) for d, p, k in zip(datas, paths, keys))
+
+
+def clip_sample(source: str, key: str, frames: np.ndarray, times: np.ndarray, subs: list[dict], meta: dict,
+                cfg: PrepareConfig) -> dict:
+    """A decoded clip (frames (N, H, W, 3), their times (N,) s) and its subtitles -> a video sample row,
+    subtitles placed before the first frame they overlap (`video.interleave`)."""
+    positions, stamps = [], []
+    for what, t, value in video.interleave(times, subs):
+        positions.append(("image", images.normalize_array(frames[value], cfg.image)) if what == "image" else ("text", value))
+        stamps.append(round(float(t), 6))
+    texts = [v for k, v in positions if k == "text"]
+    if texts:
+        check_texts(texts, cfg, "subtitles")
+    meta = {**meta, "num_frames": int(len(frames))}
+    return build_sample(source, "video", key, positions, {k: v for k, v in meta.items() if v is not None}, cfg, timestamps=stamps)
 
 
 def web_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa.Table:

@@ -2,13 +2,17 @@
 
 Layout under the output location:
 
-    wds/shard-00000.tar        webdataset: <key>.jpg, <key>.txt (caption), <key>.json (caption + scene)
+    wds/00000.tar              img2dataset output: <key>.jpg, <key>.txt (caption), <key>.json (img2dataset's
+    wds/00000.parquet          fields + the scene), the shard's parquet (every row with its `status`, the
+    wds/00000_stats.json       failed downloads only there) and its stats
     hf/                        a Hugging Face `datasets` dataset (save_to_disk): id, image, caption, scene
-    video/clip-0000.mp4        H.264 MP4 of moving shapes, + clip-0000.json (timed subtitles)
+    video/clip-0000.mp4        H.264 MP4 of moving shapes, + clip-0000.srt or .vtt (timed subtitles)
     web/docs-00000.jsonl       OBELICS-style documents: aligned `texts`/`images` lists; an image is a
     web/images/*.png           path relative to the .jsonl file or an embedded data: URI
-    instruct/vqa-00000.jsonl   question/answer conversations about training scenes (`roles`, `task`)
-    heldout/images/*.png       held-out scenes, + scenes.jsonl (truth) and questions.jsonl
+    instruct/llava_vqa.json    LLaVA-style question/answer conversations about training scenes (+ `task`,
+    instruct/images/*.png      `turns`), images relative to instruct/
+    heldout/images/*.png       held-out scenes, + scenes.jsonl (truth) and questions.jsonl, and the same
+    heldout/{pope,vqa,captions}.jsonl   questions in POPE's, VQA's and a caption set's published layout
     manifest.json              counts and the config fingerprint (written last: the completion mark)
 
 With `inject_faults`, bad inputs of every kind `prepare` must survive are added, plus
@@ -87,14 +91,23 @@ def awkward_images(rgb: np.ndarray) -> dict[str, bytes]:
 
 
 def write_webdataset(out: str, cfg, seed: int, indices: range, faults: bool) -> int:
+    """img2dataset's webdataset output: {shard}.tar (successful downloads only), {shard}.parquet
+    (every row with its `status`; with faults, failed downloads appear only here) and
+    {shard}_stats.json. Returns the rows written (tar samples + failed rows)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import webdataset as wds
 
     os.makedirs(out, exist_ok=True)
     rows = []
     for i in indices:
         arr, cap, scene = image_text_pair(seed, i, cfg.resolution, cfg.backgrounds)
-        rows.append({"__key__": f"img-{i:06d}", "jpg": encode_image(arr, "JPEG", quality=95), "txt": cap,
-                     "json": json.dumps({"caption": cap, "scene": scene}).encode()})
+        key = f"img-{i:06d}"
+        meta = {"url": f"https://shapes.example/img/{key}.jpg", "key": key, "status": "success", "error_message": None,
+                "width": cfg.resolution, "height": cfg.resolution, "original_width": cfg.resolution,
+                "original_height": cfg.resolution, "caption": cap, "scene": scene}
+        rows.append({"__key__": key, "jpg": encode_image(arr, "JPEG", quality=95), "txt": cap, "json": json.dumps(meta).encode()})
+    failed = []
     if faults and rows:
         base_rgb, base_cap, _ = image_text_pair(seed, indices[0], cfg.resolution, cfg.backgrounds)
         for name, data in awkward_images(base_rgb).items():
@@ -112,13 +125,23 @@ def write_webdataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
             # same image bytes and caption as the first sample under another key: an exact duplicate
             {"__key__": "zz-duplicate", "jpg": good, "txt": rows[0]["txt"], "json": rows[0]["json"]},
         ]
+        # img2dataset writes a failed download to the parquet only, never to the tar
+        failed = [{"key": "bad-download", "url": "https://shapes.example/img/gone.jpg", "caption": "a link that died",
+                   "status": "failed_to_download", "error_message": "HTTP Error 404: Not Found"}]
     n_shards = 0
     for start in range(0, len(rows), cfg.samples_per_shard):
-        with wds.TarWriter(os.path.join(out, f"shard-{n_shards:05d}.tar")) as sink:
-            for row in rows[start:start + cfg.samples_per_shard]:
+        shard = rows[start:start + cfg.samples_per_shard]
+        with wds.TarWriter(os.path.join(out, f"{n_shards:05d}.tar")) as sink:
+            for row in shard:
                 sink.write(row)
+        table = [{"key": r["__key__"], "url": f"https://shapes.example/img/{r['__key__']}.jpg", "caption": r.get("txt"),
+                  "status": "success", "error_message": None} for r in shard] + (failed if n_shards == 0 else [])
+        schema = pa.schema([(k, pa.string()) for k in ("key", "url", "caption", "status", "error_message")])
+        pq.write_table(pa.Table.from_pylist(table, schema=schema), os.path.join(out, f"{n_shards:05d}.parquet"))
+        storage.write_json(os.path.join(out, f"{n_shards:05d}_stats.json"),
+                           {"count": len(table), "successes": len(shard), "failed_to_download": len(table) - len(shard)})
         n_shards += 1
-    return len(rows)
+    return len(rows) + len(failed)
 
 
 def write_hf_dataset(out: str, cfg, seed: int, indices: range, faults: bool) -> int:
@@ -187,6 +210,16 @@ def write_mp4(path: str, frames: list[np.ndarray], fps: int) -> None:
             container.mux(packet)
 
 
+def write_subtitles(path: str, subs: list[dict]) -> None:
+    """SubRip or WebVTT (by the extension of `path`) through pysubs2: {start, end, text} in seconds."""
+    import pysubs2
+
+    events = pysubs2.SSAFile()
+    for sub in subs:
+        events.append(pysubs2.SSAEvent(start=int(round(sub["start"] * 1000)), end=int(round(sub["end"] * 1000)), text=sub["text"]))
+    events.save(path, format_=path.rsplit(".", 1)[-1])
+
+
 def write_videos(out: str, cfg, seed: int, faults: bool) -> int:
     os.makedirs(out, exist_ok=True)
     n_frames = max(2, int(round(cfg.video_seconds * cfg.video_fps)))
@@ -200,16 +233,14 @@ def write_videos(out: str, cfg, seed: int, faults: bool) -> int:
             frames.append(shapes.render_scene(scene, cfg.resolution, offsets=[(dx * t, dy * t) for dx, dy in moves]))
         stem = os.path.join(out, f"clip-{i:04d}")
         write_mp4(stem + ".mp4", frames, cfg.video_fps)
-        with open(stem + ".json", "w") as f:
-            json.dump({"subtitles": subs, "scene": scene.to_dict(), "moves": moves}, f)
+        write_subtitles(stem + (".srt" if i % 2 == 0 else ".vtt"), subs)  # both formats users have
         written += 1
     if faults and cfg.num_videos:
         first = os.path.join(out, "clip-0000.mp4")
         data = open(first, "rb").read()
         with open(os.path.join(out, "bad-truncated.mp4"), "wb") as f:
             f.write(data[: len(data) // 2])
-        with open(os.path.join(out, "bad-truncated.json"), "w") as f:
-            json.dump({"subtitles": [{"start": 0.0, "end": 1.0, "text": "a truncated video"}]}, f)
+        write_subtitles(os.path.join(out, "bad-truncated.srt"), [{"start": 0.0, "end": 1.0, "text": "a truncated video"}])
         with open(os.path.join(out, "bad-nosubs.mp4"), "wb") as f:
             f.write(data)  # a valid video with no subtitle sidecar
         written += 2
@@ -265,29 +296,29 @@ def _scene_png(img_dir: str, name: str, rng: np.random.Generator, resolution: in
 
 def write_instructions(out: str, cfg, seed: int) -> int:
     """Visual question answering conversations about training scenes (the instruction data of
-    Being-VL's later stages), as interleaved documents: the image, then question/answer turns.
-    `roles` marks each text as `user` or `assistant` so training can put the loss on answers only;
-    `turns: independent` says each question stands alone (as at evaluation), so training masks
-    every turn from the others and no answer can be copied from another question's answer."""
+    Being-VL's later stages) in LLaVA's layout: a JSON array of {"id", "image", "conversations":
+    [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}, ...]}, images relative to
+    `out`. Two fields LLaVA's loaders ignore ride along: `task` (curriculum mixtures pick `task=vqa`)
+    and `turns: independent`, which says each question stands alone (as at evaluation), so training
+    masks every turn from the others and no answer can be copied from another question's answer."""
     img_dir = os.path.join(out, "images")
     os.makedirs(img_dir, exist_ok=True)
-    lines = []
+    records = []
     for i in range(cfg.num_instruct):
         rng = _rng(seed, _STREAM_INSTRUCT, i)
         name = f"vqa-{i:05d}.png"
         scene = _scene_png(img_dir, name, rng, cfg.resolution, cfg.backgrounds)
-        texts, images, roles = [None], [f"images/{name}"], [None]
         qs = shapes.questions(scene, rng, every_object=True)  # independent turns: more answers per image token
+        conversations = []
         for k in rng.permutation(len(qs)):  # any question type may come first
             q = qs[int(k)]
-            texts += [q["question"], q["answer"]]
-            images += [None, None]
-            roles += ["user", "assistant"]
-        lines.append(json.dumps({"id": f"vqa-{i:05d}", "task": "vqa", "turns": "independent", "texts": texts, "images": images,
-                                 "roles": roles}))
-    with open(os.path.join(out, "vqa-00000.jsonl"), "w") as f:
-        f.write("\n".join(lines) + ("\n" if lines else ""))
-    return len(lines)
+            conversations += [{"from": "human", "value": ("<image>\n" if not conversations else "") + q["question"]},
+                              {"from": "gpt", "value": q["answer"]}]
+        records.append({"id": f"vqa-{i:05d}", "image": f"images/{name}", "conversations": conversations,
+                        "task": "vqa", "turns": "independent"})
+    with open(os.path.join(out, "llava_vqa.json"), "w") as f:
+        json.dump(records, f)
+    return len(records)
 
 
 def write_heldout(out: str, cfg, seed: int) -> int:
@@ -302,7 +333,28 @@ def write_heldout(out: str, cfg, seed: int) -> int:
                                  "scene": scene.to_dict()}) + "\n")
             for j, q in enumerate(shapes.questions(scene, rng)):
                 fq.write(json.dumps({"id": f"heldout-{i:04d}-q{j}", "image": f"images/{name}", **q}) + "\n")
+    write_published_heldout(out)
     return cfg.num_heldout
+
+
+def write_published_heldout(out: str) -> None:
+    """The held-out questions and captions again, as the field publishes such sets: POPE's jsonl
+    (`question_id`, `image`, `text`, `label`) for the yes/no existence questions, VQA-style jsonl
+    (`question_id`, `image`, `question`, `answers`) for the others, a caption set (`image`, `captions`);
+    images relative to `out`, so `eval.sets` scores them like any user's set."""
+    def read(name):
+        with open(os.path.join(out, name)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    scenes, questions = read("scenes.jsonl"), read("questions.jsonl")
+    pope = [{"question_id": i, "image": q["image"], "text": q["question"], "label": q["answer"]}
+            for i, q in enumerate(q for q in questions if q["type"] == "exists")]
+    vqa = [{"question_id": i, "image": q["image"], "question": q["question"], "answers": [q["answer"]],
+            "question_type": q["type"]} for i, q in enumerate(q for q in questions if q["type"] != "exists")]
+    caps = [{"image": s["image"], "captions": [s["caption"]]} for s in scenes]
+    for name, rows in (("pope.jsonl", pope), ("vqa.jsonl", vqa), ("captions.jsonl", caps)):
+        with open(os.path.join(out, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def write_world(output: str, cfg, seed: int, fingerprint: str) -> dict:

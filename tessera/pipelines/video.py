@@ -17,6 +17,7 @@ import numpy as np
 from tessera import storage
 from tessera.config import VideoConfig
 from tessera.console import redirected
+from tessera.pipelines import subtitles
 from tessera.pipelines.images import Rejected
 
 
@@ -31,14 +32,22 @@ def sample_indices(num_frames: int, fps: float, target_fps: float, max_frames: i
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
 """Containers a `video` source reads (decord decodes them all through FFmpeg)."""
-SIDECAR_EXTENSION = "json"
 
 
 def source_files(uri: str) -> list[str]:
-    """Every input file of a video source: all files under `uri` except the `<stem>.json` subtitle
-    sidecars, whatever their extension, so none disappears (a file that is not a readable video
-    becomes a reject, `unsupported_format`, instead of being skipped)."""
-    return [f for f in storage.list_files(uri, "", recursive=True) if not f.endswith("." + SIDECAR_EXTENSION)]
+    """Every input file of a video source: all files under `uri` except the subtitle sidecars
+    (`.srt`, `.vtt`, `.json`), whatever their extension, so none disappears (a file that is not a
+    readable video becomes a reject, `unsupported_format`, instead of being skipped)."""
+    return [f for f in storage.list_files(uri, "", recursive=True) if f.rsplit(".", 1)[-1].lower() not in subtitles.EXTENSIONS]
+
+
+def subtitle_sidecar(video_uri: str) -> str | None:
+    """The subtitle file beside a video (`<stem>.srt`, else `.vtt`, else `.json`), or None."""
+    stem = video_uri.rsplit(".", 1)[0]
+    for ext in subtitles.EXTENSIONS:
+        if storage.exists(f"{stem}.{ext}"):
+            return f"{stem}.{ext}"
+    return None
 
 
 def check_container(path: str) -> None:
@@ -47,22 +56,11 @@ def check_container(path: str) -> None:
         raise Rejected("unsupported_format", f"'.{ext}' is not a video container this source reads ({', '.join(VIDEO_EXTENSIONS)})")
 
 
-def read_subtitles(sidecar: dict, name: str) -> list[dict]:
-    """The `subtitles` list of a sidecar, or a reject that names the fields the file does have."""
-    if not isinstance(sidecar, dict) or ("subtitles" not in sidecar and sidecar):
-        found = sorted(sidecar) if isinstance(sidecar, dict) else type(sidecar).__name__
-        raise Rejected("malformed_document", f"subtitle sidecar {name} has fields {found}, expected 'subtitles' "
-                                             "(a list of {start, end, text})")
-    subs = sidecar.get("subtitles", [])
-    if not isinstance(subs, list) or any(not isinstance(s, dict) or "text" not in s or "start" not in s for s in subs):
-        raise Rejected("malformed_document", f"subtitle sidecar {name}: 'subtitles' must be a list of {{start, end, text}}")
-    return subs
-
-
-def decode_clip(data: bytes, cfg: VideoConfig) -> tuple[np.ndarray, np.ndarray]:
+def decode_clip(data: bytes, cfg: VideoConfig, start: float = 0.0, end: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Video bytes (any of VIDEO_EXTENSIONS) -> (frames uint8 (N, H, W, 3), timestamps float64 (N,)
-    seconds). Raises Rejected, whose detail is the only place a broken file is described: FFmpeg's own
-    messages ("this is not a video", one per file) are silenced."""
+    seconds from the start of the file), frames sampled in [start, end) (a CSV manifest's clip; None =
+    to the end). Raises Rejected, whose detail is the only place a broken file is described: FFmpeg's
+    own messages ("this is not a video", one per file) are silenced."""
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)
@@ -75,7 +73,11 @@ def decode_clip(data: bytes, cfg: VideoConfig) -> tuple[np.ndarray, np.ndarray]:
             reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
             n = len(reader)
             fps = float(reader.get_avg_fps())
-            idx = sample_indices(n, fps, cfg.target_fps, cfg.max_frames)
+            first = int(round(start * fps)) if fps > 0 else 0
+            last = min(n, int(round(end * fps))) if end is not None and fps > 0 else n
+            if first >= n or last <= first:
+                raise Rejected("video_undecodable", f"clip [{start}, {end}) s is outside the video ({n} frames at {fps:.2f} fps)")
+            idx = first + sample_indices(last - first, fps, cfg.target_fps, cfg.max_frames)
             if len(idx) == 0:
                 raise Rejected("video_undecodable", f"no frames (frames={n}, fps={fps})")
             frames = reader.get_batch(idx.tolist()).asnumpy()

@@ -85,6 +85,7 @@ def test_every_bad_input_lands_in_rejects_with_its_reason(prepared, world_root):
         ("shapes_wds", "bad-tiny"): "image_too_small",
         ("shapes_wds", "bad-aspect"): "bad_aspect_ratio",
         ("shapes_wds", "bad-shortcaption"): "text_too_short",
+        ("shapes_wds", "bad-download"): "download_failed",  # in img2dataset's parquet only, never in the tar
         ("shapes_hf", "bad-nocaption"): "missing_caption",
         ("shapes_hf", "bad-corrupt"): "corrupt_image",
         ("shapes_video", "bad-truncated.mp4"): "video_undecodable",

@@ -16,6 +16,8 @@ E2E_TRAIN = [
     " mixture: {weights: {kind=image_text: 1.0}}}, {name: all, steps: 300, trainable: all, lr: 0.01, warmup_steps: 10,"
     " batch_size: 8, seq_len: 256, loss_mask: answers, mixture: {weights: {kind=image_text: 0.3, task=vqa: 0.7}}}]",
     "eval.model={root}/train-e2e/model", "eval.output={root}/eval-e2e", "eval.num_generate=2", "eval.num_captions=4",
+    "eval.sets=[{name: pope, kind: pope, uri: '{root}/synth/heldout/pope.jsonl'}, {name: vqa, kind: vqa, uri: "
+    "'{root}/synth/heldout/vqa.jsonl'}, {name: captions, kind: captions, uri: '{root}/synth/heldout/captions.jsonl', limit: 4}]",
 ]
 KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eval.pope_f1", "eval.generation_accuracy",
         "eval.analyser_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
@@ -71,6 +73,19 @@ def test_report_has_the_documented_keys(run_report, world_root):
     assert "caption attribute accuracy" in md and "loss_curve" in md and "generated" in md
     assert run_report["stages"]["prepare"]["skipped"] and not run_report["stages"]["train"]["skipped"]
     assert 0.0 <= run_report["eval"]["pope_yes_ratio"] <= 1.0
+
+
+def test_published_sets_score_like_the_built_in_suite(run_report, world_root):
+    """The held-out questions again in POPE's and VQA's published layouts (`eval.sets`): same model,
+    greedy answers, so the same figures as the shapes world's own suite; the caption set gets CIDEr-D."""
+    e = run_report["eval"]
+    sets = e["sets"]
+    assert sets["pope"]["accuracy"] == pytest.approx(e["pope_accuracy"], abs=1e-4)
+    assert sets["pope"]["yes_ratio"] == pytest.approx(e["pope_yes_ratio"], abs=1e-4)
+    assert sets["vqa"]["accuracy"] == pytest.approx(e["vqa_accuracy"], abs=1e-4)
+    assert sets["captions"]["captions"] == 4 and sets["captions"]["cider"] >= 0.0
+    assert all(s["images_unreadable"] == 0 for s in sets.values())
+    assert "eval set `pope` (pope)" in (world_root / "report.md").read_text()
 
 
 def test_trained_model_answers_heldout_questions_in_the_task_vocabulary(run_report, world_root):

@@ -29,8 +29,12 @@ def test_world_is_written_in_real_formats(world_root):
 
     reader = decord.VideoReader(str(synth / "video" / "clip-0000.mp4"))
     assert len(reader) == 16 and reader[0].shape == (32, 32, 3)
-    subs = json.loads((synth / "video" / "clip-0000.json").read_text())["subtitles"]
-    assert [s["start"] for s in subs] == sorted(s["start"] for s in subs)
+    from tessera.pipelines import subtitles
+
+    for name in ("clip-0000.srt", "clip-0001.vtt"):
+        subs = subtitles.parse((synth / "video" / name).read_bytes(), name)
+        assert len(subs) == 3 and [s["start"] for s in subs] == sorted(s["start"] for s in subs)
+        assert shapes.parse_caption(subs[0]["text"]), "the first subtitle is a caption of the scene"
 
     docs = [json.loads(line) for line in (synth / "web" / "docs-00000.jsonl").read_text().splitlines() if line.startswith('{"id": "doc')]
     assert len(docs) == 5
@@ -43,6 +47,22 @@ def test_world_is_written_in_real_formats(world_root):
     qs = [json.loads(line) for line in (synth / "heldout" / "questions.jsonl").read_text().splitlines()]
     assert {q["type"] for q in qs} >= {"colour", "shape", "size", "count", "exists"}
     assert all((synth / "heldout" / q["image"]).exists() for q in qs)
+    # the same questions in the published layouts `eval.sets` reads
+    from tessera.model import eval_sets
+
+    pope = eval_sets.load_items("pope", str(synth / "heldout" / "pope.jsonl"))
+    vqa = eval_sets.load_items("vqa", str(synth / "heldout" / "vqa.jsonl"))
+    assert len(pope) == sum(q["type"] == "exists" for q in qs) and len(pope) + len(vqa) == len(qs)
+    assert {p["label"] for p in pope} <= {"yes", "no"} and set(pope[0]) == {"question_id", "image", "text", "label"}
+    assert len(eval_sets.load_items("captions", str(synth / "heldout" / "captions.jsonl"))) == 6
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(synth / "wds" / "00000.parquet").to_pylist()
+    assert {r["status"] for r in table} == {"success", "failed_to_download"}, "img2dataset's per-shard table"
+    assert (synth / "wds" / "00000_stats.json").exists()
+    llava = json.loads((synth / "instruct" / "llava_vqa.json").read_text())
+    assert llava[0]["conversations"][0]["value"].startswith("<image>\n") and llava[0]["conversations"][1]["from"] == "gpt"
 
 
 def test_world_is_deterministic_and_a_rerun_is_a_noop(tmp_path, world_root):
@@ -51,7 +71,8 @@ def test_world_is_deterministic_and_a_rerun_is_a_noop(tmp_path, world_root):
     again = run_synth(tiny_config(tmp_path))
     assert again["skipped"] is False
     a, b = world_root / "synth", tmp_path / "synth"
-    for rel in ["heldout/questions.jsonl", "heldout/scenes.jsonl", "video/clip-0001.json", "web/docs-00000.jsonl"]:
+    for rel in ["heldout/questions.jsonl", "heldout/scenes.jsonl", "video/clip-0001.vtt", "web/docs-00000.jsonl",
+                "heldout/pope.jsonl", "instruct/llava_vqa.json"]:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
     for name in os.listdir(a / "heldout" / "images"):
         from PIL import Image
