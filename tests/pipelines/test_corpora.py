@@ -221,6 +221,15 @@ def test_obelics_documents_download_their_images(corpora_run):
     by_layout = sorted(((fate or "", layout(v) if fate is None else []) for fate, v in got.values()))
     assert by_layout == sorted((r or "", o or []) for r, o in expected)
 
+def test_the_killed_prepare_resumed_to_every_item_exactly_once(corpora_run):
+    """The first `tessera prepare` died in the middle of normalising; after the run that resumed it,
+    no item is lost (every source's items are checked above) and none is written twice."""
+    _, report, _, (rows, rejects), _, _ = corpora_run
+    ids = [r["sample_id"] for r in rows] + [r["sample_id"] for r in rejects]
+    assert len(ids) == len(set(ids)), "an item written twice (or both a sample and a reject)"
+    assert report["rows_out"] == len(rows) and report["rejects"] == len(rejects)
+
+
 def test_a_killed_run_resumes_without_downloading_again(corpora_run):
     """Across the killed `prepare` and the run that resumed it, every URL that succeeded (and every
     permanent failure) was requested once: the resumed run read them from the cache. A timeout is

@@ -1,0 +1,64 @@
+"""`tessera ablate`: arms as runs under the ablation's output, killed halfway and continued with the
+finished arm-seeds kept, `--arms` choosing a subset, and the table with the seeds' spread."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tessera.config import ConfigError
+from tests.conftest import TINY, TINY_BPE, TINY_TOKENIZER, TINY_TRAIN, tiny_config
+
+STUDIES = ("ablate.studies=[{name: tokens, question: 'raw codes or BPE?', arms: [{name: raw, set: ['bpe.num_merges=0']},"
+           " {name: bpe, set: []}]}, {name: merges, arms: [{name: none, set: ['bpe.num_merges=0']}, {name: forty, set: []}]}]")
+# one short stage (one Ray Train run per arm-seed), halved by steps_scale
+ARM = [*TINY_TOKENIZER, *TINY_BPE, *TINY_TRAIN, "train.checkpoint_every=10", "eval.num_generate=0", "ablate.seeds=[0, 1]",
+       "train.stages=[{name: all, steps: 4, trainable: all, lr: 0.005, warmup_steps: 1, batch_size: 2, seq_len: 256,"
+       " loss_mask: answers, mixture: {weights: {kind=image_text: 0.5, task=vqa: 0.5}}}]", "ablate.steps_scale=0.5", STUDIES]
+
+
+def test_a_killed_ablation_keeps_its_finished_arms_and_arms_selects_a_subset(bpe_fitted, world_root, ray_cluster):
+    from tessera.jobs.ablate import ablate, select_arms
+
+    overrides = [f"run.root={world_root}", *TINY, "ablate.output={root}/ablations-test", *ARM]  # the shared world's config
+    cfg = tiny_config(world_root, *overrides[1 + len(TINY):])
+    out = cfg.resolve(cfg.ablate.output)
+    with pytest.raises(ConfigError, match="no arm named nope"):
+        select_arms(cfg, ["tokens/raw", "nope"])
+
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster, TESSERA_FAULT="ablate:after_arm")
+    killed = subprocess.run([sys.executable, "-m", "tessera.jobs.ablate", *[a for o in overrides for a in ("--set", o)],
+                             "--arms", "tokens/raw"], env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 86, killed.stdout[-3000:] + killed.stderr[-3000:]
+    seed0 = os.path.join(out, "tokens", "raw", "seed0", "result.json")
+    assert os.path.exists(seed0) and not os.path.exists(os.path.join(out, "tokens", "raw", "seed1"))
+    first = os.path.getmtime(seed0)
+    metrics0 = os.path.join(out, "tokens", "raw", "seed0", "train", "metrics.csv")
+    steps_before = open(metrics0).read()
+
+    log = open(os.path.join(world_root, "logs", "ablate.log")).read().rsplit("==== ablate ", 1)[-1]
+    for stage in ("synth", "prepare", "train-tokenizer", "tokenize", "fit-bpe"):  # the shared upstream: nothing rebuilt
+        assert f"[tessera] {stage}: complete, nothing to do" in log, (stage, log[-3000:])
+    said = []
+    report = ablate(cfg, None, overrides, ["raw", "merges/none"], say=said.append)
+    assert "[ablate] tokens / raw / seed 0: complete, kept" in said, said
+    assert os.path.getmtime(seed0) == first and open(metrics0).read() == steps_before, "the finished arm-seed is not trained again"
+    # `merges/none` has the same overrides as `tokens/raw`: one arm, trained once, in two studies' rows
+    assert [(r["study"], r["arm"], r["seeds"]) for r in report["rows"]] == [("tokens", "raw", [0, 1]), ("merges", "none", [0, 1])]
+    assert not os.path.exists(os.path.join(out, "base")) and not os.path.exists(os.path.join(out, "merges")), "only the chosen arms ran"
+    row = report["rows"][0]
+    assert row["per_seed"] == report["rows"][1]["per_seed"]
+    seeds = row["per_seed"]
+    for key in ("vqa_accuracy", "pope_accuracy", "vqa_colour", "train_tokens_per_s", "wall_time_s"):
+        vals = [s[key] for s in seeds]
+        assert row[key + "_min"] == min(vals) and row[key + "_max"] == max(vals) and row[key] == pytest.approx(sum(vals) / 2), key
+    assert seeds[0]["final_loss"] != seeds[1]["final_loss"], "the seeds trained different models"
+    assert len(open(metrics0).read().strip().splitlines()) == 1 + 2, "a header and steps_scale x 4 = 2 steps"
+    assert seeds[0]["tokens_per_image"] == bpe_fitted[1]["tokens_per_image_before"], "no merges: one token per code cell"
+    assert "--arms tokens/raw" in row["command"] and f"run.root={world_root}" in row["command"]
+    md = open(os.path.join(out, "report.md")).read()
+    assert "raw codes or BPE?" in md and "| tokens | raw | 0,1 |" in md and "ablations.png" in md
+    assert os.path.getsize(os.path.join(out, "ablations.png")) > 5000
+    # the BPE arm's own fit lives under it, with no merges: the base BPE is untouched
+    assert os.path.isdir(os.path.join(out, "tokens", "raw", "bpe"))
