@@ -104,7 +104,8 @@ def run_arm_seed(acfg: TesseraConfig) -> dict:
     result = {"tokens_per_image": upstream["fit-bpe"]["tokens_per_image_after"],
               "train_tokens_per_s": tr["mean_tokens_per_s"], "final_loss": tr["final_loss"],
               "train_wall_time_s": tr["wall_time_s"], "eval_wall_time_s": ev["wall_time_s"],
-              "wall_time_s": round(tr["wall_time_s"] + ev["wall_time_s"], 1), "seconds_here": round(time.perf_counter() - t0, 1)}
+              "wall_time_s": round(tr["wall_time_s"] + ev["wall_time_s"], 1), "seconds_here": round(time.perf_counter() - t0, 1),
+              "chance": ev.get("chance") or None}
     for key, _ in METRICS:
         kind, _, qtype = key.partition("_")
         result[key] = e.get("vqa_by_type", {}).get(qtype) if kind == "vqa" and qtype in VQA_TYPES else e.get(key)
@@ -129,6 +130,13 @@ def _cell(row: dict, key: str, digits: int = 2) -> str:
     lo, hi = row[key + "_min"], row[key + "_max"]
     spread = f" ({lo:.{digits}f}–{hi:.{digits}f})" if len(row["seeds"]) > 1 else ""
     return f"{row[key]:.{digits}f}{spread}"
+
+
+def chance_line(chance: dict | None) -> str:
+    if not chance:
+        return ""
+    types = ", ".join(f"{t} {chance['uniform_by_type'][t]:.2f}" for t in VQA_TYPES if t in chance.get("uniform_by_type", {}))
+    return f"Uniform chance: VQA {chance['vqa_uniform']:.2f} ({types}), POPE 0.50."
 
 
 def table(rows: list[dict]) -> str:
@@ -185,7 +193,7 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
         run_synth(cfg)
     for _, fn, _ in STAGES[:4]:  # prepare, train-tokenizer, tokenize, fit-bpe: shared by every arm
         fn(cfg)
-    rows, chance = [], None
+    rows = []
     for study, arm in selected:
         results = []
         for seed in cfg.ablate.seeds:
@@ -193,6 +201,9 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
             label = f"{study.name} / {arm.name} / seed {seed}"
             if storage.exists(done_uri):
                 result = storage.read_json(done_uri)
+                if "chance" not in result:  # kept by an older tessera: the arm's eval report has it
+                    ev_uri = storage.join(arm_dir(cfg, study, arm), f"seed{seed}", "eval", "report.json")
+                    result["chance"] = storage.read_json(ev_uri).get("chance") if storage.exists(ev_uri) else None
                 say(f"[ablate] {label}: complete, kept")
             else:
                 say(f"[ablate] {label}: {' '.join(arm.set) or '(the base config)'}")
@@ -204,9 +215,7 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
         rows.append(row)
         say(f"[ablate] {study.name} / {arm.name}: VQA {_cell(row, 'vqa_accuracy')}, POPE {_cell(row, 'pope_accuracy')}, "
             f"{_cell(row, 'tokens_per_image', 1)} tokens/image")
-    ev_report = storage.join(cfg.resolve(cfg.eval.output), "report.json")
-    if storage.exists(ev_report):
-        chance = storage.read_json(ev_report).get("chance")
+    chance = next((r["chance"] for row in rows for r in row["per_seed"] if r.get("chance")), None)  # one held-out set
     out = cfg.resolve(cfg.ablate.output)
     markdown = table(rows)
     png = storage.join(out, "ablations.png")
@@ -216,10 +225,12 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
               "steps_scale": cfg.ablate.steps_scale, "seeds": cfg.ablate.seeds, "arms": [f"{s.name}/{a.name}" for s, a in selected],
               "wall_time_s": round(time.perf_counter() - t0, 1)}
     storage.write_json(storage.join(out, "report.json"), report)
-    questions = "\n".join(f"- **{s.name}**: {s.question}" for s in cfg.ablate.studies if s.question)
+    chosen = {s.name for s, _ in selected}
+    questions = "\n".join(f"- **{s.name}**: {s.question}" for s in cfg.ablate.studies if s.question and s.name in chosen)
     storage.write_bytes(storage.join(out, "report.md"), (
         f"# Ablations\n\n{questions}\n\nHeld-out figures, mean (min–max) over seeds {cfg.ablate.seeds}; every arm "
-        f"trains the base stages × {cfg.ablate.steps_scale} steps.\n\n{markdown}\n\n![ablations](ablations.png)\n").encode())
+        f"trains the base stages × {cfg.ablate.steps_scale} steps. {chance_line(chance)}\n\n{markdown}\n\n"
+        "![ablations](ablations.png)\n").encode())
     return report
 
 
