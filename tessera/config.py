@@ -721,6 +721,11 @@ class AblateConfig:
         for i, st in enumerate(self.studies):
             names = [a.name for a in st.arms]
             _check(len(names) == len(set(names)) and names, f"studies[{i}].arms", f"unique, non-empty arm names, got {names}")
+            for j, arm in enumerate(st.arms):
+                # every arm reads the same samples: an arm may not move or rebuild the shared data
+                shared = [o for o in arm.set if o.split(".", 1)[0].split("=", 1)[0] in ("run", "synth", "prepare", "ablate")]
+                _check(not shared, f"studies[{i}].arms[{j}].set",
+                       f"run.*, synth.*, prepare.* and ablate.* are shared by every arm (same data), got {shared}")
 
 
 @dataclass

@@ -62,3 +62,22 @@ def test_a_killed_ablation_keeps_its_finished_arms_and_arms_selects_a_subset(bpe
     assert os.path.getsize(os.path.join(out, "ablations.png")) > 5000
     # the BPE arm's own fit lives under it, with no merges: the base BPE is untouched
     assert os.path.isdir(os.path.join(out, "tokens", "raw", "bpe"))
+
+
+def test_an_arm_gets_its_own_upstream_only_where_it_changes_the_tokens_and_never_moves_the_data(tmp_path):
+    from tessera.config import load_config
+    from tessera.jobs.ablate import arm_config
+
+    studies = ("ablate.studies=[{name: ceiling, arms: [{name: oracle, set: ['tokenizer.preset=oracle', 'bpe.num_merges=0']},"
+               " {name: mot, set: ['model.mot=true']}, {name: real, set: []}]}]")
+    cfg = load_config(None, [f"run.root={tmp_path}", studies, "ablate.steps_scale=0.5"])
+    (study,) = cfg.ablate.studies
+    oracle, mot, real = (arm_config(None, [f"run.root={tmp_path}", studies], cfg, study, arm, 1) for arm in study.arms)
+    home = f"{tmp_path}/ablations/ceiling/oracle"
+    assert (oracle.tokenizer.output, oracle.tokenize.output, oracle.bpe.output) == (f"{home}/tokenizer", f"{home}/tokenize", f"{home}/bpe")
+    assert oracle.prepare.output == cfg.prepare.output == mot.prepare.output, "the samples are shared"
+    assert (mot.tokenizer.output, mot.bpe.output) == (cfg.tokenizer.output, cfg.bpe.output) and mot.model.mot
+    assert real.train.output == f"{tmp_path}/ablations/base/seed1/train" and real.eval.model == f"{real.train.output}/model"
+    assert [s.steps for s in real.train.stages] == [max(1, round(s.steps * 0.5)) for s in cfg.train.stages]
+    with pytest.raises(ConfigError, match=r"studies\[0\].arms\[0\].set.*synth.backgrounds=plain"):
+        load_config(None, ["ablate.studies=[{name: world, arms: [{name: plain, set: ['synth.backgrounds=plain']}]}]"])
