@@ -415,6 +415,10 @@ class TokenizeConfig:
     """Images per forward pass; the last chunk is padded, so every image meets the same kernels
     whatever the pool size (tokens identical for 1 or N actors)."""
     rows_per_shard: int = 256
+    features: bool = False
+    """Also store each image's pre-quantisation encoder features (`pixel_features`, float32 h*w*dim per
+    image; vq preset): what the `continuous` model interface reads. Off by default: they are ~dim times
+    the size of the codes."""
 
     def __post_init__(self):
         _check(self.num_actors >= 1, "num_actors", f">= 1, got {self.num_actors}")
@@ -481,9 +485,12 @@ class ModelConfig:
     intermediate_size: int = 352
     max_position: int = 4096
     rope_theta: float = 10000.0
-    interface: Literal["bpe", "rvq"] = "bpe"
+    interface: Literal["bpe", "rvq", "continuous"] = "bpe"
     """`bpe`: one token per visual-BPE tile (Being-VL); `rvq`: one position per grid cell with
-    depth-transformer heads (DualToken / Kelix)."""
+    depth-transformer heads (DualToken / Kelix); `continuous`: one position per grid cell whose input
+    embedding is a projector over the tokenizer encoder's pre-quantisation feature (the continuous
+    baseline of Kelix's question; needs `tokenize.features: true`; understanding only: image positions
+    are never targets and it cannot generate images)."""
     codebooks: list[str] = field(default_factory=lambda: ["pixel"])
     """rvq interface: which of the tokenizer's codebooks a cell carries (`pixel`, `semantic`)."""
     depth_head: DepthHeadConfig = field(default_factory=DepthHeadConfig)
@@ -745,6 +752,14 @@ class TesseraConfig:
     def __post_init__(self):
         self.derive_inputs()
 
+    def check_sections_agree(self) -> None:
+        """Checks across sections, for a whole config a user wrote (a saved model's `model` section
+        alone is a valid config too, so these are not in `__post_init__`)."""
+        _check(not self.tokenize.features or self.tokenizer.preset == "vq", "tokenize.features",
+               f"pre-quantisation features come from the vq tokenizer, not tokenizer.preset {self.tokenizer.preset!r}")
+        _check(self.model.interface != "continuous" or self.tokenize.features, "model.interface",
+               "`continuous` reads the encoder's features: set tokenize.features: true")
+
     def derive_inputs(self) -> None:
         """Every job's input defaults to its producer's output, here and only here: change
         `tokenizer.output` and every consumer follows. A location set explicitly is kept."""
@@ -968,4 +983,6 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError("--config", f"file not found: {p}")
         data = _read_yaml(p, set())
     data = apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    cfg = config_from_dict(data)
+    cfg.check_sections_agree()
+    return cfg

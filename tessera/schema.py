@@ -48,6 +48,7 @@ REJECT_SCHEMA = pa.schema(
 # `text_ids` holds the text tokenizer's ids and the code lists are empty; at an image position
 # `pixel_codes` (and `semantic_codes` for the dual tokenizer) hold the flattened [H, W, D] grid
 # whose shape is `grid_shapes`. The tokenizer identities are repeated per row for self-description.
+# With `tokenize.features` the table also has `pixel_features` (see `token_schema`).
 TOKEN_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),
@@ -66,6 +67,15 @@ TOKEN_SCHEMA = pa.schema(
     ],
     metadata={"tessera.schema": "token", "tessera.schema_version": SCHEMA_VERSION},
 )
+
+FEATURES_FIELD = pa.field("pixel_features", pa.list_(pa.list_(pa.float32())), nullable=False)
+"""At an image position the tokenizer encoder's pre-quantisation features, flattened (h, w, dim)
+float32 (the `continuous` model interface reads them); empty at text positions."""
+
+
+def token_schema(features: bool = False) -> pa.Schema:
+    """TOKEN_SCHEMA, plus `pixel_features` when the tokenize job stores the continuous features."""
+    return TOKEN_SCHEMA.append(FEATURES_FIELD) if features else TOKEN_SCHEMA
 
 # Stable reject reasons. Reports count by these; tests assert them.
 REASONS = (

@@ -23,7 +23,8 @@ def heldout_rows(ev, held, limit: int = 48) -> list[dict]:
         rows.append({**img, "sample_id": s["id"], "kind": "image_text", "is_image": [True, False],
                      "text_ids": [[], ev.encode_text(s["caption"])], "pixel_codes": img["pixel_codes"] + [[]],
                      "semantic_codes": (img["semantic_codes"] + [[]]) if img["semantic_codes"] else [[], []],
-                     "grid_shapes": img["grid_shapes"] + [[]], "timestamps": None, "meta": "{}"})
+                     "grid_shapes": img["grid_shapes"] + [[]], "timestamps": None, "meta": "{}",
+                     **({"pixel_features": img["pixel_features"] + [[]]} if "pixel_features" in img else {})})
     return rows
 
 
@@ -139,7 +140,8 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
     questions = ev.questions(ec.num_questions or None)
     seconds["questions"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     analyser_accuracy = ev.analyser_accuracy()
-    gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed) if ec.num_generate else \
+    generates = ec.num_generate and ev.model.vocab.interface != "continuous"  # continuous inputs are never outputs
+    gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed) if generates else \
         {"generation_accuracy": None, "generated": 0, "samples": []}
     seconds["generation"] = round(time.perf_counter() - t, 2)
     png = plot_generations(gen.pop("samples"), os.path.join(out, "generated.png")) if gen["generated"] else None

@@ -23,7 +23,7 @@ from tessera.faults import actor_fault_marker, fault_point
 from tessera.jobs.common import JobState, fingerprint, logs_dir, parse_args, ray_session
 from tessera.timing import Timer
 from tessera.manifest import dataset_files, write_manifest
-from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, validated
+from tessera.schema import REJECT_SCHEMA, token_schema, validated
 
 
 def tokenize(cfg: TesseraConfig) -> dict:
@@ -108,6 +108,7 @@ def _encode(state: JobState, kc, files: list[str], tok_dir: str, image_size: int
         ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"tokenizer_dir": tok_dir, "image_size": image_size,
                                                                   "chunk": kc.encode_batch,
                                                                   "fault_marker": actor_fault_marker(state.output),
+                                                                  "features": kc.features,
                                                                   "whole_rows": text_kwargs if whole_rows else None},
                             compute=ray.data.ActorPoolStrategy(size=kc.num_actors, max_tasks_in_flight_per_actor=2),
                             batch_size=kc.batch_size, batch_format="pyarrow", num_cpus=kc.cpus_per_actor,
@@ -132,7 +133,7 @@ def _commit(encoded: str, out: str, kc, identities: dict, timer) -> tuple[dict, 
         storage.remove_tree(tokens_dir)
         storage.remove_tree(rejects_dir)
         src = ray.data.read_parquet(encoded)
-        src.map_batches(validated(tokens.split_tokens, TOKEN_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \
+        src.map_batches(validated(tokens.split_tokens, token_schema(kc.features)), batch_format="pyarrow", num_cpus=0.5) \
            .write_parquet(tokens_dir, min_rows_per_file=kc.rows_per_shard)
         fault_point("tokenize:after_tokens")
         src.map_batches(validated(tokens.split_rejects, REJECT_SCHEMA), batch_format="pyarrow", num_cpus=0.5) \

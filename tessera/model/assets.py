@@ -40,6 +40,8 @@ class ModelAssets:
     """codebook name -> RVQ depth."""
     bpe: object | None
     bpe_identity: dict | None
+    feature_dim: int = 0
+    """Width of the tokenizer's pre-quantisation features (0: none)."""
 
     def vocabulary(self, cfg: ModelConfig, text_size: int | None = None) -> Vocabulary:
         tok = self.text_tokenizer
@@ -49,6 +51,12 @@ class ModelAssets:
             max_grid=cfg.max_grid, time_tokens=cfg.time_tokens, time_step=cfg.time_step)
 
     def rvq_geometry(self, cfg: ModelConfig) -> tuple[list[int], int]:
+        """(codebook sizes, depth) of the rvq interface; ([], feature width) for the continuous one."""
+        if cfg.interface == "continuous":
+            if not self.feature_dim:
+                raise ValueError("model.interface continuous: the visual tokenizer has no pre-quantisation features "
+                                 "(only the vq preset)")
+            return [], self.feature_dim
         if cfg.interface != "rvq":
             return [], 1
         missing = [c for c in cfg.codebooks if c not in self.codebook_sizes]
@@ -61,10 +69,11 @@ class ModelAssets:
 def load_assets(cfg: ModelConfig, resolve=lambda s: s) -> ModelAssets:
     from tessera.bpe.model import VisualBPE
     from tessera.tokenize.text import load_text_tokenizer, text_tokenizer_identity
-    from tessera.tokenize.tokenizer import codebooks, read_config, tokenizer_identity
+    from tessera.tokenize.tokenizer import codebooks, feature_dim, read_config, tokenizer_identity
 
     tok_dir = resolve(cfg.tokenizer)
-    geometry = codebooks(read_config(tok_dir)[0])
+    tok_cfg = read_config(tok_dir)[0]
+    geometry = codebooks(tok_cfg)
     sizes, depths = {k: v[0] for k, v in geometry.items()}, {k: v[1] for k, v in geometry.items()}
     text_path = resolve(cfg.text_tokenizer)
     bpe, bpe_id = None, None
@@ -73,7 +82,7 @@ def load_assets(cfg: ModelConfig, resolve=lambda s: s) -> ModelAssets:
         bpe = VisualBPE.load(path)
         bpe_id = {"path": os.path.abspath(path), "hash": bpe.hash}
     return ModelAssets(load_text_tokenizer(text_path), text_tokenizer_identity(text_path), tokenizer_identity(tok_dir),
-                       sizes, depths, bpe, bpe_id)
+                       sizes, depths, bpe, bpe_id, feature_dim(tok_cfg))
 
 
 def save_model(model: TesseraModel, directory: str, identities: dict | None = None, extra: dict | None = None) -> str:

@@ -104,6 +104,9 @@ class Evaluator:
                     grid = codes[name][0].cpu().numpy()
                     row[f"{name}_codes"] = [grid.reshape(-1).tolist()]
                     row["grid_shapes"] = [list(grid.shape)]
+            if self.builder.vocab.interface == "continuous":
+                row["pixel_features"] = [self.tokenizer.encode_features(img.to(tokenizer_device(self.tokenizer)))[0]
+                                         .float().cpu().numpy().reshape(-1).tolist()]
             self._rows[image_path] = row
         return self._rows[image_path]
 
@@ -127,7 +130,8 @@ class Evaluator:
 
     def probe_items(self, per_type: int) -> list[dict]:
         """The first `per_type` held-out questions of each type as ready prompts (plain lists, so a
-        training worker needs neither tokenizer): type, ids, cells, codes (or None), answer ids."""
+        training worker needs neither tokenizer): type, ids, cells, codes (an int64 array, or None:
+        the continuous interface's run to a few million values, too many for Python ints), answer ids."""
         items, taken = [], {}
         for q in self.heldout.questions:
             if taken.get(q["type"], 0) >= per_type:
@@ -135,7 +139,7 @@ class Evaluator:
             taken[q["type"]] = taken.get(q["type"], 0) + 1
             p = self.prompt(q["image"], q["question"])
             items.append({"type": q["type"], "ids": p.ids.tolist(), "cells": p.cells.tolist(),
-                          "codes": None if p.codes is None else p.codes.tolist(), "answer": self.encode_text(q["answer"])})
+                          "codes": p.codes, "answer": self.encode_text(q["answer"])})
         return items
 
     # ------------------------------------------------------------------ suites

@@ -29,7 +29,7 @@ class Decoder:
         self.codes: list[np.ndarray] = []
         self.cells: list[np.ndarray] = []
         self.past = None
-        self.n_codebooks = len(model.codebook_sizes)
+        self.n_codebooks = model.code_slots
 
     def _codes_tensor(self, codes: list[np.ndarray]) -> torch.Tensor | None:
         if not self.n_codebooks:
@@ -45,7 +45,7 @@ class Decoder:
         if self.n_codebooks:
             if codes is None:
                 codes = np.zeros((len(ids), self.n_codebooks, self.model.depth), np.int64)
-            new_codes = [np.maximum(c, 0) for c in np.asarray(codes, np.int64)]
+            new_codes = [np.maximum(c, 0) for c in np.asarray(codes, np.int64)]  # -1 (none) -> 0 (continuous: +0.0)
         else:
             new_codes = [None] * len(ids)
         start = len(self.ids)

@@ -5,6 +5,7 @@ and an image position is
 
     bpe:  [<|frame|> <t=k>] <|image_start|> <h=H> <w=W> tile_1 ... tile_m <|image_end|>
     rvq:  [<|frame|> <t=k>] <|image_start|> <h=H> <w=W> <|cell|> x H*W <|image_end|>   (+ codes per cell)
+    continuous: as rvq, + the encoder's feature per cell (never a loss target)
 
 (the frame marker and time token only for video frames). Image-caption pairs are shown
 image-first (captioning) or, at rate `t2i_rate`, caption-first (generation); a caption-first
@@ -26,6 +27,11 @@ shared prefix (turn 0). With the per-turn mask of `tessera.model.unified.packed_
 turn attends only to the prefix and to itself, and its positions continue from the prefix as if
 it were the only question: training sees exactly what single-turn evaluation sees, and no
 answer can be copied from another turn, while one image still carries all its answers.
+
+The continuous interface carries each cell's float32 feature vector in `codes` as its bit
+pattern (uint32 in int64, so the int code path -- packing, KV-cache decoding, probe prompts --
+moves it losslessly and every "no code = -1 -> 0" becomes +0.0); `feature_bits` /
+`tessera.model.unified.features_from_bits` convert.
 
 Visual tokens carry their 2-D place: `cells[t]` is the (row, column) of the anchor cell of
 token t's tile (bpe) or of its cell (rvq), -1 for every other token.
@@ -54,7 +60,8 @@ class Sequence:
     loss: np.ndarray
     """(n,) bool: token i is a target."""
     codes: np.ndarray | None = None
-    """(n, C, D) int64 codes at <|cell|> positions (rvq interface), -1 elsewhere."""
+    """(n, C, D) int64 codes at <|cell|> positions (rvq interface; continuous: (n, 1, dim) feature
+    bits), -1 elsewhere."""
     positions: np.ndarray | None = None
     """(n,) int64 position ids; None = 0..n-1."""
     turns: np.ndarray | None = None
@@ -73,6 +80,11 @@ class Sequence:
         n = len(self.ids)
         return {"positions": lambda: np.arange(n, dtype=np.int64), "turns": lambda: np.zeros(n, np.int64),
                 "cells": lambda: np.full((n, 2), -1, np.int64)}[name]()
+
+
+def feature_bits(features: np.ndarray) -> np.ndarray:
+    """float32 features (..., dim) -> their bit patterns as non-negative int64 (see the module doc)."""
+    return np.ascontiguousarray(features, dtype=np.float32).view(np.uint32).astype(np.int64)
 
 
 def sample_rng(seed: int, sample_id: str, epoch: int) -> np.random.Generator:
@@ -121,6 +133,8 @@ class SequenceBuilder:
             ids = np.concatenate([self.image_header(H, W), tiles.astype(np.int64) + self.vocab.visual_base,
                                   [self.vocab.image_end]]).astype(np.int64)
             return ids, None, _with_markers(self.bpe.anchors(tiles, (H, W)))
+        if self.vocab.interface == "continuous":
+            return self.feature_span(row, position)
         grids = [self.grid(row, position, c) for c in self.codebooks]
         H, W, D = grids[0].shape
         if D < self.depth:
@@ -134,6 +148,22 @@ class SequenceBuilder:
         codes[3:3 + H * W] = cells
         rc = np.stack(np.divmod(np.arange(H * W, dtype=np.int64), W), axis=1)
         return ids, codes, _with_markers(rc)
+
+    def feature_span(self, row: dict, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Continuous interface: ids (m,), feature bits (m, 1, dim) and cells (m, 2) of one image."""
+        sid = row["sample_id"]
+        H, W = (int(s) for s in row["grid_shapes"][position][:2])
+        flat = np.asarray((row.get("pixel_features") or [[]] * (position + 1))[position], dtype=np.float32)
+        if flat.size == 0 or flat.size % (H * W):
+            raise BadSample(f"sample {sid}: image at position {position} has {flat.size} feature values for a {H}x{W} grid "
+                            "(the continuous interface needs token shards written with tokenize.features: true)")
+        if not np.isfinite(flat).all():
+            raise BadSample(f"sample {sid}: non-finite encoder feature at image position {position}")
+        ids = np.concatenate([self.image_header(H, W), np.full(H * W, self.vocab.cell), [self.vocab.image_end]]).astype(np.int64)
+        bits = np.full((len(ids), 1, flat.size // (H * W)), -1, dtype=np.int64)
+        bits[3:3 + H * W, 0] = feature_bits(flat.reshape(H * W, -1))
+        rc = np.stack(np.divmod(np.arange(H * W, dtype=np.int64), W), axis=1)
+        return ids, bits, _with_markers(rc)
 
     # ------------------------------------------------------------------ whole samples
 
@@ -159,7 +189,7 @@ class SequenceBuilder:
         kept = [p for p in order if p not in drop]
         answer_positions = ({p for p in kept if roles[p] == "assistant"} if roles else {kept[-1]})
 
-        n_codebooks = len(self.codebooks) if self.vocab.interface == "rvq" else 0
+        n_codebooks = {"rvq": len(self.codebooks), "continuous": 1}.get(self.vocab.interface, 0)
         parts: list[tuple[np.ndarray, bool, np.ndarray | None, np.ndarray | None, int]] = [
             (np.array([self.vocab.bos_id]), False, None, None, 0)]  # (ids, target, codes, cells, turn)
         turn = 0
@@ -175,8 +205,9 @@ class SequenceBuilder:
                 ids = np.concatenate([np.asarray(prefix, dtype=np.int64), ids])
                 cells = np.concatenate([np.full((len(prefix), 2), -1, np.int64), cells])
                 if codes is not None:
-                    codes = np.concatenate([np.full((len(prefix), n_codebooks, self.depth), -1, np.int64), codes])
+                    codes = np.concatenate([np.full((len(prefix),) + codes.shape[1:], -1, np.int64), codes])
                 target = loss_mask in ("all", "image") or (loss_mask == "answers" and p in answer_positions)
+                target = target and self.vocab.interface != "continuous"  # a feature is an input, never a target
             else:
                 ids = self.text_ids(row["text_ids"][p], sid)
                 target = loss_mask in ("all", "text") or (loss_mask == "answers" and p in answer_positions)
@@ -198,8 +229,9 @@ class SequenceBuilder:
         has_image = any(p[3] is not None for p in parts)
         cells = np.concatenate([p[3] if p[3] is not None else np.full((len(p[0]), 2), -1, np.int64) for p in parts]) if has_image else None
         codes = None
+        code_shape = next((p[2].shape[1:] for p in parts if p[2] is not None), (n_codebooks, self.depth))
         if n_codebooks:
-            codes = np.concatenate([p[2] if p[2] is not None else np.full((len(p[0]), n_codebooks, self.depth), -1, np.int64)
+            codes = np.concatenate([p[2] if p[2] is not None else np.full((len(p[0]),) + code_shape, -1, np.int64)
                                     for p in parts])
         positions = None
         if turns.any():

@@ -6,13 +6,15 @@
                   positions' mask goes to the layers as the `visual_mask` keyword
     code_embed    rvq interface: codes (N, C, D) -> input embedding (N, hidden)
     depth_heads   rvq interface: one DepthHead per codebook
+    feature_proj  continuous interface: LayerNorm -> Linear -> GELU -> Linear (LLaVA's projector),
+                  the encoder's feature (N, dim) -> input embedding (N, hidden)
 
     grid_rows,    visual_positions `2d`: learned embeddings of a visual token's anchor row and
     grid_cols     column, added to its input embedding
 
 Inputs are packed rows (see `tessera.model.packing`): `input_ids`, `position_ids`, `doc_ids`
 and `turn_ids` (B, L), `cells` (B, L, 2); `codes` (B, L, C, D) at `<|cell|>` positions for the
-rvq interface. A 4-D boolean mask built from `doc_ids` and `turn_ids` keeps attention inside each
+rvq interface, (B, L, 1, dim) feature bits for the continuous one (see `features_from_bits`). A 4-D boolean mask built from `doc_ids` and `turn_ids` keeps attention inside each
 document and each independent turn (plus its shared prefix).
 
 `forward(..., labels=None)` follows `transformers`' causal-LM contract: it returns a
@@ -106,6 +108,12 @@ def extend_vocabulary(lm, new_size: int, init: str, noise: float, seed: int = 0)
     return old
 
 
+def features_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., dim) int64 float32 bit patterns (`sequence.feature_bits`) -> (..., dim) float32."""
+    signed = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
+    return signed.view(torch.float32)
+
+
 def packed_attention_mask(doc_ids: torch.Tensor, turn_ids: torch.Tensor | None = None) -> torch.Tensor:
     """doc_ids, turn_ids (B, L) -> (B, 1, L, L) bool, True where query i may attend key j: same
     document, j <= i, and key j in the shared prefix (turn 0) or in i's own turn."""
@@ -119,10 +127,16 @@ def packed_attention_mask(doc_ids: torch.Tensor, turn_ids: torch.Tensor | None =
 
 class TesseraModel(nn.Module):
     def __init__(self, lm, vocab: Vocabulary, cfg: ModelConfig, codebook_sizes: list[int] | None = None, depth: int = 1):
+        """`depth`: the rvq interface's code depth D; the continuous interface's feature width."""
         super().__init__()
         self.lm, self.vocab, self.cfg = lm, vocab, cfg
         self.codebook_sizes = list(codebook_sizes or [])
         self.depth = depth
+        self.code_slots = {"rvq": len(self.codebook_sizes), "continuous": 1}.get(vocab.interface, 0)
+        """C of the (B, L, C, D) `codes` input (0: the interface takes none)."""
+        if vocab.interface == "continuous":
+            hidden = lm.config.hidden_size
+            self.feature_proj = nn.Sequential(nn.LayerNorm(depth), nn.Linear(depth, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         if vocab.interface == "rvq":
             if not self.codebook_sizes:
                 raise ValueError("the rvq interface needs the tokenizer's codebook sizes")
@@ -166,6 +180,10 @@ class TesseraModel(nn.Module):
             at_cell = (input_ids == self.vocab.cell).unsqueeze(-1)
             cell_embeds = self.code_embed(codes.clamp(min=0).flatten(0, 1)).view_as(embeds)  # every position: no indexing
             embeds = torch.where(at_cell, cell_embeds.to(embeds.dtype), embeds)
+        if self.vocab.interface == "continuous" and codes is not None:
+            at_cell = (input_ids == self.vocab.cell).unsqueeze(-1)
+            feats = torch.where(at_cell, features_from_bits(codes[..., 0, :]), 0.0)  # no NaN bits off the cells
+            embeds = torch.where(at_cell, self.feature_proj(feats).to(embeds.dtype), embeds)
         if cells is not None and hasattr(self, "grid_rows"):
             placed = (cells[..., 0] >= 0).unsqueeze(-1)
             rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)

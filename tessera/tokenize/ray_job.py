@@ -21,12 +21,12 @@ class TokenizeActor:
     (GPU actors) the actor only runs the model and the CPU stages run as tasks around it."""
 
     def __init__(self, tokenizer_dir: str, image_size: int, chunk: int, device: str = "auto", fault_marker: str = "",
-                 whole_rows: dict | None = None):
+                 whole_rows: dict | None = None, features: bool = False):
         import torch
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.encoder = ImageEncoder(tokenizer_dir, image_size, chunk, device)
+        self.encoder = ImageEncoder(tokenizer_dir, image_size, chunk, device, features)
         self.image_size, self.whole_rows = image_size, whole_rows
         self.fault_marker = fault_marker
         self.name = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -4,6 +4,7 @@
 API of a loaded tokenizer (`VQTokenizer` / `DualTokenizer`):
     encode(images (B, 3, H, W) in [-1, 1]) -> {"pixel": (B, h, w, D) int64[, "semantic": ...]}
     decode(pixel codes (B, h, w, D)) -> images (B, 3, H, W) in [-1, 1]
+    encode_features(images) -> (B, h, w, dim) float pre-quantisation features (`vq` preset only)
 Deterministic given the weights (eval mode: no EMA updates, no restarts).
 """
 
@@ -45,6 +46,11 @@ def codebooks(cfg: TokenizerConfig) -> dict[str, tuple[int, int]]:
         return {"pixel": (CODEBOOK_SIZE, 1)}
     return {"pixel": (cfg.dual.pixel_rvq.codebook_size, cfg.dual.pixel_rvq.depth),
             "semantic": (cfg.dual.semantic_rvq.codebook_size, cfg.dual.semantic_rvq.depth)}
+
+
+def feature_dim(cfg: TokenizerConfig) -> int:
+    """Width of `encode_features` (0: the preset has no continuous features to offer)."""
+    return cfg.vq.rvq.dim if cfg.preset == "vq" else 0
 
 
 def read_config(directory: str) -> tuple[TokenizerConfig, dict]:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA
+from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, token_schema
 from tessera.tokenize.images import decode_rgb
 
 DECODED_COLUMNS = ["sample_id", "source", "kind", "texts", "timestamps", "curriculum", "meta"]
@@ -36,17 +36,21 @@ def decode_stage(batch: pa.Table, image_size: int) -> pa.Table:
 class ImageEncoder:
     """Holds a loaded visual tokenizer; encodes uint8 images in fixed-size, padded chunks."""
 
-    def __init__(self, tokenizer_dir: str, image_size: int, chunk: int, device: str = "cpu"):
+    def __init__(self, tokenizer_dir: str, image_size: int, chunk: int, device: str = "cpu", features: bool = False):
         from tessera.tokenize.tokenizer import load_tokenizer
 
         self.model, self.cfg, _ = load_tokenizer(tokenizer_dir, device)
+        if features and not hasattr(self.model, "encode_features"):
+            raise ValueError(f"tokenize.features: the {self.cfg.preset} tokenizer has no pre-quantisation features "
+                             "(only the vq preset)")
         self.device = torch.device(device)
         self.size = image_size
         self.chunk = chunk
+        self.features = features
 
     @torch.no_grad()
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, S, S, 3) uint8 -> {"pixel": (N, h, w, D) int32[, "semantic": ...]}."""
+        """(N, S, S, 3) uint8 -> {"pixel": (N, h, w, D) int32[, "semantic": ...][, "features": (N, h, w, dim) float32]}."""
         out: dict[str, list] = {}
         for i in range(0, len(images), self.chunk):
             part = images[i:i + self.chunk]
@@ -58,6 +62,8 @@ class ImageEncoder:
                 codes = self.model.encode(x)
             for k, v in codes.items():
                 out.setdefault(k, []).append(v[:n].to(torch.int32).cpu().numpy())
+            if self.features:
+                out.setdefault("features", []).append(self.model.encode_features(x)[:n].float().cpu().numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
 
     def encode_batch(self, batch: pa.Table) -> pa.Table:
@@ -74,12 +80,16 @@ class ImageEncoder:
         for row in rows:
             n = len(row["arrays"])
             row["pixel_codes"], row["semantic_codes"], row["grid_shapes"] = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+            if self.features:
+                row["pixel_features"] = [[] for _ in range(n)]
         for i, (r, p) in enumerate(owners):
             grid = codes["pixel"][i]
             rows[r]["pixel_codes"][p] = grid.ravel().tolist()
             rows[r]["grid_shapes"][p] = list(grid.shape)
             if "semantic" in codes:
                 rows[r]["semantic_codes"][p] = codes["semantic"][i].ravel().tolist()
+            if self.features:
+                rows[r]["pixel_features"][p] = codes["features"][i].ravel().tolist()
         for row in rows:
             del row["arrays"]
         return pa.Table.from_pylist(rows)
@@ -95,6 +105,7 @@ def text_stage(batch: pa.Table, text_tokenizer: str, tokenizer_hash: str, text_t
     if text_tokenizer not in _TEXT_TOKENIZERS:  # once per worker process
         _TEXT_TOKENIZERS[text_tokenizer] = load_text_tokenizer(text_tokenizer)
     tok = _TEXT_TOKENIZERS[text_tokenizer]
+    features = "pixel_features" in batch.column_names
     out = []
     for row in batch.to_pylist():
         texts = row["texts"] if row["reject_reason"] is None else []
@@ -109,15 +120,18 @@ def text_stage(batch: pa.Table, text_tokenizer: str, tokenizer_hash: str, text_t
             "curriculum": row["curriculum"], "meta": row["meta"], "tokenizer_hash": tokenizer_hash,
             "text_tokenizer_hash": text_tokenizer_hash, "reject_reason": row["reject_reason"], "reject_detail": row["reject_detail"],
             "busy_s": row.get("busy_s", 0.0), "idle_s": row.get("idle_s", 0.0), "actor": row.get("actor", ""),
+            **({"pixel_features": row["pixel_features"] if texts else []} if features else {}),
         })
     extra = [pa.field("reject_reason", pa.string()), pa.field("reject_detail", pa.string()), pa.field("busy_s", pa.float64()),
              pa.field("idle_s", pa.float64()), pa.field("actor", pa.string())]
-    return pa.Table.from_pylist(out, schema=pa.schema(list(TOKEN_SCHEMA) + extra))
+    return pa.Table.from_pylist(out, schema=pa.schema(list(token_schema(features)) + extra))
 
 
 def split_tokens(batch: pa.Table) -> pa.Table:
+    """The good rows in the token schema (with `pixel_features` when the batch carries them)."""
+    schema = token_schema("pixel_features" in batch.column_names)
     ok = pa.array([r is None for r in batch.column("reject_reason").to_pylist()])
-    return batch.filter(ok).select(TOKEN_SCHEMA.names).cast(TOKEN_SCHEMA)
+    return batch.filter(ok).select(schema.names).cast(schema)
 
 
 def split_rejects(batch: pa.Table) -> pa.Table:

@@ -80,6 +80,12 @@ class VQTokenizer(nn.Module):
         return {"pixel": codes}
 
     @torch.no_grad()
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> the encoder's pre-quantisation features (B, h, w, dim): what the
+        codes quantise (the `continuous` model interface reads these instead of codes)."""
+        return self.encoder(images).permute(0, 2, 3, 1)
+
+    @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, h, w, D) -> images (B, 3, H, W) in [-1, 1]."""
         q = self.quantizer.lookup(codes).permute(0, 3, 1, 2)

@@ -1,6 +1,7 @@
 """`tessera ablate`: arms as runs under the ablation's output, killed halfway and continued with the
 finished arm-seeds kept, `--arms` choosing a subset, and the table with the seeds' spread."""
 
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,26 @@ def test_a_killed_ablation_keeps_its_finished_arms_and_arms_selects_a_subset(bpe
     assert os.path.getsize(os.path.join(out, "ablations.png")) > 5000
     # the BPE arm's own fit lives under it, with no merges: the base BPE is untouched
     assert os.path.isdir(os.path.join(out, "tokens", "raw", "bpe"))
+
+    # the continuous arm: its own tokens with the encoder's features, read through a projector; no text -> image
+    study = ("ablate.studies=[{name: inputs, arms: [{name: continuous, set: ['model.interface=continuous', "
+             "'tokenize.features=true', 'bpe.num_merges=0']}]}]")
+    cont = tiny_config(world_root, *overrides[1 + len(TINY):], "ablate.seeds=[0]", study)
+    (row,) = ablate(cont, None, overrides + ["ablate.seeds=[0]", study], [], say=said.append)["rows"]
+    (seed,) = row["per_seed"]
+    assert seed["vqa_accuracy"] is not None and seed["caption_accuracy"] is not None and seed["generation_accuracy"] is None
+    assert seed["tokens_per_image"] == bpe_fitted[1]["tokens_per_image_before"], "one position per code cell"
+    import pyarrow.parquet as pq
+
+    home = os.path.join(out, "inputs", "continuous")
+    shard = pq.read_table(next(os.path.join(r, f) for r, _, fs in os.walk(os.path.join(home, "tokenize", "tokens"))
+                               for f in fs if f.endswith(".parquet")))
+    first = next(r for r in shard.to_pylist() if any(r["is_image"]))
+    p = first["is_image"].index(True)
+    h, w, _ = first["grid_shapes"][p]
+    assert len(first["pixel_features"][p]) == h * w * cont.tokenizer.vq.rvq.dim
+    model_info = json.load(open(os.path.join(home, "seed0", "train", "model", "tessera.json")))
+    assert model_info["model"]["interface"] == "continuous" and model_info["depth"] == cont.tokenizer.vq.rvq.dim
 
 
 def test_an_arm_gets_its_own_upstream_only_where_it_changes_the_tokens_and_never_moves_the_data(tmp_path):
