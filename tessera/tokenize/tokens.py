@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tessera.schema import REJECT_SCHEMA, TOKEN_SCHEMA, token_schema
+from tessera.schema import REJECT_SCHEMA, token_schema
 from tessera.tokenize.images import decode_rgb
 
 DECODED_COLUMNS = ["sample_id", "source", "kind", "texts", "timestamps", "curriculum", "meta"]
