@@ -162,6 +162,12 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
     }, seconds
 
 
+def has_shapes_suite(e: dict) -> bool:
+    """Whether an eval report's figures include the shapes world's own suite (a run on the user's
+    own corpora has only its published sets)."""
+    return "caption_accuracy" in e
+
+
 def set_summary(s: dict) -> str:
     """One line of a published set's figures."""
     if s["kind"] == "pope":
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             report = evaluate_model(cfg)
             line.note = "complete, nothing to do" if report.get("skipped") else ""
         e = report["eval"]
-        if "caption_accuracy" in e:  # the shapes world's own suite
+        if has_shapes_suite(e):
             console.print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc "
                           f"{e['pope_accuracy']:.3f} F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation "
                           f"{e['generation_accuracy']}  (analyser {e['analyser_accuracy']:.3f})")

@@ -14,7 +14,7 @@ import time
 from tessera import storage
 from tessera.console import Console
 from tessera.jobs.common import logs_dir, parse_args, preflight, ray_session, resubmit_record
-from tessera.jobs.eval import evaluate_model, set_summary
+from tessera.jobs.eval import evaluate_model, has_shapes_suite, set_summary
 from tessera.jobs.fit_bpe import fit_bpe
 from tessera.jobs.prepare import prepare
 from tessera.jobs.synth import run_synth
@@ -68,7 +68,7 @@ def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str
     rel = {k: os.path.relpath(v, root) for k, v in report["pngs"].items() if v}
     e, t, b = report["eval"], report["tokenizer"], report["bpe"]
     lines = [f"# Tessera run `{report['run']}`", "", "| figure | value |", "|---|---|"]
-    if "caption_accuracy" in e:  # the shapes world's own suite
+    if has_shapes_suite(e):
         lines += [f"| caption attribute accuracy | {_fmt(e['caption_accuracy'])} |",
                   f"| VQA accuracy | {_fmt(e['vqa_accuracy'])} |",
                   f"| POPE accuracy / F1 / yes-ratio | {_fmt(e['pope_accuracy'])} / {_fmt(e['pope_f1'])} / {_fmt(e['pope_yes_ratio'])} |",
@@ -152,7 +152,7 @@ def summary_lines(report: dict, reports: dict, report_uri: str, md: str) -> list
               f"  tokens: {toks['rows_out']} rows, {toks['images']} images, {toks['text_tokens']} text tokens",
               f"  visual BPE: {bpe['merges_done']} merges, tokens per image {bpe['tokens_per_image_before']} -> {bpe['tokens_per_image_after']}",
               f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}"]
-    if "caption_accuracy" in e:
+    if has_shapes_suite(e):
         lines += [f"  eval: captions {e['caption_accuracy']:.3f}, VQA {e['vqa_accuracy']:.3f}, POPE acc {e['pope_accuracy']:.3f} "
                   f"F1 {e['pope_f1']:.3f}, generation {_fmt(e['generation_accuracy'])} (analyser {e['analyser_accuracy']:.3f})",
                   "  VQA by type: " + ", ".join(f"{t} {a:.2f} (chance {report['chance']['uniform_by_type'].get(t, 0):.2f})"

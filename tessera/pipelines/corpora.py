@@ -42,13 +42,7 @@ def _content_key(*parts) -> str:
 
 
 def _json_member(value, what: str) -> dict:
-    try:
-        doc = json.loads(_as_text(value))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise Rejected("malformed_document", f"{what} is not JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise Rejected("malformed_document", f"{what} is a JSON {type(doc).__name__}, expected an object")
-    return doc
+    return documents.json_object(_as_text(value), what)
 
 
 # ----------------------------------------------------------------------------- img2dataset

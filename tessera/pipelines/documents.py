@@ -41,14 +41,20 @@ def check_aligned(texts, images) -> None:
             raise Rejected("malformed_document", f"position {i} must hold exactly one of a text or an image")
 
 
+def json_object(text, what: str = "the document") -> dict:
+    """JSON text (str or bytes) -> the object it holds, or Rejected('malformed_document') saying why."""
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+        raise Rejected("malformed_document", f"{what} is not JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise Rejected("malformed_document", f"{what} is a JSON {type(doc).__name__}, expected an object")
+    return doc
+
+
 def parse_document(line: str) -> dict:
     """JSON line -> validated dict with aligned `texts`/`images`. Raises Rejected."""
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise Rejected("malformed_document", f"invalid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise Rejected("malformed_document", f"expected a JSON object, got {type(doc).__name__}")
+    doc = json_object(line)
     texts, images = doc.get("texts"), doc.get("images")
     check_aligned(texts, images)
     for i, (t, im) in enumerate(zip(texts, images)):

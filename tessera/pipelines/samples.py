@@ -237,10 +237,13 @@ def video_batch(batch: pa.Table, source: SourceConfig, cfg: PrepareConfig) -> pa
         sidecar_uri = video.subtitle_sidecar(storage.with_scheme(path, source.uri))
         side, subs = {}, []
         if sidecar_uri is not None:
+            name = sidecar_uri.rsplit("/", 1)[-1]
             raw = storage.read_bytes(sidecar_uri)
-            subs = subtitles.parse(raw, sidecar_uri.rsplit("/", 1)[-1])
-            if sidecar_uri.endswith(".json"):
-                side = json.loads(raw)
+            if name.endswith(".json"):  # parsed once: its subtitles, and the scene the shapes world records
+                side = documents.json_object(raw.decode("utf-8-sig", errors="replace"), f"subtitle sidecar {name}")
+                subs = subtitles.from_sidecar(side, name)
+            else:
+                subs = subtitles.parse(raw, name)
         if cfg.video.require_text and not any(str(s.get("text", "")).strip() for s in subs):
             stem = key.rsplit(".", 1)[0]
             raise Rejected("missing_caption", f"no subtitles for {key} (expected {stem}.srt, .vtt or .json beside it)")
