@@ -102,6 +102,8 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
     """Text prompt (<bos> + caption ids) -> codes of a full grid: (H, W) base codes for the bpe
     interface, (H, W, C, D) for rvq. `cfg_scale` 1 turns guidance off."""
     vocab = model.vocab
+    if vocab.interface == "continuous":
+        raise ValueError("the continuous interface reads image features and cannot generate images (no image targets)")
     H, W = grid
     header = [vocab.image_start, vocab.height_token(H), vocab.width_token(W)]
     cond = Decoder(model, use_cache)

@@ -9,7 +9,7 @@ import torch
 
 from tessera.config import ConfigError, load_config
 from tessera.model.assets import load_model, save_model
-from tessera.model.generate import generate_text
+from tessera.model.generate import generate_image, generate_text
 from tessera.model.packing import collate, pack, pad
 from tessera.model.sequence import BadSample, SequenceBuilder, feature_bits
 from tessera.model.unified import TesseraModel, features_from_bits
@@ -92,6 +92,8 @@ def test_packed_equals_unpacked_and_cache_equals_recompute():
     cached = generate_text(model, prompt.ids, prompt.codes, max_new_tokens=10, prompt_cells=prompt.cells)
     full = generate_text(model, prompt.ids, prompt.codes, max_new_tokens=10, use_cache=False, prompt_cells=prompt.cells)
     assert cached == full and len(cached) > 0
+    with pytest.raises(ValueError, match="cannot generate images"):
+        generate_image(model, [1, 10], (2, 2))
 
 
 def test_save_load_identical_logits(tmp_path):
