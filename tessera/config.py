@@ -710,6 +710,8 @@ class AblationStudy:
     name: str
     arms: list[AblationArm]
     question: str = ""
+    seeds: list[int] = field(default_factory=list)
+    """This study's seeds; empty = `ablate.seeds` (a third seed where two disagree on the direction)."""
 
 
 @dataclass

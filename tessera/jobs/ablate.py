@@ -196,7 +196,7 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
     rows = []
     for study, arm in selected:
         results = []
-        for seed in cfg.ablate.seeds:
+        for seed in study.seeds or cfg.ablate.seeds:
             done_uri = storage.join(arm_dir(cfg, study, arm), f"seed{seed}", "result.json")
             label = f"{study.name} / {arm.name} / seed {seed}"
             if storage.exists(done_uri):
@@ -228,7 +228,8 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
     chosen = {s.name for s, _ in selected}
     questions = "\n".join(f"- **{s.name}**: {s.question}" for s in cfg.ablate.studies if s.question and s.name in chosen)
     storage.write_bytes(storage.join(out, "report.md"), (
-        f"# Ablations\n\n{questions}\n\nHeld-out figures, mean (min–max) over seeds {cfg.ablate.seeds}; every arm "
+        f"# Ablations\n\n{questions}\n\nHeld-out figures, mean (min–max) over seeds {cfg.ablate.seeds} (a study's own "
+        f"`seeds` where it has them: the row's seeds column); every arm "
         f"trains the base stages × {cfg.ablate.steps_scale} steps. {chance_line(chance)}\n\n{markdown}\n\n"
         "![ablations](ablations.png)\n").encode())
     return report

@@ -64,11 +64,13 @@ def test_a_killed_ablation_keeps_its_finished_arms_and_arms_selects_a_subset(bpe
     # the BPE arm's own fit lives under it, with no merges: the base BPE is untouched
     assert os.path.isdir(os.path.join(out, "tokens", "raw", "bpe"))
 
-    # the continuous arm: its own tokens with the encoder's features, read through a projector; no text -> image
-    study = ("ablate.studies=[{name: inputs, arms: [{name: continuous, set: ['model.interface=continuous', "
+    # the continuous arm: its own tokens with the encoder's features, read through a projector; no text -> image.
+    # Its study has its own seeds (one), whatever ablate.seeds says (two)
+    study = ("ablate.studies=[{name: inputs, seeds: [0], arms: [{name: continuous, set: ['model.interface=continuous', "
              "'tokenize.features=true', 'bpe.num_merges=0']}]}]")
-    cont = tiny_config(world_root, *overrides[1 + len(TINY):], "ablate.seeds=[0]", study)
-    (row,) = ablate(cont, None, overrides + ["ablate.seeds=[0]", study], [], say=said.append)["rows"]
+    cont = tiny_config(world_root, *overrides[1 + len(TINY):], study)
+    (row,) = ablate(cont, None, overrides + [study], [], say=said.append)["rows"]
+    assert cont.ablate.seeds == [0, 1] and row["seeds"] == [0]
     (seed,) = row["per_seed"]
     assert seed["vqa_accuracy"] is not None and seed["caption_accuracy"] is not None and seed["generation_accuracy"] is None
     assert seed["tokens_per_image"] == bpe_fitted[1]["tokens_per_image_before"], "one position per code cell"
