@@ -97,16 +97,17 @@ class Evaluator:
         """A token row holding one held-out image, encoded by the visual tokenizer."""
         if image_path not in self._rows:
             img = torch.from_numpy(np.array(self.images[image_path])).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
-            codes = self.tokenizer.encode(img.to(tokenizer_device(self.tokenizer)))
+            continuous = self.builder.vocab.interface == "continuous"  # the encoder's features, not only its codes
+            img = img.to(tokenizer_device(self.tokenizer))
+            codes = self.tokenizer.encode(img, features=True) if continuous else self.tokenizer.encode(img)
             row = {"sample_id": image_path, "is_image": [True], "grid_shapes": [], "pixel_codes": [], "semantic_codes": []}
             for name in ("pixel", "semantic"):
                 if name in codes:
                     grid = codes[name][0].cpu().numpy()
                     row[f"{name}_codes"] = [grid.reshape(-1).tolist()]
                     row["grid_shapes"] = [list(grid.shape)]
-            if self.builder.vocab.interface == "continuous":
-                row["pixel_features"] = [self.tokenizer.encode_features(img.to(tokenizer_device(self.tokenizer)))[0]
-                                         .float().cpu().numpy().reshape(-1).tolist()]
+            if continuous:
+                row["pixel_features"] = [codes["features"][0].float().cpu().numpy().reshape(-1).tolist()]
             self._rows[image_path] = row
         return self._rows[image_path]
 

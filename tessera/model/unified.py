@@ -14,8 +14,9 @@
 
 Inputs are packed rows (see `tessera.model.packing`): `input_ids`, `position_ids`, `doc_ids`
 and `turn_ids` (B, L), `cells` (B, L, 2); `codes` (B, L, C, D) at `<|cell|>` positions for the
-rvq interface, (B, L, 1, dim) feature bits for the continuous one (see `features_from_bits`). A 4-D boolean mask built from `doc_ids` and `turn_ids` keeps attention inside each
-document and each independent turn (plus its shared prefix).
+rvq interface, (B, L, 1, dim) feature bits for the continuous one (see `features_from_bits`). A
+4-D boolean mask built from `doc_ids` and `turn_ids` keeps attention inside each document and
+each independent turn (plus its shared prefix).
 
 `forward(..., labels=None)` follows `transformers`' causal-LM contract: it returns a
 `CausalLMOutputWithPast` (here `TesseraOutput`, which adds the text / image split of the loss

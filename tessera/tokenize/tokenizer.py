@@ -4,7 +4,7 @@
 API of a loaded tokenizer (`VQTokenizer` / `DualTokenizer`):
     encode(images (B, 3, H, W) in [-1, 1]) -> {"pixel": (B, h, w, D) int64[, "semantic": ...]}
     decode(pixel codes (B, h, w, D)) -> images (B, 3, H, W) in [-1, 1]
-    encode_features(images) -> (B, h, w, dim) float pre-quantisation features (`vq` preset only)
+    encode(images, features=True) -> also {"features": (B, h, w, dim)} pre-quantisation (`vq` preset only)
 Deterministic given the weights (eval mode: no EMA updates, no restarts).
 """
 
@@ -49,7 +49,7 @@ def codebooks(cfg: TokenizerConfig) -> dict[str, tuple[int, int]]:
 
 
 def feature_dim(cfg: TokenizerConfig) -> int:
-    """Width of `encode_features` (0: the preset has no continuous features to offer)."""
+    """Width of the features `encode(images, features=True)` returns (0: the preset has none)."""
     return cfg.vq.rvq.dim if cfg.preset == "vq" else 0
 
 

@@ -40,7 +40,7 @@ class ImageEncoder:
         from tessera.tokenize.tokenizer import load_tokenizer
 
         self.model, self.cfg, _ = load_tokenizer(tokenizer_dir, device)
-        if features and not hasattr(self.model, "encode_features"):
+        if features and self.cfg.preset != "vq":
             raise ValueError(f"tokenize.features: the {self.cfg.preset} tokenizer has no pre-quantisation features "
                              "(only the vq preset)")
         self.device = torch.device(device)
@@ -59,11 +59,10 @@ class ImageEncoder:
                 part = np.concatenate([part, np.zeros((self.chunk - n, *part.shape[1:]), np.uint8)])
             x = torch.as_tensor(part, device=self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                codes = self.model.encode(x)
+                codes = self.model.encode(x, features=True) if self.features else self.model.encode(x)
             for k, v in codes.items():
-                out.setdefault(k, []).append(v[:n].to(torch.int32).cpu().numpy())
-            if self.features:
-                out.setdefault("features", []).append(self.model.encode_features(x)[:n].float().cpu().numpy())
+                dtype = torch.float32 if k == "features" else torch.int32
+                out.setdefault(k, []).append(v[:n].to(dtype).cpu().numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
 
     def encode_batch(self, batch: pa.Table) -> pa.Table:

@@ -74,16 +74,12 @@ class VQTokenizer(nn.Module):
                 "residual_norms": {"pixel": info["residual_norms"]}}
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, images: torch.Tensor, features: bool = False) -> dict[str, torch.Tensor]:
+        """images -> {"pixel": codes (B, h, w, D)}; with `features` also {"features": (B, h, w, dim)}, the
+        encoder's pre-quantisation output the codes quantise (what the `continuous` model interface reads)."""
         z = self.encoder(images).permute(0, 2, 3, 1)
         _, codes, _ = self.quantizer(z)
-        return {"pixel": codes}
-
-    @torch.no_grad()
-    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> the encoder's pre-quantisation features (B, h, w, dim): what the
-        codes quantise (the `continuous` model interface reads these instead of codes)."""
-        return self.encoder(images).permute(0, 2, 3, 1)
+        return {"pixel": codes, "features": z} if features else {"pixel": codes}
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
