@@ -77,6 +77,7 @@ def token_schema(features: bool = False) -> pa.Schema:
     """TOKEN_SCHEMA, plus `pixel_features` when the tokenize job stores the continuous features."""
     return TOKEN_SCHEMA.append(FEATURES_FIELD) if features else TOKEN_SCHEMA
 
+
 # Stable reject reasons. Reports count by these; tests assert them.
 REASONS = (
     "empty_file",
