@@ -12,6 +12,8 @@ placeholder `{root}` in any location expands to `run.root`.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import hashlib
 import json
@@ -976,14 +978,23 @@ def config_from_dict(data: dict) -> TesseraConfig:
     return _build(TesseraConfig, data, "")
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TesseraConfig:
-    """Read YAML (or defaults when `path` is None), apply overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError("--config", f"file not found: {p}")
-        data = _read_yaml(p, set())
+def read_config_file(path: Optional[str | Path]) -> dict:
+    """The YAML mapping of `path` with its `extends` chain merged ({} when `path` is None), not yet
+    validated: a snapshot that later edits of the file cannot change (an ablation builds every arm
+    from the one it read at its start)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError("--config", f"file not found: {p}")
+    return _read_yaml(p, set())
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None,
+                snapshot: Optional[dict] = None) -> TesseraConfig:
+    """Read YAML (or defaults when `path` is None), apply overrides, validate. `snapshot`: the mapping
+    `read_config_file(path)` returned earlier, used instead of reading the file again."""
+    data = copy.deepcopy(snapshot) if snapshot is not None else read_config_file(path)
     data = apply_overrides(data, overrides or [])
     cfg = config_from_dict(data)
     cfg.check_sections_agree()

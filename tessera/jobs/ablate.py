@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from tessera import storage
-from tessera.config import ConfigError, TesseraConfig, load_config
+from tessera.config import ConfigError, TesseraConfig, load_config, read_config_file
 from tessera.console import Console
 from tessera.faults import fault_point
 from tessera.jobs.common import logs_dir, parse_args, ray_session
@@ -66,8 +66,11 @@ def arm_dir(cfg: TesseraConfig, study, arm) -> str:
     return f"{root}/{first_study.name}/{first_arm.name}"
 
 
-def arm_config(config_path: str | None, base_overrides: list[str], cfg: TesseraConfig, study, arm, seed: int) -> TesseraConfig:
-    """The base config plus the arm's overrides, its seed and its own output locations."""
+def arm_config(config_path: str | None, base_overrides: list[str], cfg: TesseraConfig, study, arm, seed: int,
+               snapshot: dict | None = None) -> TesseraConfig:
+    """The base config plus the arm's overrides, its seed and its own output locations. `snapshot`:
+    the config file as the ablation read it at its start (so editing the file mid-ablation changes
+    no arm it has yet to run); None reads `config_path` now."""
     home = arm_dir(cfg, study, arm)
     out = f"{home}/seed{seed}"
     overrides = [*base_overrides, *arm.set, f"train.seed={seed}", f"train.output={out}/train",
@@ -75,7 +78,7 @@ def arm_config(config_path: str | None, base_overrides: list[str], cfg: TesseraC
     sections = {o.split(".", 1)[0] for o in arm.set}
     own = sorted({s for section in sections for s in UPSTREAM.get(section, ())})
     overrides += [f"{s}.output={home}/{s}" for s in own]  # shared by the arm's seeds: only train.seed differs
-    arm_cfg = load_config(config_path, overrides)
+    arm_cfg = load_config(config_path, overrides, snapshot=snapshot)
     for stage in arm_cfg.train.stages:
         stage.steps = max(1, int(round(stage.steps * cfg.ablate.steps_scale)))
         stage.warmup_steps = min(stage.warmup_steps, stage.steps)
@@ -188,6 +191,7 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
     from tessera.jobs.synth import run_synth
 
     selected = select_arms(cfg, wanted)
+    snapshot = read_config_file(config_path)  # every arm-seed is built from the file as it is now
     t0 = time.perf_counter()
     if uses_shapes_world(cfg):
         run_synth(cfg)
@@ -207,7 +211,7 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
                 say(f"[ablate] {label}: complete, kept")
             else:
                 say(f"[ablate] {label}: {' '.join(arm.set) or '(the base config)'}")
-                result = {"seed": seed, **run_arm_seed(arm_config(config_path, base_overrides, cfg, study, arm, seed))}
+                result = {"seed": seed, **run_arm_seed(arm_config(config_path, base_overrides, cfg, study, arm, seed, snapshot))}
                 storage.write_json(done_uri, result)
                 fault_point("ablate:after_arm")
             results.append(result)

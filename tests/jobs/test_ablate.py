@@ -104,3 +104,22 @@ def test_an_arm_gets_its_own_upstream_only_where_it_changes_the_tokens_and_never
     assert [s.steps for s in real.train.stages] == [max(1, round(s.steps * 0.5)) for s in cfg.train.stages]
     with pytest.raises(ConfigError, match=r"studies\[0\].arms\[0\].set.*synth.backgrounds=plain"):
         load_config(None, ["ablate.studies=[{name: world, arms: [{name: plain, set: ['synth.backgrounds=plain']}]}]"])
+
+
+def test_arms_are_built_from_the_config_file_as_the_ablation_read_it_at_its_start(tmp_path):
+    """Editing the config mid-ablation (say, adding a study for the next run) changes no arm-seed
+    the running ablation has yet to train."""
+    from tessera.config import load_config, read_config_file
+    from tessera.jobs.ablate import arm_config
+
+    path = tmp_path / "ablations.yaml"
+    path.write_text(f"run: {{root: {tmp_path}}}\nablate:\n  studies:\n    - name: mot\n      arms:\n"
+                    "        - {name: mot, set: ['model.mot=true']}\nmodel: {hidden_size: 96}\n")
+    snapshot = read_config_file(path)
+    cfg = load_config(path)
+    (study,) = cfg.ablate.studies
+    path.write_text("model: {hidden_size: [not a number\n")  # mid-edit: not even YAML
+    acfg = arm_config(str(path), [], cfg, study, study.arms[0], 2, snapshot)
+    assert acfg.model.mot and acfg.model.hidden_size == 96 and acfg.train.seed == 2
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        arm_config(str(path), [], cfg, study, study.arms[0], 2)  # re-reading the file would have failed
