@@ -6,8 +6,9 @@
                   positions' mask goes to the layers as the `visual_mask` keyword
     code_embed    rvq interface: codes (N, C, D) -> input embedding (N, hidden)
     depth_heads   rvq interface: one DepthHead per codebook
-    feature_proj  continuous interface: LayerNorm -> Linear -> GELU -> Linear (LLaVA's projector),
-                  the encoder's feature (N, dim) -> input embedding (N, hidden)
+    feature_proj  continuous interface: `FeatureProjector`, Linear -> GELU -> Linear (LLaVA's
+                  projector) -> RMS-normalised to the text embeddings' scale, the encoder's
+                  feature (N, dim) -> input embedding (N, hidden)
 
     grid_rows,    visual_positions `2d`: learned embeddings of a visual token's anchor row and
     grid_cols     column, added to its input embedding
@@ -126,6 +127,32 @@ def packed_attention_mask(doc_ids: torch.Tensor, turn_ids: torch.Tensor | None =
     return allowed.unsqueeze(1)
 
 
+class FeatureProjector(nn.Module):
+    """The continuous interface's cell embedding: an encoder feature (N, dim) -> (N, hidden).
+
+    LLaVA's two-layer MLP (no input normalisation: the VQ's nearest-code search reads the feature's
+    norm too), its output RMS-normalised and scaled to `rms`, the text embeddings' RMS: a cell has a
+    token's scale whatever the weights learn. Unbounded (LayerNorm -> MLP, measured), the projector
+    grew its output to 160x the embeddings' scale during the embeddings-only stage, where a frozen LM
+    rewards a large shared prompt vector over per-image detail; the row/column embeddings added to
+    a cell drowned, and the trained model's answers did not depend on the image at all (held-out
+    VQA at chance, answer log-probability equal with another image's features)."""
+
+    def __init__(self, dim: int, hidden: int, rms: float, std: float = 0.02):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        self.register_buffer("rms", torch.tensor(float(rms)))  # saved with the weights: the model loads as trained
+        for layer in (self.fc1, self.fc2):  # as transformers initialises the LM's own Linear layers
+            nn.init.normal_(layer.weight, std=std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.fc2(self.act(self.fc1(features)))
+        # eps far below the MLP's output at init (~1e-5 mean square with std-0.02 weights): a larger
+        # one would shrink the cells instead of normalising them
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-12).to(x.dtype) * self.rms.to(x.dtype)
+
+
 class TesseraModel(nn.Module):
     def __init__(self, lm, vocab: Vocabulary, cfg: ModelConfig, codebook_sizes: list[int] | None = None, depth: int = 1):
         """`depth`: the rvq interface's code depth D; the continuous interface's feature width."""
@@ -136,17 +163,9 @@ class TesseraModel(nn.Module):
         self.code_slots = {"rvq": len(self.codebook_sizes), "continuous": 1}.get(vocab.interface, 0)
         """C of the (B, L, C, D) `codes` input (0: the interface takes none)."""
         if vocab.interface == "continuous":
-            hidden = lm.config.hidden_size
-            self.feature_proj = nn.Sequential(nn.LayerNorm(depth), nn.Linear(depth, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-            # initialised as transformers initialises the LM's own Linear layers (N(0, initializer_range), zero bias), so a
-            # cell starts at the scale of the token embeddings and of the row/column embeddings added to it: with
-            # PyTorch's default init its output was 5x the embeddings' scale at the start and 40x after training,
-            # and the added 2-D positions drowned (measured: held-out VQA at chance, position 0.10)
-            std = getattr(lm.config, "initializer_range", 0.02)
-            for layer in self.feature_proj:
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=std)
-                    nn.init.zeros_(layer.bias)
+            text_rows = lm.get_input_embeddings().weight[:vocab.text_size]
+            self.feature_proj = FeatureProjector(depth, lm.config.hidden_size, float(text_rows.detach().float().pow(2).mean().sqrt()),
+                                                 getattr(lm.config, "initializer_range", 0.02))
         if vocab.interface == "rvq":
             if not self.codebook_sizes:
                 raise ValueError("the rvq interface needs the tokenizer's codebook sizes")
