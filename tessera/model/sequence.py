@@ -189,7 +189,7 @@ class SequenceBuilder:
         kept = [p for p in order if p not in drop]
         answer_positions = ({p for p in kept if roles[p] == "assistant"} if roles else {kept[-1]})
 
-        n_codebooks = {"rvq": len(self.codebooks), "continuous": 1}.get(self.vocab.interface, 0)
+        n_codebooks = self.vocab.code_slots(len(self.codebooks))
         parts: list[tuple[np.ndarray, bool, np.ndarray | None, np.ndarray | None, int]] = [
             (np.array([self.vocab.bos_id]), False, None, None, 0)]  # (ids, target, codes, cells, turn)
         turn = 0

@@ -160,7 +160,7 @@ class TesseraModel(nn.Module):
         self.lm, self.vocab, self.cfg = lm, vocab, cfg
         self.codebook_sizes = list(codebook_sizes or [])
         self.depth = depth
-        self.code_slots = {"rvq": len(self.codebook_sizes), "continuous": 1}.get(vocab.interface, 0)
+        self.code_slots = vocab.code_slots(len(self.codebook_sizes))
         """C of the (B, L, C, D) `codes` input (0: the interface takes none)."""
         if vocab.interface == "continuous":
             text_rows = lm.get_input_embeddings().weight[:vocab.text_size]

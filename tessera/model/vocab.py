@@ -33,6 +33,11 @@ class Vocabulary:
     time_tokens: int = 64
     time_step: float = 0.5
 
+    def code_slots(self, n_codebooks: int) -> int:
+        """C of the (n, C, D) `codes` riding `<|cell|>` positions: one per codebook for the rvq
+        interface, one feature (as bits) for the continuous one, none for bpe."""
+        return {"rvq": n_codebooks, "continuous": 1}.get(self.interface, 0)
+
     @property
     def image_start(self) -> int:
         return self.text_size
