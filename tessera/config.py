@@ -489,10 +489,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     interface: Literal["bpe", "rvq", "continuous"] = "bpe"
     """`bpe`: one token per visual-BPE tile (Being-VL); `rvq`: one position per grid cell with
-    depth-transformer heads (DualToken / Kelix); `continuous`: one position per grid cell whose input
-    embedding is a projector over the tokenizer encoder's pre-quantisation feature (the continuous
-    baseline of Kelix's question; needs `tokenize.features: true`; understanding only: image positions
-    are never targets and it cannot generate images)."""
+    depth-transformer heads (DualToken / Kelix); `continuous`: the raw code tokens (one per grid cell,
+    the targets), each one's input embedding a projector over the tokenizer encoder's
+    pre-quantisation feature of its cell instead of the code's row (the continuous baseline of
+    Kelix's question; needs `tokenize.features: true`; it cannot generate images: a generated code
+    has no feature)."""
     codebooks: list[str] = field(default_factory=lambda: ["pixel"])
     """rvq interface: which of the tokenizer's codebooks a cell carries (`pixel`, `semantic`)."""
     depth_head: DepthHeadConfig = field(default_factory=DepthHeadConfig)

@@ -140,7 +140,7 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
     questions = ev.questions(ec.num_questions or None)
     seconds["questions"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     analyser_accuracy = ev.analyser_accuracy()
-    generates = ec.num_generate and ev.model.vocab.interface != "continuous"  # continuous inputs are never outputs
+    generates = ec.num_generate and ev.model.vocab.interface != "continuous"  # a generated code has no encoder feature to read
     gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed) if generates else \
         {"generation_accuracy": None, "generated": 0, "samples": []}
     seconds["generation"] = round(time.perf_counter() - t, 2)

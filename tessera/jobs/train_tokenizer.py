@@ -67,6 +67,10 @@ def _image_dataset(files: list[str], image_size: int, split: str):
                                                     batch_format="pyarrow", num_cpus=0.5)
 
 
+ALIGN_BATCH = 32
+"""Image-text pairs per SigLIP alignment step (fewer when the corpus has fewer)."""
+
+
 def _align(cfg: TesseraConfig, files: list[str], out: str) -> str:
     """SigLIP sigmoid-loss alignment of the dual ViT on image-text pairs; returns the vision weights dir."""
     import torch
@@ -79,11 +83,16 @@ def _align(cfg: TesseraConfig, files: list[str], out: str) -> str:
     if os.path.exists(os.path.join(target, "vision", "config.json")):
         return os.path.join(target, "vision")
     ds = _image_dataset(files, tc.image_size, "train").filter(lambda r: r["caption"] != "").materialize()
+    pairs = ds.count()
+    if pairs < 2:  # the sigmoid loss contrasts pairs within a batch
+        raise ValueError(f"tokenizer.preset dual: aligning the ViT needs >= 2 captioned images, the samples have {pairs}; "
+                         "give real SigLIP weights (tokenizer.dual.siglip_path) or image-text pairs")
+    batch_size = min(ALIGN_BATCH, pairs)  # with drop_last, a batch larger than the corpus would yield nothing, forever
 
     def batches():
         epoch = 0
         while True:
-            for b in ds.random_shuffle(seed=cfg.run.seed + epoch).iter_batches(batch_size=32, drop_last=True):
+            for b in ds.random_shuffle(seed=cfg.run.seed + epoch).iter_batches(batch_size=batch_size, drop_last=True):
                 yield to_tensor(b["image"]), list(b["caption"])
             epoch += 1
 

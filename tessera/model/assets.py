@@ -47,8 +47,15 @@ class ModelAssets:
         tok = self.text_tokenizer
         return Vocabulary(
             text_size=text_size or len(tok), bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-            interface=cfg.interface, visual_size=self.bpe.vocab_size if cfg.interface == "bpe" else 0,
+            interface=cfg.interface, visual_size=self.visual_size(cfg),
             max_grid=cfg.max_grid, time_tokens=cfg.time_tokens, time_step=cfg.time_step)
+
+    def visual_size(self, cfg: ModelConfig) -> int:
+        """Output rows for visual tokens: the BPE's vocabulary (bpe), the pixel codebook (continuous:
+        its codes are the targets), none (rvq: its depth heads predict the codes)."""
+        if cfg.interface == "bpe":
+            return self.bpe.vocab_size
+        return self.codebook_sizes.get("pixel", 0) if cfg.interface == "continuous" else 0
 
     def rvq_geometry(self, cfg: ModelConfig) -> tuple[list[int], int]:
         """(codebook sizes, depth) of the rvq interface; ([], feature width) for the continuous one."""

@@ -103,7 +103,7 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
     interface, (H, W, C, D) for rvq. `cfg_scale` 1 turns guidance off."""
     vocab = model.vocab
     if vocab.interface == "continuous":
-        raise ValueError("the continuous interface reads image features and cannot generate images (no image targets)")
+        raise ValueError("the continuous interface reads each code's encoder feature, which a generated code does not have")
     H, W = grid
     header = [vocab.image_start, vocab.height_token(H), vocab.width_token(W)]
     cond = Decoder(model, use_cache)

@@ -5,7 +5,9 @@ and an image position is
 
     bpe:  [<|frame|> <t=k>] <|image_start|> <h=H> <w=W> tile_1 ... tile_m <|image_end|>
     rvq:  [<|frame|> <t=k>] <|image_start|> <h=H> <w=W> <|cell|> x H*W <|image_end|>   (+ codes per cell)
-    continuous: as rvq, + the encoder's feature per cell (never a loss target)
+    continuous: [<|frame|> <t=k>] <|image_start|> <h=H> <w=W> <v=code> x H*W <|image_end|>
+                the raw codes (depth 0 of the pixel codebook) as targets, each position's input
+                embedding the encoder's pre-quantisation feature of its cell (+ feature bits)
 
 (the frame marker and time token only for video frames). Image-caption pairs are shown
 image-first (captioning) or, at rate `t2i_rate`, caption-first (generation); a caption-first
@@ -150,7 +152,8 @@ class SequenceBuilder:
         return ids, codes, _with_markers(rc)
 
     def feature_span(self, row: dict, position: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Continuous interface: ids (m,), feature bits (m, 1, dim) and cells (m, 2) of one image."""
+        """Continuous interface: ids (m,) (the image's raw code tokens), feature bits (m, 1, dim) and
+        cells (m, 2) of one image."""
         sid = row["sample_id"]
         H, W = (int(s) for s in row["grid_shapes"][position][:2])
         flat = np.asarray((row.get("pixel_features") or [[]] * (position + 1))[position], dtype=np.float32)
@@ -159,7 +162,11 @@ class SequenceBuilder:
                             "(the continuous interface needs token shards written with tokenize.features: true)")
         if not np.isfinite(flat).all():
             raise BadSample(f"sample {sid}: non-finite encoder feature at image position {position}")
-        ids = np.concatenate([self.image_header(H, W), np.full(H * W, self.vocab.cell), [self.vocab.image_end]]).astype(np.int64)
+        codes = self.grid(row, position, "pixel")[:, :, 0].reshape(-1)  # the targets: what the features quantise to
+        if codes.size != H * W or codes.min() < 0 or codes.max() >= self.vocab.visual_size:
+            raise BadSample(f"sample {sid}: image at position {position} has pixel codes outside 0..{self.vocab.visual_size - 1} "
+                            f"or not {H}x{W} of them")
+        ids = np.concatenate([self.image_header(H, W), codes + self.vocab.visual_base, [self.vocab.image_end]]).astype(np.int64)
         bits = np.full((len(ids), 1, flat.size // (H * W)), -1, dtype=np.int64)
         bits[3:3 + H * W, 0] = feature_bits(flat.reshape(H * W, -1))
         rc = np.stack(np.divmod(np.arange(H * W, dtype=np.int64), W), axis=1)
@@ -207,7 +214,6 @@ class SequenceBuilder:
                 if codes is not None:
                     codes = np.concatenate([np.full((len(prefix),) + codes.shape[1:], -1, np.int64), codes])
                 target = loss_mask in ("all", "image") or (loss_mask == "answers" and p in answer_positions)
-                target = target and self.vocab.interface != "continuous"  # a feature is an input, never a target
             else:
                 ids = self.text_ids(row["text_ids"][p], sid)
                 target = loss_mask in ("all", "text") or (loss_mask == "answers" and p in answer_positions)

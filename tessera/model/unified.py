@@ -15,7 +15,7 @@
 
 Inputs are packed rows (see `tessera.model.packing`): `input_ids`, `position_ids`, `doc_ids`
 and `turn_ids` (B, L), `cells` (B, L, 2); `codes` (B, L, C, D) at `<|cell|>` positions for the
-rvq interface, (B, L, 1, dim) feature bits for the continuous one (see `features_from_bits`). A
+rvq interface, (B, L, 1, dim) feature bits at the code tokens for the continuous one (see `features_from_bits`). A
 4-D boolean mask built from `doc_ids` and `turn_ids` keeps attention inside each document and
 each independent turn (plus its shared prefix).
 
@@ -132,11 +132,10 @@ class FeatureProjector(nn.Module):
 
     LLaVA's two-layer MLP (no input normalisation: the VQ's nearest-code search reads the feature's
     norm too), its output RMS-normalised and scaled to `rms`, the text embeddings' RMS: a cell has a
-    token's scale whatever the weights learn. Unbounded (LayerNorm -> MLP, measured), the projector
-    grew its output to 160x the embeddings' scale during the embeddings-only stage, where a frozen LM
-    rewards a large shared prompt vector over per-image detail; the row/column embeddings added to
-    a cell drowned, and the trained model's answers did not depend on the image at all (held-out
-    VQA at chance, answer log-probability equal with another image's features)."""
+    token's scale whatever the weights learn, so the row/column embeddings added to it stay
+    visible (unbounded, LayerNorm -> MLP, it grew to 160x that scale in the embeddings-only stage).
+    Measured: bounding the scale alone did not make the model read the image while the image
+    positions had no targets; with the codes as targets it does (README "Ablations")."""
 
     def __init__(self, dim: int, hidden: int, rms: float, std: float = 0.02):
         super().__init__()
@@ -209,10 +208,10 @@ class TesseraModel(nn.Module):
             at_cell = (input_ids == self.vocab.cell).unsqueeze(-1)
             cell_embeds = self.code_embed(codes.clamp(min=0).flatten(0, 1)).view_as(embeds)  # every position: no indexing
             embeds = torch.where(at_cell, cell_embeds.to(embeds.dtype), embeds)
-        if self.vocab.interface == "continuous" and codes is not None:
-            at_cell = (input_ids == self.vocab.cell).unsqueeze(-1)
-            feats = torch.where(at_cell, features_from_bits(codes[..., 0, :]), 0.0)  # no NaN bits off the cells
-            embeds = torch.where(at_cell, self.feature_proj(feats).to(embeds.dtype), embeds)
+        if self.vocab.interface == "continuous" and codes is not None:  # a code token's input is its cell's feature
+            at_code = (input_ids >= self.vocab.visual_base).unsqueeze(-1)
+            feats = torch.where(at_code, features_from_bits(codes[..., 0, :]), 0.0)  # no NaN bits off the codes
+            embeds = torch.where(at_code, self.feature_proj(feats).to(embeds.dtype), embeds)
         if cells is not None and hasattr(self, "grid_rows"):
             placed = (cells[..., 0] >= 0).unsqueeze(-1)
             rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)

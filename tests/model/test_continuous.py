@@ -1,5 +1,6 @@
-"""The continuous visual interface (Kelix's question, the discrete-vs-continuous ablation): one
-position per grid cell whose input is a projector over the tokenizer encoder's feature."""
+"""The continuous visual interface (Kelix's question, the discrete-vs-continuous ablation): the raw
+code tokens, one per grid cell and the targets as for raw codes, whose input embeddings are a
+projector over the tokenizer encoder's feature of the cell instead of the codes' rows."""
 
 import json
 
@@ -15,23 +16,23 @@ from tessera.model.sequence import BadSample, SequenceBuilder, feature_bits
 from tessera.model.unified import TesseraModel, features_from_bits
 from tessera.model.vocab import Vocabulary
 
-TEXT, GRID, DIM = 300, (4, 4), 6
+TEXT, GRID, DIM, CODES = 300, (4, 4), 6, 16
 
 
 def make_model(seed=0):
     cfg = load_config(None, ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
                              "model.intermediate_size=64", "model.interface=continuous", "tokenize.features=true"]).model
-    vocab = Vocabulary(text_size=TEXT, bos_id=1, eos_id=2, pad_id=0, interface="continuous", visual_size=0, max_grid=8,
+    vocab = Vocabulary(text_size=TEXT, bos_id=1, eos_id=2, pad_id=0, interface="continuous", visual_size=CODES, max_grid=8,
                        time_tokens=8)
     return TesseraModel.create(cfg, vocab, [], DIM, seed=seed)
 
 
 def token_row(sid, features=None, rng=None):
-    """An image-caption token row carrying the image's (4, 4, DIM) features (codes are ignored here)."""
+    """An image-caption token row carrying the image's (4, 4) codes and (4, 4, DIM) features."""
     rng = rng or np.random.default_rng(abs(hash(sid)) % 2**32)
     feats = rng.normal(size=GRID[0] * GRID[1] * DIM).astype(np.float32) if features is None else features
     return {"sample_id": sid, "source": "s", "kind": "image_text", "is_image": [True, False],
-            "text_ids": [[], rng.integers(3, TEXT, 5).tolist()], "pixel_codes": [[0] * (GRID[0] * GRID[1]), []],
+            "text_ids": [[], rng.integers(3, TEXT, 5).tolist()], "pixel_codes": [rng.integers(0, CODES, GRID[0] * GRID[1]).tolist(), []],
             "semantic_codes": [[], []], "grid_shapes": [[*GRID, 1], []], "pixel_features": [feats.tolist(), []],
             "timestamps": None, "curriculum": [], "meta": "{}"}
 
@@ -48,29 +49,32 @@ def test_features_travel_as_bits_losslessly():
     assert back.tobytes() == x.tobytes()  # bit-exact, signs and subnormals included
 
 
-def test_forward_backward_reads_the_features_and_never_targets_them():
+def test_the_codes_are_the_targets_and_the_features_the_inputs():
+    """The same token stream and targets as raw codes; only the input embedding of a code token
+    differs: its cell's feature through the projector, never the code's own row."""
     torch.manual_seed(0)
     model = make_model()
     b = builder(model)
-    seqs = [b.build(token_row(f"s{i}"), "all", t2i_rate=0.5) for i in range(4)]
-    rows, _ = pack(seqs, 128, model.vocab.pad_id)
-    batch = collate(rows)
-    out = model(**batch)
-    assert torch.isfinite(out.loss)
-    for s in seqs:  # no image position (nor its header and end) is ever a target, caption-first or not
-        ids = s.ids
-        first, last = int(np.flatnonzero(ids == model.vocab.image_start)[0]), int(np.flatnonzero(ids == model.vocab.image_end)[0])
-        assert not s.loss[first:last + 1].any()
+    row = token_row("x")
+    seq = b.build(row, "all")
+    first = int(np.flatnonzero(seq.ids == model.vocab.image_start)[0]) + 3  # after <|image_start|> <h> <w>
+    n = GRID[0] * GRID[1]
+    assert np.array_equal(seq.ids[first:first + n], np.asarray(row["pixel_codes"][0]) + model.vocab.visual_base)
+    assert seq.loss[first:first + n].all(), "the codes are targets (loss mask all), as for raw codes"
+    out = model(**collate(pack([b.build(token_row(f"s{i}"), "all", t2i_rate=0.5) for i in range(4)], 128, 0)[0]))
+    assert torch.isfinite(out.loss) and int(out.num_targets) > int(out.num_text_targets), "image targets in the loss"
     out.loss.backward()
     assert model.feature_proj.fc1.weight.grad.abs().sum() > 0
-    # the model reads the features: other features, other logits after the image
     with torch.no_grad():
-        row = token_row("x")
-        other = dict(row, pixel_features=[(np.asarray(row["pixel_features"][0]) * -1).tolist(), []])
-        la = model(**collate(pad([b.build(row, "all")], 64, 0)[0])).logits
-        lb = model(**collate(pad([b.build(other, "all")], 64, 0)[0])).logits
-    n_img = 3 + GRID[0] * GRID[1] + 1
-    assert torch.equal(la[0, :4], lb[0, :4]) and not torch.allclose(la[0, n_img + 1:], lb[0, n_img + 1:])
+        base = model(**collate(pad([seq], 64, 0)[0]))
+        other_codes = dict(row, pixel_codes=[((np.asarray(row["pixel_codes"][0]) + 1) % CODES).tolist(), []])
+        other_feats = dict(row, pixel_features=[(np.asarray(row["pixel_features"][0]) * -1).tolist(), []])
+        oc = model(**collate(pad([b.build(other_codes, "all")], 64, 0)[0]))
+        of = model(**collate(pad([b.build(other_feats, "all")], 64, 0)[0]))
+    assert torch.equal(base.logits, oc.logits), "a code token's input is its feature, not the code's row"
+    assert not torch.equal(base.loss, oc.loss), "but the codes are what the model is scored on"
+    end = first + n + 1
+    assert torch.equal(base.logits[0, :first], of.logits[0, :first]) and not torch.allclose(base.logits[0, end:], of.logits[0, end:])
 
 
 def test_a_cell_has_the_scale_of_a_token_embedding_whatever_the_projector_learns():
@@ -112,7 +116,7 @@ def test_packed_equals_unpacked_and_cache_equals_recompute():
     cached = generate_text(model, prompt.ids, prompt.codes, max_new_tokens=10, prompt_cells=prompt.cells)
     full = generate_text(model, prompt.ids, prompt.codes, max_new_tokens=10, use_cache=False, prompt_cells=prompt.cells)
     assert cached == full and len(cached) > 0
-    with pytest.raises(ValueError, match="cannot generate images"):
+    with pytest.raises(ValueError, match="a generated code does not have"):
         generate_image(model, [1, 10], (2, 2))
 
 
