@@ -108,3 +108,24 @@ def test_align_lowers_the_sigmoid_loss():
     model, losses = align_vision_encoder(cfg.dual, 32, batches(), steps=30, lr=2e-3, log=None)
     assert losses[-1] < losses[0]
     assert type(model).__name__ == type(build_siglip(cfg.dual, 32)).__name__
+
+
+def test_align_runs_on_a_corpus_smaller_than_one_batch(prepared, tmp_path):
+    """The tiny world has 24 captioned images, fewer than an alignment batch of 32: the batches shrink
+    to the corpus (with drop_last, full-size batches never came and alignment looped forever)."""
+    import json
+    import os
+
+    from tessera import storage
+    from tessera.jobs.train_tokenizer import ALIGN_BATCH, _align
+    from tessera.manifest import dataset_files
+
+    world, _ = prepared
+    assert world.synth.num_image_text < ALIGN_BATCH
+    cfg = load_config(None, [f"run.root={world.run.root}", "tokenizer.image_size=32", "tokenizer.preset=dual",
+                             "tokenizer.dual.hidden_size=16", "tokenizer.dual.num_heads=2", "tokenizer.dual.align_steps=3"])
+    files = dataset_files(storage.join(cfg.resolve(cfg.prepare.output), "samples"))
+    vision = _align(cfg, files, str(tmp_path))
+    assert os.path.exists(os.path.join(vision, "config.json"))
+    losses = json.load(open(tmp_path / "align" / "losses.json"))
+    assert len(losses) == 3
