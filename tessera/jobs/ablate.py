@@ -186,17 +186,21 @@ def plot(rows: list[dict], path: str, chance: dict | None = None) -> str:
     return path
 
 
-def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str], wanted: list[str], say=print) -> dict:
+def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str], wanted: list[str], say=print,
+           report_only: bool = False) -> dict:
+    """`report_only`: train nothing; tabulate the arm-seeds finished so far (an arm with none is left
+    out), e.g. while the ablation still runs."""
     from tessera.jobs.run import STAGES, uses_shapes_world
     from tessera.jobs.synth import run_synth
 
     selected = select_arms(cfg, wanted)
     snapshot = read_config_file(config_path)  # every arm-seed is built from the file as it is now
     t0 = time.perf_counter()
-    if uses_shapes_world(cfg):
-        run_synth(cfg)
-    for _, fn, _ in STAGES[:4]:  # prepare, train-tokenizer, tokenize, fit-bpe: shared by every arm
-        fn(cfg)
+    if not report_only:
+        if uses_shapes_world(cfg):
+            run_synth(cfg)
+        for _, fn, _ in STAGES[:4]:  # prepare, train-tokenizer, tokenize, fit-bpe: shared by every arm
+            fn(cfg)
     rows = []
     for study, arm in selected:
         results = []
@@ -209,12 +213,17 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
                     ev_uri = storage.join(arm_dir(cfg, study, arm), f"seed{seed}", "eval", "report.json")
                     result["chance"] = storage.read_json(ev_uri).get("chance") if storage.exists(ev_uri) else None
                 say(f"[ablate] {label}: complete, kept")
+            elif report_only:
+                say(f"[ablate] {label}: not finished, left out of the report")
+                continue
             else:
                 say(f"[ablate] {label}: {' '.join(arm.set) or '(the base config)'}")
                 result = {"seed": seed, **run_arm_seed(arm_config(config_path, base_overrides, cfg, study, arm, seed, snapshot))}
                 storage.write_json(done_uri, result)
                 fault_point("ablate:after_arm")
             results.append(result)
+        if not results:
+            continue
         row = summarize(study, arm, results, reproduce(config_path, base_overrides, study, arm))
         rows.append(row)
         say(f"[ablate] {study.name} / {arm.name}: VQA {_cell(row, 'vqa_accuracy')}, POPE {_cell(row, 'pope_accuracy')}, "
@@ -245,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--arms", default="", help="comma-separated `study/arm` or `arm` names (default: every arm)")
+    pre.add_argument("--report-only", action="store_true",
+                     help="train nothing: tabulate the arm-seeds finished so far (the seeds column says which)")
     known, rest = pre.parse_known_args(argv if argv is not None else sys.argv[1:])
     cfg, args = parse_args("ablate", rest, "Run the ablation studies of ablate.studies (--arms study/arm,... for a "
                                            "subset) and tabulate them with their seeds' spread.")
@@ -259,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from e
     with Console(logs_dir(cfg)) as console:
         with console.stage("ablate"), ray_session(cfg.ray):  # the live line follows the "[ablate] study / arm" lines
-            report = ablate(cfg, args.config, args.overrides, wanted)
+            report = ablate(cfg, args.config, args.overrides, wanted, report_only=known.report_only)
         for line in report["markdown"].splitlines():
             console.print(line)
         console.print(f"[tessera] ablate: {cfg.resolve(cfg.ablate.output)}/report.md, {report['png']}")

@@ -42,6 +42,12 @@ def test_a_killed_ablation_keeps_its_finished_arms_and_arms_selects_a_subset(bpe
     for stage in ("synth", "prepare", "train-tokenizer", "tokenize", "fit-bpe"):  # the shared upstream: nothing rebuilt
         assert f"[tessera] {stage}: complete, nothing to do" in log, (stage, log[-3000:])
     said = []
+    # --report-only while it is half done: the finished seed is tabulated, nothing is trained or built
+    partial = ablate(cfg, None, overrides, ["tokens/raw", "tokens/bpe"], say=said.append, report_only=True)
+    assert [(r["arm"], r["seeds"]) for r in partial["rows"]] == [("raw", [0])], "bpe has no finished seed: left out"
+    assert "[ablate] tokens / raw / seed 1: not finished, left out of the report" in said
+    assert not os.path.exists(os.path.join(out, "tokens", "raw", "seed1")) and not os.path.exists(os.path.join(out, "base"))
+    assert "| tokens | raw | 0 |" in open(os.path.join(out, "report.md")).read()
     report = ablate(cfg, None, overrides, ["raw", "merges/none"], say=said.append)
     assert "[ablate] tokens / raw / seed 0: complete, kept" in said, said
     assert os.path.getmtime(seed0) == first and open(metrics0).read() == steps_before, "the finished arm-seed is not trained again"
