@@ -231,9 +231,10 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
     chance = next((r["chance"] for row in rows for r in row["per_seed"] if r.get("chance")), None)  # one held-out set
     out = cfg.resolve(cfg.ablate.output)
     markdown = table(rows)
-    png = storage.join(out, "ablations.png")
-    with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes paths; the output may be a URI
-        storage.write_bytes(png, open(plot(rows, os.path.join(tmp, "ablations.png"), chance), "rb").read())
+    png = storage.join(out, "ablations.png") if rows else None  # --report-only before any arm-seed finished: no plot
+    if png:
+        with tempfile.TemporaryDirectory() as tmp:  # matplotlib writes paths; the output may be a URI
+            storage.write_bytes(png, open(plot(rows, os.path.join(tmp, "ablations.png"), chance), "rb").read())
     report = {"job": "ablate", "rows": rows, "markdown": markdown, "png": png, "chance": chance,
               "steps_scale": cfg.ablate.steps_scale, "seeds": cfg.ablate.seeds, "arms": [f"{s.name}/{a.name}" for s, a in selected],
               "wall_time_s": round(time.perf_counter() - t0, 1)}
@@ -244,7 +245,7 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
         f"# Ablations\n\n{questions}\n\nHeld-out figures, mean (min–max) over seeds {cfg.ablate.seeds} (a study's own "
         f"`seeds` where it has them: the row's seeds column); every arm "
         f"trains the base stages × {cfg.ablate.steps_scale} steps. {chance_line(chance)}\n\n{markdown}\n\n"
-        "![ablations](ablations.png)\n").encode())
+        + ("![ablations](ablations.png)\n" if png else "")).encode())
     return report
 
 
