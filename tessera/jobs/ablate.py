@@ -190,44 +190,62 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
            report_only: bool = False) -> dict:
     """`report_only`: train nothing; tabulate the arm-seeds finished so far (an arm with none is left
     out), e.g. while the ablation still runs."""
-    from tessera.jobs.run import STAGES, uses_shapes_world
-    from tessera.jobs.synth import run_synth
-
     selected = select_arms(cfg, wanted)
     snapshot = read_config_file(config_path)  # every arm-seed is built from the file as it is now
     t0 = time.perf_counter()
     if not report_only:
-        if uses_shapes_world(cfg):
-            run_synth(cfg)
-        for _, fn, _ in STAGES[:4]:  # prepare, train-tokenizer, tokenize, fit-bpe: shared by every arm
-            fn(cfg)
+        build_shared_upstream(cfg)
     rows = []
     for study, arm in selected:
-        results = []
-        for seed in study.seeds or cfg.ablate.seeds:
-            done_uri = storage.join(arm_dir(cfg, study, arm), f"seed{seed}", "result.json")
-            label = f"{study.name} / {arm.name} / seed {seed}"
-            if storage.exists(done_uri):
-                result = storage.read_json(done_uri)
-                if "chance" not in result:  # kept by an older tessera: the arm's eval report has it
-                    ev_uri = storage.join(arm_dir(cfg, study, arm), f"seed{seed}", "eval", "report.json")
-                    result["chance"] = storage.read_json(ev_uri).get("chance") if storage.exists(ev_uri) else None
-                say(f"[ablate] {label}: complete, kept")
-            elif report_only:
-                say(f"[ablate] {label}: not finished, left out of the report")
-                continue
-            else:
-                say(f"[ablate] {label}: {' '.join(arm.set) or '(the base config)'}")
-                result = {"seed": seed, **run_arm_seed(arm_config(config_path, base_overrides, cfg, study, arm, seed, snapshot))}
-                storage.write_json(done_uri, result)
-                fault_point("ablate:after_arm")
-            results.append(result)
-        if not results:
+        results = arm_results(cfg, config_path, base_overrides, study, arm, snapshot, report_only, say)
+        if results:
+            row = summarize(study, arm, results, reproduce(config_path, base_overrides, study, arm))
+            rows.append(row)
+            say(f"[ablate] {study.name} / {arm.name}: VQA {_cell(row, 'vqa_accuracy')}, POPE {_cell(row, 'pope_accuracy')}, "
+                f"{_cell(row, 'tokens_per_image', 1)} tokens/image")
+    return write_report(cfg, rows, selected, time.perf_counter() - t0)
+
+
+def build_shared_upstream(cfg: TesseraConfig) -> None:
+    """synth (shapes world), prepare, train-tokenizer, tokenize, fit-bpe: shared by every arm that
+    does not change them; each skips itself when complete."""
+    from tessera.jobs.run import STAGES, uses_shapes_world
+    from tessera.jobs.synth import run_synth
+
+    if uses_shapes_world(cfg):
+        run_synth(cfg)
+    for _, fn, _ in STAGES[:4]:
+        fn(cfg)
+
+
+def arm_results(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str], study, arm, snapshot: dict,
+                report_only: bool, say) -> list[dict]:
+    """Each seed's result of one arm: kept when finished, else trained and evaluated (or, with
+    `report_only`, left out)."""
+    results = []
+    for seed in study.seeds or cfg.ablate.seeds:
+        done_uri = storage.join(arm_dir(cfg, study, arm), f"seed{seed}", "result.json")
+        label = f"{study.name} / {arm.name} / seed {seed}"
+        if storage.exists(done_uri):
+            result = storage.read_json(done_uri)
+            if "chance" not in result:  # kept by an older tessera: the arm's eval report has it
+                ev_uri = storage.join(arm_dir(cfg, study, arm), f"seed{seed}", "eval", "report.json")
+                result["chance"] = storage.read_json(ev_uri).get("chance") if storage.exists(ev_uri) else None
+            say(f"[ablate] {label}: complete, kept")
+        elif report_only:
+            say(f"[ablate] {label}: not finished, left out of the report")
             continue
-        row = summarize(study, arm, results, reproduce(config_path, base_overrides, study, arm))
-        rows.append(row)
-        say(f"[ablate] {study.name} / {arm.name}: VQA {_cell(row, 'vqa_accuracy')}, POPE {_cell(row, 'pope_accuracy')}, "
-            f"{_cell(row, 'tokens_per_image', 1)} tokens/image")
+        else:
+            say(f"[ablate] {label}: {' '.join(arm.set) or '(the base config)'}")
+            result = {"seed": seed, **run_arm_seed(arm_config(config_path, base_overrides, cfg, study, arm, seed, snapshot))}
+            storage.write_json(done_uri, result)
+            fault_point("ablate:after_arm")
+        results.append(result)
+    return results
+
+
+def write_report(cfg: TesseraConfig, rows: list[dict], selected: list[tuple], seconds: float) -> dict:
+    """report.json, report.md (the table) and ablations.png under `ablate.output`; returns the report."""
     chance = next((r["chance"] for row in rows for r in row["per_seed"] if r.get("chance")), None)  # one held-out set
     out = cfg.resolve(cfg.ablate.output)
     markdown = table(rows)
@@ -237,7 +255,7 @@ def ablate(cfg: TesseraConfig, config_path: str | None, base_overrides: list[str
             storage.write_bytes(png, open(plot(rows, os.path.join(tmp, "ablations.png"), chance), "rb").read())
     report = {"job": "ablate", "rows": rows, "markdown": markdown, "png": png, "chance": chance,
               "steps_scale": cfg.ablate.steps_scale, "seeds": cfg.ablate.seeds, "arms": [f"{s.name}/{a.name}" for s, a in selected],
-              "wall_time_s": round(time.perf_counter() - t0, 1)}
+              "wall_time_s": round(seconds, 1)}
     storage.write_json(storage.join(out, "report.json"), report)
     chosen = {s.name for s, _ in selected}
     questions = "\n".join(f"- **{s.name}**: {s.question}" for s in cfg.ablate.studies if s.question and s.name in chosen)
