@@ -163,9 +163,8 @@ class SequenceBuilder:
         if not np.isfinite(flat).all():
             raise BadSample(f"sample {sid}: non-finite encoder feature at image position {position}")
         codes = self.grid(row, position, "pixel")[:, :, 0].reshape(-1)  # the targets: what the features quantise to
-        if codes.size != H * W or codes.min() < 0 or codes.max() >= self.vocab.visual_size:
-            raise BadSample(f"sample {sid}: image at position {position} has pixel codes outside 0..{self.vocab.visual_size - 1} "
-                            f"or not {H}x{W} of them")
+        if codes.min() < 0 or codes.max() >= self.vocab.visual_size:  # `grid` checked their count against the shape
+            raise BadSample(f"sample {sid}: image at position {position} has pixel codes outside 0..{self.vocab.visual_size - 1}")
         ids = np.concatenate([self.image_header(H, W), codes + self.vocab.visual_base, [self.vocab.image_end]]).astype(np.int64)
         bits = np.full((len(ids), 1, flat.size // (H * W)), -1, dtype=np.int64)
         bits[3:3 + H * W, 0] = feature_bits(flat.reshape(H * W, -1))

@@ -34,8 +34,8 @@ class Vocabulary:
     time_step: float = 0.5
 
     def code_slots(self, n_codebooks: int) -> int:
-        """C of the (n, C, D) `codes` riding `<|cell|>` positions: one per codebook for the rvq
-        interface, one feature (as bits) for the continuous one, none for bpe."""
+        """C of the (n, C, D) `codes` beside the ids: one per codebook at the rvq interface's `<|cell|>`
+        positions, one feature (as bits) at the continuous interface's code tokens, none for bpe."""
         return {"rvq": n_codebooks, "continuous": 1}.get(self.interface, 0)
 
     @property
