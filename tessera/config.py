@@ -473,6 +473,16 @@ class DepthHeadConfig:
 
 
 @dataclass
+class GridEncoderConfig:
+    """bpe interface: a small CNN over the base-code grid of every image the model reads, its feature
+    added to each tile's input embedding (`tessera.model.grid_encoder`). `layers: 0` = off."""
+
+    layers: int = 0
+    dim: int = 64
+    kernel: int = 3
+
+
+@dataclass
 class ModelConfig:
     """The unified autoregressive model (DESIGN.md "The unified model")."""
 
@@ -502,6 +512,7 @@ class ModelConfig:
     embeddings of its anchor cell added to its input embedding, so the LM knows where in the
     image it sits (a raster index of variable-size tiles does not say). `1d`: sequence positions
     only (the `bpe` model then loads with plain `transformers`)."""
+    grid_encoder: GridEncoderConfig = field(default_factory=GridEncoderConfig)
     init: Literal["mean", "he"] = "mean"
     """New embedding rows: mean of the existing rows plus noise, or He (Being-VL)."""
     init_noise: float = 0.02
@@ -764,6 +775,8 @@ class TesseraConfig:
                f"pre-quantisation features come from the vq tokenizer, not tokenizer.preset {self.tokenizer.preset!r}")
         _check(self.model.interface != "continuous" or self.tokenize.features, "model.interface",
                "`continuous` reads the encoder's features: set tokenize.features: true")
+        _check(self.model.grid_encoder.layers == 0 or self.model.interface == "bpe", "model.grid_encoder.layers",
+               f"the grid encoder reads BPE tiles' codes: it needs model.interface bpe, not {self.model.interface!r}")
 
     def derive_inputs(self) -> None:
         """Every job's input defaults to its producer's output, here and only here: change

@@ -89,7 +89,7 @@ def _initial_model(cfg: TesseraConfig, config: dict):
     if config["init_model"]:
         return load_model(config["init_model"])
     return TesseraModel.create(cfg.model, Vocabulary.from_dict(config["vocabulary"]), config["codebook_sizes"],
-                               config["depth"], seed=cfg.train.effective_seed(cfg.run.seed))
+                               config["depth"], seed=cfg.train.effective_seed(cfg.run.seed), tile_codes=config.get("tile_codes"))
 
 
 def _parallel_wrapper(strategy: str, world: int):
@@ -382,7 +382,8 @@ def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "stage_index": i, "init_model": init_model, "vocabulary": run.vocab.to_dict(),
-                           "codebook_sizes": run.sizes, "depth": run.depth, "step_offset": offset, "metrics_csv": run.metrics_csv,
+                           "codebook_sizes": run.sizes, "depth": run.depth, "tile_codes": run.assets.tile_codes(cfg.model),
+                           "step_offset": offset, "metrics_csv": run.metrics_csv,
                            "fault": fault and dataclasses.asdict(fault), "probe": run.probe},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=run.storage_path, checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep),
@@ -410,7 +411,8 @@ def _save_stage_model(run: _Run, init_model: str, checkpoint, directory: str, ex
 
     cfg = run.cfg
     model = load_model(init_model) if init_model else TesseraModel.create(
-        cfg.model, run.vocab, run.sizes, run.depth, seed=cfg.train.effective_seed(cfg.run.seed))
+        cfg.model, run.vocab, run.sizes, run.depth, seed=cfg.train.effective_seed(cfg.run.seed),
+        tile_codes=run.assets.tile_codes(cfg.model))
     with checkpoint.as_directory() as d:
         load_trained_weights(model, d)
     save_model(model, directory, run.identities, extra)

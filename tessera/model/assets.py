@@ -57,6 +57,14 @@ class ModelAssets:
             return self.bpe.vocab_size
         return self.codebook_sizes.get("pixel", 0) if cfg.interface == "continuous" else 0
 
+    def tile_codes(self, cfg: ModelConfig) -> torch.Tensor | None:
+        """The grid encoder's table of each BPE token's base codes (None without a grid encoder)."""
+        if not cfg.grid_encoder.layers:
+            return None
+        from tessera.model.grid_encoder import GridEncoder
+
+        return GridEncoder.tiles_from_bpe(self.bpe, self.visual_size(cfg))
+
     def rvq_geometry(self, cfg: ModelConfig) -> tuple[list[int], int]:
         """(codebook sizes, depth) of the rvq interface; ([], feature width) for the continuous one."""
         if cfg.interface == "continuous":
@@ -103,7 +111,8 @@ def save_model(model: TesseraModel, directory: str, identities: dict | None = No
 def _save_model(model: TesseraModel, directory: str, identities: dict | None, extra: dict | None) -> None:
     from safetensors.torch import save_file
 
-    plain = model.vocab.interface == "bpe" and not model.cfg.mot and model.cfg.visual_positions == "1d"
+    plain = (model.vocab.interface == "bpe" and not model.cfg.mot and model.cfg.visual_positions == "1d"
+             and not model.cfg.grid_encoder.layers)
     state = {k: v.detach().cpu().contiguous() for k, v in (model.lm.state_dict() if plain else model.state_dict()).items()}
     if plain:
         model.lm.save_pretrained(directory, safe_serialization=True)
@@ -154,8 +163,9 @@ def _load_model(directory: str, device: str | torch.device) -> TesseraModel:
         config = AutoConfig.from_pretrained(directory)
         config._attn_implementation = "sdpa"
         lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-        model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"])
-        missing, unexpected = model.load_state_dict(load_file(os.path.join(directory, "tessera_model.safetensors")), strict=False)
+        state = load_file(os.path.join(directory, "tessera_model.safetensors"))
+        model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"], state.get("grid_encoder.tile_codes"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
         if missing or unexpected:
             raise ValueError(f"{directory}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")

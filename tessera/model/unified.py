@@ -12,6 +12,8 @@
 
     grid_rows,    visual_positions `2d`: learned embeddings of a visual token's anchor row and
     grid_cols     column, added to its input embedding
+    grid_encoder  bpe interface with `grid_encoder.layers > 0`: a CNN over the base-code grid of each
+                  image the model reads, added to its tiles' input embeddings (`GridEncoder`)
 
 Inputs are packed rows (see `tessera.model.packing`): `input_ids`, `position_ids`, `doc_ids`
 and `turn_ids` (B, L), `cells` (B, L, 2); `codes` (B, L, C, D) at `<|cell|>` positions for the
@@ -38,6 +40,7 @@ from torch import nn
 from tessera.config import ModelConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from tessera.model.grid_encoder import GridEncoder
 from tessera.model.mot import CACHE_ARG, apply_mot
 from tessera.model.rvq_heads import CodeEmbedding, DepthHead, depth_loss
 from tessera.model.vocab import Vocabulary
@@ -153,8 +156,11 @@ class FeatureProjector(nn.Module):
 
 
 class TesseraModel(nn.Module):
-    def __init__(self, lm, vocab: Vocabulary, cfg: ModelConfig, codebook_sizes: list[int] | None = None, depth: int = 1):
-        """`depth`: the rvq interface's code depth D; the continuous interface's feature width."""
+    def __init__(self, lm, vocab: Vocabulary, cfg: ModelConfig, codebook_sizes: list[int] | None = None, depth: int = 1,
+                 tile_codes: torch.Tensor | None = None):
+        """`depth`: the rvq interface's code depth D; the continuous interface's feature width.
+        `tile_codes` (V, T, T): each BPE token's base codes (`GridEncoder.tiles_from_bpe`), needed with
+        `cfg.grid_encoder.layers > 0`."""
         super().__init__()
         self.lm, self.vocab, self.cfg = lm, vocab, cfg
         self.codebook_sizes = list(codebook_sizes or [])
@@ -177,6 +183,12 @@ class TesseraModel(nn.Module):
             self.grid_cols = nn.Embedding(cfg.max_grid, hidden)
             for emb in (self.grid_rows, self.grid_cols):
                 nn.init.normal_(emb.weight, std=0.02)
+        if cfg.grid_encoder.layers:
+            if vocab.interface != "bpe" or tile_codes is None:
+                raise ValueError("the grid encoder needs the bpe interface and its tiles' codes (tile_codes)")
+            g = cfg.grid_encoder
+            self.grid_encoder = GridEncoder(tile_codes, int(tile_codes.max()) + 1 if tile_codes.numel() else 1,
+                                            lm.config.hidden_size, g.dim, g.layers, g.kernel)
         if cfg.mot:  # last: building the experts draws random numbers, which must not change the parts above
             apply_mot(lm, attention=cfg.mot_attention)
 
@@ -184,7 +196,7 @@ class TesseraModel(nn.Module):
 
     @classmethod
     def create(cls, cfg: ModelConfig, vocab: Vocabulary, codebook_sizes: list[int] | None = None, depth: int = 1,
-               seed: int = 0) -> "TesseraModel":
+               seed: int = 0, tile_codes: torch.Tensor | None = None) -> "TesseraModel":
         """Base LM (text rows only) -> extended vocabulary -> visual interface (and MoT experts)."""
         lm = build_base_lm(cfg, vocab.text_size, seed)
         if lm.get_input_embeddings().weight.shape[0] != vocab.text_size:
@@ -193,12 +205,14 @@ class TesseraModel(nn.Module):
         extend_vocabulary(lm, vocab.size, cfg.init, cfg.init_noise, seed)
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
-            return cls(lm, vocab, cfg, codebook_sizes, depth)
+            return cls(lm, vocab, cfg, codebook_sizes, depth, tile_codes)
 
     # ------------------------------------------------------------------ forward
 
-    def embed(self, input_ids: torch.Tensor, codes: torch.Tensor | None, cells: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids [+ (B, L, C, D) codes] [+ (B, L, 2) anchor cells, -1 = none] -> (B, L, hidden).
+    def embed(self, input_ids: torch.Tensor, codes: torch.Tensor | None, cells: torch.Tensor | None = None,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids [+ (B, L, C, D) codes] [+ (B, L, 2) anchor cells, -1 = none] [+ (B, L) labels: which
+        images are targets, for the grid encoder] -> (B, L, hidden).
         Rows are checked where they are built (`SequenceBuilder` names the sample); here an asynchronous
         device assertion guards the embedding lookup without making the host wait for the device."""
         in_vocabulary = ((input_ids >= 0) & (input_ids < self.vocab.size)).all()
@@ -216,7 +230,35 @@ class TesseraModel(nn.Module):
             placed = (cells[..., 0] >= 0).unsqueeze(-1)
             rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)
             embeds = embeds + placed * (self.grid_rows(rc[..., 0]) + self.grid_cols(rc[..., 1])).to(embeds.dtype)
+        if cells is not None and hasattr(self, "grid_encoder"):
+            embeds = self._add_grid_features(embeds, input_ids, cells, labels)
         return embeds
+
+    def read_images(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which visual tokens belong to an image the model reads (see `tessera.model.grid_encoder`):
+        (B, L) bool, and (B, L) int64 image keys (row * (L + 1) + the image's number in the row)."""
+        v = self.vocab
+        B, L = input_ids.shape
+        visual = (input_ids >= v.visual_base) & (input_ids < v.visual_base + v.visual_size)
+        number = (input_ids == v.image_start).cumsum(1)  # 1 = the row's first image
+        complete = (number >= 1) & (number <= (input_ids == v.image_end).sum(1, keepdim=True))
+        key = torch.arange(B, device=input_ids.device)[:, None] * (L + 1) + number
+        read = visual & complete
+        if labels is not None:  # labels[t] is token t+1 when it is a target
+            target = torch.zeros_like(read)
+            target[:, 1:] = labels[:, :-1] != IGNORE
+            read &= ~torch.isin(key, key[visual & target])
+        return read, key
+
+    def _add_grid_features(self, embeds: torch.Tensor, input_ids: torch.Tensor, cells: torch.Tensor,
+                           labels: torch.Tensor | None) -> torch.Tensor:
+        read, key = self.read_images(input_ids, labels)
+        where = read.nonzero(as_tuple=True)
+        if not where[0].numel():
+            return embeds
+        image_of = torch.unique(key[where], return_inverse=True)[1]
+        feats = self.grid_encoder(input_ids[where] - self.vocab.visual_base, image_of, cells[where])
+        return embeds.index_put(where, feats.to(embeds.dtype), accumulate=True)
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         return (input_ids >= self.vocab.visual_base) | (input_ids == self.vocab.cell)
@@ -228,7 +270,7 @@ class TesseraModel(nn.Module):
                 target_codes: torch.Tensor | None = None) -> TesseraOutput:
         """Logits (B, L, V) for packed rows; with `labels` (B, L) also the mean loss over targets
         (and for the rvq interface the depth loss of each `<|cell|>` target's `target_codes`)."""
-        embeds = self.embed(input_ids, codes, cells)
+        embeds = self.embed(input_ids, codes, cells, labels)
         if attention_mask is None and doc_ids is not None:
             attention_mask = packed_attention_mask(doc_ids, turn_ids)
         routing = {"visual_mask": self.visual_mask(input_ids)} if self.cfg.mot else {}
