@@ -24,6 +24,7 @@ from tessera.config import load_config
 from tessera.jobs.train import _load_data, _plan
 from tessera.model.assets import load_model
 from tessera.model.evaluate import Evaluator, HeldOut, run_probe
+from tessera.model.grid_encoder import GridEncoder
 from tessera.model.mixture import stage_plan
 from tessera.model.packing import collate
 from tessera.model.rows import BuildSpec, _builder, build_group
@@ -39,14 +40,16 @@ VQA_TYPES = ("colour", "shape", "size", "position", "count")
 
 
 def training_questions(instruct_dir: str, scenes: int, resolution: int) -> HeldOut:
-    """The first `scenes` training VQA scenes as a held-out-shaped set (one question per turn)."""
+    """The first `scenes` training VQA scenes (the LLaVA conversations `tessera synth` writes) as a
+    held-out-shaped set (one question per turn)."""
     questions, images = [], {}
-    with open(os.path.join(instruct_dir, "vqa-00000.jsonl")) as f:
-        rows = [json.loads(line) for line in f][:scenes]
+    with open(os.path.join(instruct_dir, "llava_vqa.json")) as f:
+        rows = json.load(f)[:scenes]
     for r in rows:
-        path = os.path.join(instruct_dir, r["images"][0])
+        path = os.path.join(instruct_dir, r["image"])
         images[path] = np.asarray(Image.open(path).convert("RGB").resize((resolution, resolution)))
-        for q, a in zip(r["texts"][1::2], r["texts"][2::2]):
+        turns = [t["value"].replace("<image>", "").strip() for t in r["conversations"]]
+        for q, a in zip(turns[0::2], turns[1::2]):
             questions.append({"image": path, "type": next(t for t, p in TYPES if re.match(p, q)), "question": q, "answer": a})
     return HeldOut([], questions, images)
 
@@ -65,15 +68,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. model.hidden_size=256")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--loss-mask", default="answers", choices=["answers", "all"])
+    ap.add_argument("--t2i-rate", type=float, default=0.0, help="share of captions put before their image")
+    ap.add_argument("--grid-encoder", type=int, default=0,
+                    help="give the model a grid encoder of N conv layers (model.grid_encoder) before the stage")
     a = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config(a.config, [f"run.root={a.root}"] + a.set)
     run = _plan(cfg)
     _load_data(run)
     stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: %g, warmup_steps: %d, batch_size: %d, "
-                               "seq_len: 512, loss_mask: answers}]" % (a.steps, a.lr, a.warmup, a.batch)]).train.stages[0]
-    spec = BuildSpec(seq_len=512, loss_mask="answers", seed=a.seed, stage=2, t2i_rate=0.0, cfg_text_dropout=0.1, **run.spec_kwargs)
-    plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 4, a.seed, 2)
+                               "seq_len: 512, loss_mask: %s}]" % (a.steps, a.lr, a.warmup, a.batch, a.loss_mask)]).train.stages[0]
+    spec = BuildSpec(seq_len=512, loss_mask=a.loss_mask, seed=a.seed, stage=2, t2i_rate=a.t2i_rate, cfg_text_dropout=0.1, **run.spec_kwargs)
+    plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 64, a.seed, 2)  # short (oracle) rows pack many samples
     rows = []
     for g in range(0, len(plan), 128):
         grp = plan[g:g + 128]
@@ -84,6 +91,12 @@ def main() -> None:
     seen = training_questions(os.path.join(cfg.resolve(cfg.synth.output), "instruct"), 60, tcfg.image_size)
     train_items = Evaluator(None, _builder(spec), run.assets.text_tokenizer, tokenizer, seen).probe_items(30)
     model = load_model(a.init) if a.init else TesseraModel.create(cfg.model, run.vocab, run.sizes, run.depth, seed=a.seed)
+    if a.grid_encoder and not hasattr(model, "grid_encoder"):
+        g = model.cfg.grid_encoder
+        g.layers = a.grid_encoder
+        torch.manual_seed(a.seed)
+        model.grid_encoder = GridEncoder(GridEncoder.tiles_from_bpe(run.assets.bpe, run.vocab.visual_size),
+                                         run.assets.bpe.codebook_size, model.lm.config.hidden_size, g.dim, g.layers, g.kernel)
     trainer = StageTrainer(model, stage, 0.01, 1.0, torch.device("cpu"))
     t0 = time.time()
     for step in range(1, a.steps + 1):
