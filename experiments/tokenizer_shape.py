@@ -1,0 +1,87 @@
+"""Which tokenizer recipe keeps shape in its codes? Train a VQ tokenizer variant in process (the
+project's `TokenizerTrainer`, the demo's tokenizer config plus `--set` overrides) on 4000 shapes-world
+scenes, then report its held-out PSNR and a CNN probe over its codes of one-object scenes (3000 train,
+300 held-out; shape 300 steps, colour and size 150, batches of 64).
+
+    PYTHONPATH=. python experiments/tokenizer_shape.py demo
+    PYTHONPATH=. python experiments/tokenizer_shape.py plain --backgrounds plain
+    PYTHONPATH=. python experiments/tokenizer_shape.py long4x --steps 1200 --batch 32
+    PYTHONPATH=. python experiments/tokenizer_shape.py k1024 --set tokenizer.vq.rvq.codebook_size=1024
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from tessera.config import load_config
+from tessera.pipelines import shapes
+from tessera.tokenize.tokenizer import build_tokenizer
+from tessera.tokenize.trainer import TokenizerTrainer, psnr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tag")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--backgrounds", default="varied", choices=list(shapes.BACKGROUNDS))
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    cfg = load_config("configs/demo.yaml", a.set).tokenizer
+    cfg.train.steps = a.steps
+    res = cfg.image_size
+
+    def render(seed, n, num_objects=None):
+        scenes = [shapes.sample_scene(np.random.default_rng([seed, i]), num_objects, a.backgrounds) for i in range(n)]
+        x = np.stack([shapes.render_scene(s, res) for s in scenes])
+        return scenes, torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+    _, pool = render(7, 4000)
+    model = build_tokenizer(cfg)
+    trainer = TokenizerTrainer(model, cfg, torch.device("cpu"))
+    t0 = time.time()
+    for _ in range(a.steps):
+        trainer.train_step(pool[torch.randint(0, len(pool), (a.batch,))])
+    train_s = time.time() - t0
+    model.eval()
+    _, held = render(9, 64)
+    with torch.no_grad():
+        rec = model.decode(model.encode(held)["pixel"])
+    K = cfg.vq.rvq.codebook_size
+
+    def codes_of(seed, n):
+        scenes, x = render(seed, n, 1)
+        with torch.no_grad():
+            return scenes, torch.cat([model.encode(b)["pixel"][..., 0] for b in x.split(256)]).long()
+
+    train, g_train = codes_of(1, 3000)
+    test, g_test = codes_of(2, 300)
+    out = {"tag": a.tag, "psnr": round(float(psnr(held, rec).mean()), 2), "train_s": round(train_s), "grid": list(g_train.shape[1:])}
+    for attr in ("shape", "colour", "size"):
+        labels = sorted({getattr(s.objects[0], attr) for s in train})
+        y = torch.tensor([labels.index(getattr(s.objects[0], attr)) for s in train])
+        y_test = torch.tensor([labels.index(getattr(s.objects[0], attr)) for s in test])
+        torch.manual_seed(0)
+        emb = nn.Embedding(K, 32)
+        conv = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.Conv2d(64, 64, 3, padding=1), nn.GELU(),
+                             nn.Conv2d(64, 64, 3, padding=1), nn.GELU())
+        head = nn.Linear(64, len(labels))
+        opt = torch.optim.AdamW([*emb.parameters(), *conv.parameters(), *head.parameters()], 3e-3)
+        f = lambda g: head(conv(emb(g).permute(0, 3, 1, 2)).amax((2, 3)))
+        for _ in range(300 if attr == "shape" else 150):
+            idx = torch.randint(0, len(train), (64,))
+            opt.zero_grad()
+            nn.functional.cross_entropy(f(g_train[idx]), y[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            out[attr] = round(float((f(g_test).argmax(1) == y_test).float().mean()), 3)
+    print(out, flush=True)
+
+
+if __name__ == "__main__":
+    main()
