@@ -7,6 +7,7 @@ stage trainer in process; held-out accuracy every 50 steps (see tests/model/test
 
 import argparse
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -49,19 +50,24 @@ def main() -> None:
                             f"model.visual_positions={a.positions}"]).model
     torch.manual_seed(0)
     model = TesseraModel.create(mc, vocab, seed=0)
-    stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: %g, warmup_steps: 10}]" % (a.steps, a.lr)]).train.stages[0]
+    train_and_probe(model, builder, train, held, a.steps, a.batch, a.lr, every=50)
+
+
+def train_and_probe(model, builder, train: list, held: list, steps: int, batch: int, lr: float, every: int) -> None:
+    """One all-parameter stage on random batches of `train`'s rows (answers loss), printing held-out
+    and training accuracy (greedy, exact match) every `every` steps."""
+    stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: %g, warmup_steps: 10}]" % (steps, lr)]).train.stages[0]
     trainer = StageTrainer(model, stage, 0.01, 1.0, torch.device("cpu"))
     seqs = [builder.build(r, "answers") for r in train]
-    rng = np.random.default_rng(0)
-    for step in range(1, a.steps + 1):
-        rows, _ = pack([seqs[i] for i in rng.choice(len(seqs), a.batch, replace=False)], 512, vocab.pad_id)
+    rng, t0 = np.random.default_rng(0), time.time()
+    for step in range(1, steps + 1):
+        rows, _ = pack([seqs[i] for i in rng.choice(len(seqs), batch, replace=False)], 512, builder.vocab.pad_id)
         m = trainer.train_step([collate(rows)])
-        if step % 50 == 0:
+        if step % every == 0:
             model.eval()
-            print(f"step {step} loss {m['loss']:.3f} held-out {accuracy(model, builder, held):.3f} "
-                  f"train {accuracy(model, builder, train[:96]):.3f}", flush=True)
+            print(f"step {step} loss {float(m['loss']):.3f} held-out {accuracy(model, builder, held):.3f} "
+                  f"train {accuracy(model, builder, train[:96]):.3f} ({time.time() - t0:.0f} s)", flush=True)
             model.train()
-
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,6 @@ set-up, asked shape instead of colour; chance 0.25).
 import argparse
 import json
 import tempfile
-import time
 
 import numpy as np
 import torch
@@ -17,15 +16,13 @@ import torch
 from tessera.bpe.model import VisualBPE
 from tessera.config import load_config
 from tessera.model.grid_encoder import GridEncoder
-from tessera.model.packing import collate, pack
 from tessera.model.sequence import SequenceBuilder
-from tessera.model.trainer import StageTrainer
 from tessera.model.unified import TesseraModel
 from tessera.model.vocab import Vocabulary
 from tessera.pipelines import shapes
 from tessera.tokenize.text import encode_segments, train_text_tokenizer
 from tessera.tokenize.tokenizer import load_tokenizer
-from tests.model.test_learning import accuracy
+from experiments.colour_task import train_and_probe
 
 QUESTION = "What shape is in the image?"
 
@@ -67,19 +64,7 @@ def main() -> None:
                             f"model.grid_encoder.layers={a.grid_encoder}"]).model
     torch.manual_seed(0)
     model = TesseraModel.create(mc, vocab, seed=0, tile_codes=GridEncoder.tiles_from_bpe(bpe, K) if a.grid_encoder else None)
-    stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: 0.003, warmup_steps: 10}]" % a.steps]).train.stages[0]
-    trainer = StageTrainer(model, stage, 0.01, 1.0, torch.device("cpu"))
-    seqs = [builder.build(r, "answers") for r in train]
-    rng, t0 = np.random.default_rng(0), time.time()
-    for step in range(1, a.steps + 1):
-        rows, _ = pack([seqs[i] for i in rng.choice(len(seqs), a.batch, replace=False)], 512, vocab.pad_id)
-        m = trainer.train_step([collate(rows)])
-        if step % 100 == 0:
-            model.eval()
-            print(f"step {step} loss {float(m['loss']):.3f} held-out {accuracy(model, builder, held):.3f} "
-                  f"train {accuracy(model, builder, train[:96]):.3f} ({time.time() - t0:.0f} s)", flush=True)
-            model.train()
-
+    train_and_probe(model, builder, train, held, a.steps, a.batch, 0.003, every=100)
 
 if __name__ == "__main__":
     main()
