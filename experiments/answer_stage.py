@@ -24,7 +24,6 @@ from tessera.config import load_config
 from tessera.jobs.train import _load_data, _plan
 from tessera.model.assets import load_model
 from tessera.model.evaluate import Evaluator, HeldOut, run_probe
-from tessera.model.grid_encoder import GridEncoder
 from tessera.model.mixture import stage_plan
 from tessera.model.packing import collate
 from tessera.model.rows import BuildSpec, _builder, build_group
@@ -92,11 +91,9 @@ def main() -> None:
     train_items = Evaluator(None, _builder(spec), run.assets.text_tokenizer, tokenizer, seen).probe_items(30)
     model = load_model(a.init) if a.init else TesseraModel.create(cfg.model, run.vocab, run.sizes, run.depth, seed=a.seed)
     if a.grid_encoder and not hasattr(model, "grid_encoder"):
-        g = model.cfg.grid_encoder
-        g.layers = a.grid_encoder
+        model.cfg.grid_encoder.layers = a.grid_encoder
         torch.manual_seed(a.seed)
-        model.grid_encoder = GridEncoder(GridEncoder.tiles_from_bpe(run.assets.bpe, run.vocab.visual_size),
-                                         run.assets.bpe.codebook_size, model.lm.config.hidden_size, g.dim, g.layers, g.kernel)
+        model.attach_grid_encoder(run.assets.tile_codes(model.cfg))
     trainer = StageTrainer(model, stage, 0.01, 1.0, torch.device("cpu"))
     t0 = time.time()
     for step in range(1, a.steps + 1):

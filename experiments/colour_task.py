@@ -69,5 +69,6 @@ def train_and_probe(model, builder, train: list, held: list, steps: int, batch: 
                   f"train {accuracy(model, builder, train[:96]):.3f} ({time.time() - t0:.0f} s)", flush=True)
             model.train()
 
+
 if __name__ == "__main__":
     main()

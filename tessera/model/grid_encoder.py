@@ -31,14 +31,14 @@ from torch import nn
 
 
 class GridEncoder(nn.Module):
-    def __init__(self, tile_codes: torch.Tensor, codebook_size: int, hidden: int, dim: int = 64, layers: int = 3,
-                 kernel: int = 3):
+    def __init__(self, tile_codes: torch.Tensor, hidden: int, dim: int = 64, layers: int = 3, kernel: int = 3):
         """`tile_codes` (V, T, T) int64: the base codes of each visual token's tile, -1 outside the tile
-        (a buffer: saved with the weights, so a loaded model needs no BPE)."""
+        (a buffer: saved with the weights, so a loaded model needs no BPE). The base codebook's size is
+        read from it: the BPE's first K tokens are the K base codes as 1x1 tiles."""
         super().__init__()
         self.register_buffer("tile_codes", tile_codes.to(torch.int64))
-        self.codebook_size = codebook_size
-        self.embed = nn.Embedding(codebook_size + 1, dim)  # + "no code" (outside the image / not yet known)
+        self.codebook_size = int(tile_codes.max()) + 1
+        self.embed = nn.Embedding(self.codebook_size + 1, dim)  # + "no code" (outside the image / not yet known)
         self.convs = nn.ModuleList(nn.Conv2d(dim, dim, kernel, padding=kernel // 2) for _ in range(layers))
         self.act = nn.GELU()
         self.out = nn.Linear(dim, hidden, bias=False)

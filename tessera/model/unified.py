@@ -184,15 +184,18 @@ class TesseraModel(nn.Module):
             for emb in (self.grid_rows, self.grid_cols):
                 nn.init.normal_(emb.weight, std=0.02)
         if cfg.grid_encoder.layers:
-            if vocab.interface != "bpe" or tile_codes is None:
-                raise ValueError("the grid encoder needs the bpe interface and its tiles' codes (tile_codes)")
-            g = cfg.grid_encoder
-            self.grid_encoder = GridEncoder(tile_codes, int(tile_codes.max()) + 1 if tile_codes.numel() else 1,
-                                            lm.config.hidden_size, g.dim, g.layers, g.kernel)
+            self.attach_grid_encoder(tile_codes)
         if cfg.mot:  # last: building the experts draws random numbers, which must not change the parts above
             apply_mot(lm, attention=cfg.mot_attention)
 
     # ------------------------------------------------------------------ construction
+
+    def attach_grid_encoder(self, tile_codes: torch.Tensor | None) -> None:
+        """A `GridEncoder` as `self.cfg.grid_encoder` sizes it, over the BPE tiles' codes (V, T, T)."""
+        if self.vocab.interface != "bpe" or tile_codes is None:
+            raise ValueError("the grid encoder needs the bpe interface and its tiles' codes (tile_codes)")
+        g = self.cfg.grid_encoder
+        self.grid_encoder = GridEncoder(tile_codes, self.lm.config.hidden_size, g.dim, g.layers, g.kernel)
 
     @classmethod
     def create(cls, cfg: ModelConfig, vocab: Vocabulary, codebook_sizes: list[int] | None = None, depth: int = 1,

@@ -31,7 +31,8 @@ def batch(model, bpe, rows, loss_mask="all", t2i_rate=0.0):
 
 def test_tiles_rebuild_the_code_grid(bpe):
     """The grid the encoder convolves is the image's code grid, whatever tiles the BPE merged."""
-    enc = GridEncoder(GridEncoder.tiles_from_bpe(bpe, bpe.vocab_size), bpe.codebook_size, hidden=4, dim=4, layers=1)
+    enc = GridEncoder(GridEncoder.tiles_from_bpe(bpe, bpe.vocab_size), hidden=4, dim=4, layers=1)
+    assert enc.codebook_size == bpe.codebook_size
     rng = np.random.default_rng(1)
     for _ in range(5):
         g = np.repeat(np.repeat(rng.integers(0, 16, (2, 2)), 2, 0), 2, 1).astype(np.int32)
@@ -117,3 +118,9 @@ def test_needs_the_bpe_interface():
 
     with pytest.raises(ConfigError, match="grid_encoder"):
         load_config(None, ["model.interface=rvq", "model.grid_encoder.layers=2"]).check_sections_agree()
+
+
+def test_a_model_without_the_tiles_table_is_refused(bpe):
+    cfg = model_config("model.interface=bpe", "model.grid_encoder.layers=2")
+    with pytest.raises(ValueError, match="tile_codes"):
+        TesseraModel.create(cfg, vocab_for("bpe", bpe), seed=0)
