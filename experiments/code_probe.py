@@ -7,6 +7,9 @@ one-object scenes (3000 train / 300 held-out), per attribute:
             model's grid encoder (`model.grid_encoder`) can read from them
 
     python experiments/code_probe.py runs/demo/tokenizer [varied|plain]
+
+Each figure is also given by the object's size: a small object (radius 0.22 of a cell, ~9 pixels
+across a 64-pixel image) spans ~2 codes of a 16x16 grid, a large one ~4.
 """
 
 import sys
@@ -71,8 +74,11 @@ def main(tokenizer_dir: str, backgrounds: str = "varied") -> None:
             torch.manual_seed(0)
             f = fit(K, g_train, y, len(labels))
             with torch.no_grad():
-                acc = float((f(g_test).argmax(1) == y_test).float().mean())
-            print(f"{attr:<7} {name:<6} probe on the codes, held-out accuracy {acc:.3f} (chance {1 / len(labels):.3f})")
+                hit = f(g_test).argmax(1) == y_test
+            by_size = " ".join(f"{size} {float(hit[m].float().mean()):.3f}" for size in shapes.SIZES
+                               if (m := torch.tensor([s.objects[0].size == size for s in test])).any())
+            print(f"{attr:<7} {name:<6} probe on the codes, held-out accuracy {float(hit.float().mean()):.3f} "
+                  f"(chance {1 / len(labels):.3f}; by object size: {by_size})")
     print(f"grid {tuple(g_train.shape[1:])}, codebook {K}")
 
 
