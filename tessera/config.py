@@ -388,6 +388,9 @@ class TokenizerConfig:
     3x3 cell (no weights; the learning study's ceiling, see tessera/tokenize/oracle.py)."""
     output: str = "{root}/tokenizer"
     image_size: int = 64
+    oracle_grid: int = 3
+    """The oracle's code grid: 3 = one code per cell; G > 3 paints each object's code over the cells of
+    a G x G grid its box covers (the oracle's content in the real tokens' geometry: 16 = the demo's VQ grid)."""
     vq: VQConfig = field(default_factory=VQConfig)
     dual: DualConfig = field(default_factory=DualConfig)
     losses: LossConfig = field(default_factory=LossConfig)
@@ -396,6 +399,7 @@ class TokenizerConfig:
     def __post_init__(self):
         _check(self.image_size % (2 ** self.vq.num_down) == 0, "image_size", f"divisible by 2**vq.num_down, got {self.image_size}")
         _check(self.image_size % self.dual.patch_size == 0, "image_size", f"divisible by dual.patch_size, got {self.image_size}")
+        _check(3 <= self.oracle_grid <= self.image_size, "oracle_grid", f"between 3 and image_size, got {self.oracle_grid}")
 
 
 @dataclass

@@ -11,6 +11,13 @@ learned VQ tokens is what the real token stream costs the LM. It has no weights 
 training; everything downstream (tokenize, fit-bpe, the 2-D positions, train, eval) is unchanged.
 `decode` draws the named objects on a plain background, so text -> image is scored the same way.
 Its fidelity is that of the analyser (reported by train-tokenizer against held-out captions).
+
+With `tokenizer.oracle_grid: G` (> 3) the same content comes in the real tokens' geometry: a G x G
+grid where each object's code covers the cells its box (centred in its 3x3 cell, its size's radius)
+covers and 0 is everywhere else, so an object spans 3 (small) to 4 (large) codes of a 16 x 16
+grid, as in the VQ codes, and the visual BPE and the 2-D positions see many tiles an image. Between
+the 3 x 3 oracle and the real tokens, it separates what the tokens' content costs the LM from what
+their number and geometry cost.
 """
 
 from __future__ import annotations
@@ -50,8 +57,42 @@ def scene_grid(objects: list[shapes.ShapeObject]) -> np.ndarray:
     return grid.reshape(GRID, GRID)
 
 
+def painted_grid(objects: list[shapes.ShapeObject], side: int) -> np.ndarray:
+    """Objects -> (side, side) int64 codes: each object's code on the cells whose centre lies inside
+    its box (at least the cell under the box's centre); a cell keeps the first object painted on it."""
+    grid = np.zeros((side, side), np.int64)
+    centres = np.arange(side) + 0.5
+    for obj in objects:
+        cx, cy, r = shapes.object_box(obj, side)
+        rows = np.flatnonzero(np.abs(centres - cy) <= r)
+        cols = np.flatnonzero(np.abs(centres - cx) <= r)
+        rows = rows if rows.size else np.array([min(int(cy), side - 1)])
+        cols = cols if cols.size else np.array([min(int(cx), side - 1)])
+        block = grid[np.ix_(rows, cols)]
+        block[block == 0] = object_code(obj)
+        grid[np.ix_(rows, cols)] = block
+    return grid
+
+
+def cell_grid(grid: np.ndarray) -> np.ndarray:
+    """(G, G) painted codes -> (3, 3): each cell's most frequent object code among the codes whose
+    centre lies in it (0 when none)."""
+    side = grid.shape[0]
+    cell_of = ((np.arange(side) + 0.5) * GRID / side).astype(np.int64)
+    out = np.zeros((GRID, GRID), np.int64)
+    for r in range(GRID):
+        for c in range(GRID):
+            codes = grid[np.ix_(cell_of == r, cell_of == c)].ravel()
+            codes = codes[codes > 0]
+            if codes.size:
+                out[r, c] = np.bincount(codes).argmax()
+    return out
+
+
 def grid_objects(grid: np.ndarray) -> list[shapes.ShapeObject]:
-    flat = np.asarray(grid).reshape(-1)
+    """(3, 3) codes, or a (G, G) painted grid, -> the objects they name."""
+    grid = np.asarray(grid)
+    flat = (grid if grid.shape[0] == GRID else cell_grid(grid)).reshape(-1)
     return [o for cell, code in enumerate(flat) if (o := code_object(int(code), cell)) is not None]
 
 
@@ -67,18 +108,21 @@ class CodebookUsage:
 
 
 class OracleTokenizer(nn.Module):
-    """encode(images (B, 3, H, W) in [-1, 1]) -> {"pixel": (B, 3, 3, 1) int64};
-    decode((B, 3, 3, 1)) -> (B, 3, image_size, image_size) in [-1, 1]."""
+    """encode(images (B, 3, H, W) in [-1, 1]) -> {"pixel": (B, G, G, 1) int64};
+    decode((B, G, G, 1)) -> (B, 3, image_size, image_size) in [-1, 1]. G = `grid` (3: one code a cell)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, grid: int = GRID):
         super().__init__()
-        self.image_size = image_size
+        self.image_size, self.grid = image_size, grid
         self.quantizer = CodebookUsage()
+
+    def _codes(self, objects: list[shapes.ShapeObject]) -> np.ndarray:
+        return scene_grid(objects) if self.grid == GRID else painted_grid(objects, self.grid)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        grids = np.stack([scene_grid(analyser.analyse(p)) for p in pixels]) if len(pixels) else np.zeros((0, GRID, GRID), np.int64)
+        grids = np.stack([self._codes(analyser.analyse(p)) for p in pixels]) if len(pixels) else np.zeros((0, self.grid, self.grid), np.int64)
         return {"pixel": torch.from_numpy(grids[..., None]).to(images.device)}
 
     @torch.no_grad()
@@ -91,4 +135,4 @@ class OracleTokenizer(nn.Module):
         return x.to(codes.device)
 
     def grid_shape(self, image_size: int) -> tuple[int, int]:
-        return GRID, GRID
+        return self.grid, self.grid

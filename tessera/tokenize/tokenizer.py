@@ -29,7 +29,7 @@ def build_tokenizer(cfg: TokenizerConfig, encoder: nn.Module | None = None) -> n
     if cfg.preset == "oracle":
         from tessera.tokenize.oracle import OracleTokenizer
 
-        return OracleTokenizer(cfg.image_size)
+        return OracleTokenizer(cfg.image_size, cfg.oracle_grid)
     from tessera.tokenize.dual import DualTokenizer
 
     return DualTokenizer(cfg.dual, cfg.image_size, encoder=encoder)
