@@ -241,13 +241,12 @@ def _oracle_fidelity(model, images, captions) -> float:
     """Share of held-out captioned images whose oracle codes name exactly the caption's objects
     (the oracle is only as true as the analyser that reads the pixels)."""
     from tessera.pipelines.shapes import parse_caption
-    from tessera.tokenize.oracle import grid_objects
 
     keep = [i for i, c in enumerate(captions) if c and parse_caption(c)]
     if not keep:
         return float("nan")
     grids = model.encode(images[keep])["pixel"][..., 0].numpy()
-    return float(np.mean([set(grid_objects(g)) == set(parse_caption(captions[i])) for g, i in zip(grids, keep)]))
+    return float(np.mean([set(model.objects(g)) == set(parse_caption(captions[i])) for g, i in zip(grids, keep)]))
 
 
 def _retrieval(model, held: dict, out: str) -> tuple[float, float]:

@@ -75,14 +75,14 @@ def painted_grid(objects: list[shapes.ShapeObject], side: int) -> np.ndarray:
 
 
 def cell_grid(grid: np.ndarray) -> np.ndarray:
-    """(G, G) painted codes -> (3, 3): each cell's most frequent object code among the codes whose
-    centre lies in it (0 when none)."""
-    side = grid.shape[0]
-    cell_of = ((np.arange(side) + 0.5) * GRID / side).astype(np.int64)
+    """(H, W) painted codes (a whole grid, or a BPE tile) -> (3, 3): each cell's most frequent object
+    code among the codes whose centre lies in it (0 when none)."""
+    grid = np.asarray(grid)
+    row_cell, col_cell = (((np.arange(n) + 0.5) * GRID / n).astype(np.int64) for n in grid.shape)
     out = np.zeros((GRID, GRID), np.int64)
     for r in range(GRID):
         for c in range(GRID):
-            codes = grid[np.ix_(cell_of == r, cell_of == c)].ravel()
+            codes = grid[np.ix_(row_cell == r, col_cell == c)].ravel()
             codes = codes[codes > 0]
             if codes.size:
                 out[r, c] = np.bincount(codes).argmax()
@@ -90,9 +90,7 @@ def cell_grid(grid: np.ndarray) -> np.ndarray:
 
 
 def grid_objects(grid: np.ndarray) -> list[shapes.ShapeObject]:
-    """(3, 3) codes, or a (G, G) painted grid, -> the objects they name."""
-    grid = np.asarray(grid)
-    flat = (grid if grid.shape[0] == GRID else cell_grid(grid)).reshape(-1)
+    flat = np.asarray(grid).reshape(-1)
     return [o for cell, code in enumerate(flat) if (o := code_object(int(code), cell)) is not None]
 
 
@@ -119,6 +117,10 @@ class OracleTokenizer(nn.Module):
     def _codes(self, objects: list[shapes.ShapeObject]) -> np.ndarray:
         return scene_grid(objects) if self.grid == GRID else painted_grid(objects, self.grid)
 
+    def objects(self, grid: np.ndarray) -> list[shapes.ShapeObject]:
+        """(G, G) codes (or a tile of them) -> the objects they name."""
+        return grid_objects(grid if self.grid == GRID else cell_grid(grid))
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -129,7 +131,7 @@ class OracleTokenizer(nn.Module):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         out = []
         for grid in codes[..., 0].cpu().numpy():
-            scene = shapes.Scene(tuple(grid_objects(grid)), _BACKGROUND, _BACKGROUND, False, 0, noise=0.0)
+            scene = shapes.Scene(tuple(self.objects(grid)), _BACKGROUND, _BACKGROUND, False, 0, noise=0.0)
             out.append(shapes.render_scene(scene, self.image_size))
         x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         return x.to(codes.device)

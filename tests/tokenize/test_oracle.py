@@ -87,3 +87,5 @@ def test_a_painted_grid_covers_each_object_box_and_reads_back_as_the_cells():
     cells = OracleTokenizer(64).encode(images)["pixel"]
     assert torch.equal(torch.stack([torch.from_numpy(cell_grid(g[..., 0].numpy())) for g in codes])[..., None], cells)
     assert float((tok.encode(tok.decode(codes))["pixel"] == codes).float().mean()) >= 0.97  # its drawings read back
+    assert tok.decode(codes[:2, 4:5, 3:6]).shape == (2, 3, 64, 64)  # a BPE tile (fit-bpe's PNG) draws too
+    assert {o for o in tok.objects(codes[0, ..., 0].numpy())} == set(grid_objects(cells[0, ..., 0].numpy()))
