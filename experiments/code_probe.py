@@ -9,7 +9,7 @@ one-object scenes (3000 train / 300 held-out), per attribute:
     python experiments/code_probe.py runs/demo/tokenizer [varied|plain]
 
 Each figure is also given by the object's size: a small object (radius 0.22 of a cell, ~9 pixels
-across a 64-pixel image) spans ~2 codes of a 16x16 grid, a large one ~4.
+across a 64-pixel image) spans 2-3 codes of a 16x16 grid, a large one ~4.
 """
 
 import sys
