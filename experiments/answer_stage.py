@@ -90,7 +90,8 @@ def main() -> None:
     tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(cfg.model.tokenizer), "cpu")
     seen = training_questions(os.path.join(cfg.resolve(cfg.synth.output), "instruct"), 60, tcfg.image_size)
     train_items = Evaluator(None, _builder(spec), run.assets.text_tokenizer, tokenizer, seen).probe_items(30)
-    model = load_model(a.init) if a.init else TesseraModel.create(cfg.model, run.vocab, run.sizes, run.depth, seed=a.seed)
+    model = load_model(a.init) if a.init else TesseraModel.create(cfg.model, run.vocab, run.sizes, run.depth, seed=a.seed,
+                                                                  tile_codes=run.assets.tile_codes(cfg.model))
     if a.grid_encoder and not hasattr(model, "grid_encoder"):
         model.cfg.grid_encoder.layers = a.grid_encoder
         torch.manual_seed(a.seed)

@@ -511,11 +511,14 @@ class ModelConfig:
     codebooks: list[str] = field(default_factory=lambda: ["pixel"])
     """rvq interface: which of the tokenizer's codebooks a cell carries (`pixel`, `semantic`)."""
     depth_head: DepthHeadConfig = field(default_factory=DepthHeadConfig)
-    visual_positions: Literal["1d", "2d"] = "2d"
+    visual_positions: Literal["1d", "2d", "extent"] = "2d"
     """`2d`: each visual token (a BPE tile, an rvq cell) also gets learned row and column
     embeddings of its anchor cell added to its input embedding, so the LM knows where in the
-    image it sits (a raster index of variable-size tiles does not say). `1d`: sequence positions
-    only (the `bpe` model then loads with plain `transformers`)."""
+    image it sits (a raster index of variable-size tiles does not say). `extent` (bpe interface):
+    the mean of those row embeddings over the rows its tile covers plus the mean of the column
+    embeddings over its columns, so a tile is placed by the cells it covers, not by its top-left
+    corner (a 1x1 tile gets exactly its `2d` embedding). `1d`: sequence positions only (the `bpe`
+    model then loads with plain `transformers`)."""
     grid_encoder: GridEncoderConfig = field(default_factory=GridEncoderConfig)
     init: Literal["mean", "he"] = "mean"
     """New embedding rows: mean of the existing rows plus noise, or He (Being-VL)."""
@@ -779,6 +782,8 @@ class TesseraConfig:
                f"pre-quantisation features come from the vq tokenizer, not tokenizer.preset {self.tokenizer.preset!r}")
         _check(self.model.interface != "continuous" or self.tokenize.features, "model.interface",
                "`continuous` reads the encoder's features: set tokenize.features: true")
+        _check(self.model.visual_positions != "extent" or self.model.interface == "bpe", "model.visual_positions",
+               f"`extent` places BPE tiles by the cells they cover: it needs model.interface bpe, not {self.model.interface!r}")
         _check(self.model.grid_encoder.layers == 0 or self.model.interface == "bpe", "model.grid_encoder.layers",
                f"the grid encoder reads BPE tiles' codes: it needs model.interface bpe, not {self.model.interface!r}")
 

@@ -58,8 +58,9 @@ class ModelAssets:
         return self.codebook_sizes.get("pixel", 0) if cfg.interface == "continuous" else 0
 
     def tile_codes(self, cfg: ModelConfig) -> torch.Tensor | None:
-        """The grid encoder's table of each BPE token's base codes (None without a grid encoder)."""
-        if not cfg.grid_encoder.layers:
+        """The table of each BPE token's base codes that the grid encoder and `extent` positions read
+        (None when the model has neither)."""
+        if not cfg.grid_encoder.layers and cfg.visual_positions != "extent":
             return None
         from tessera.model.grid_encoder import GridEncoder
 
@@ -164,7 +165,8 @@ def _load_model(directory: str, device: str | torch.device) -> TesseraModel:
         config._attn_implementation = "sdpa"
         lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         state = load_file(os.path.join(directory, "tessera_model.safetensors"))
-        model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"], state.get("grid_encoder.tile_codes"))
+        model = TesseraModel(lm, vocab, cfg, info["codebook_sizes"], info["depth"], state.get("grid_encoder.tile_codes"),
+                             state.get("tile_shapes"))
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
         if missing or unexpected:

@@ -11,7 +11,8 @@
                   feature (N, dim) -> input embedding (N, hidden)
 
     grid_rows,    visual_positions `2d`: learned embeddings of a visual token's anchor row and
-    grid_cols     column, added to its input embedding
+    grid_cols     column, added to its input embedding; `extent`: their means over the rows and
+                  the columns its BPE tile covers (`tile_shapes` (V, 2): each tile's height, width)
     grid_encoder  bpe interface with `grid_encoder.layers > 0`: a CNN over the base-code grid of each
                   image the model reads, added to its tiles' input embeddings (`GridEncoder`)
 
@@ -155,12 +156,18 @@ class FeatureProjector(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=1e-12).to(x.dtype) * self.rms.to(x.dtype)
 
 
+def tile_shapes_of(tile_codes: torch.Tensor) -> torch.Tensor:
+    """(V, T, T) base codes of each BPE token's tile, -1 outside it -> (V, 2) int64 (height, width)."""
+    inside = tile_codes >= 0
+    return torch.stack([inside.any(2).sum(1), inside.any(1).sum(1)], dim=1).to(torch.int64)
+
+
 class TesseraModel(nn.Module):
     def __init__(self, lm, vocab: Vocabulary, cfg: ModelConfig, codebook_sizes: list[int] | None = None, depth: int = 1,
-                 tile_codes: torch.Tensor | None = None):
+                 tile_codes: torch.Tensor | None = None, tile_shapes: torch.Tensor | None = None):
         """`depth`: the rvq interface's code depth D; the continuous interface's feature width.
         `tile_codes` (V, T, T): each BPE token's base codes (`GridEncoder.tiles_from_bpe`), needed with
-        `cfg.grid_encoder.layers > 0`."""
+        `cfg.grid_encoder.layers > 0` and, unless `tile_shapes` (V, 2) is given, with `visual_positions: extent`."""
         super().__init__()
         self.lm, self.vocab, self.cfg = lm, vocab, cfg
         self.codebook_sizes = list(codebook_sizes or [])
@@ -177,12 +184,17 @@ class TesseraModel(nn.Module):
             hidden, dh = lm.config.hidden_size, cfg.depth_head
             self.code_embed = CodeEmbedding(self.codebook_sizes, depth, dh.dim, hidden)
             self.depth_heads = nn.ModuleList(DepthHead(hidden, k, depth, dh.dim, dh.layers, dh.heads) for k in self.codebook_sizes)
-        if cfg.visual_positions == "2d":
+        if cfg.visual_positions in ("2d", "extent"):
             hidden = lm.config.hidden_size
             self.grid_rows = nn.Embedding(cfg.max_grid, hidden)
             self.grid_cols = nn.Embedding(cfg.max_grid, hidden)
             for emb in (self.grid_rows, self.grid_cols):
                 nn.init.normal_(emb.weight, std=0.02)
+        if cfg.visual_positions == "extent":
+            if vocab.interface != "bpe" or (tile_codes is None and tile_shapes is None):
+                raise ValueError("visual_positions extent needs the bpe interface and its tiles' codes (tile_codes)")
+            # a buffer: saved with the weights, so a loaded model needs no BPE
+            self.register_buffer("tile_shapes", (tile_shapes if tile_shapes is not None else tile_shapes_of(tile_codes)).to(torch.int64))
         if cfg.grid_encoder.layers:
             self.attach_grid_encoder(tile_codes)
         if cfg.mot:  # last: building the experts draws random numbers, which must not change the parts above
@@ -232,10 +244,31 @@ class TesseraModel(nn.Module):
         if cells is not None and hasattr(self, "grid_rows"):
             placed = (cells[..., 0] >= 0).unsqueeze(-1)
             rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)
-            embeds = embeds + placed * (self.grid_rows(rc[..., 0]) + self.grid_cols(rc[..., 1])).to(embeds.dtype)
+            if hasattr(self, "tile_shapes"):
+                place = self.extent_embedding(input_ids, rc)
+            else:
+                place = self.grid_rows(rc[..., 0]) + self.grid_cols(rc[..., 1])
+            embeds = embeds + placed * place.to(embeds.dtype)
         if cells is not None and hasattr(self, "grid_encoder"):
             embeds = self._add_grid_features(embeds, input_ids, cells, labels)
         return embeds
+
+    def extent_embedding(self, input_ids: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids, (B, L, 2) anchor cells (>= 0) -> (B, L, hidden): the mean row embedding over the
+        rows a visual token's tile covers plus the mean column embedding over its columns (a non-visual
+        token counts as 1x1). Means over a span come from prefix sums of the tables, so each token costs
+        two lookups whatever its tile's size."""
+        v = self.vocab
+        visual = (input_ids >= v.visual_base) & (input_ids < v.visual_base + v.visual_size)
+        shape = self.tile_shapes[(input_ids - v.visual_base).clamp(0, v.visual_size - 1)]  # (B, L, 2)
+        shape = torch.where(visual.unsqueeze(-1), shape, torch.ones_like(shape))
+        end = (anchors + shape).clamp(max=self.cfg.max_grid)
+        span = (end - anchors).clamp(min=1).unsqueeze(-1)  # (B, L, 2, 1)
+        out = 0
+        for axis, table in enumerate((self.grid_rows.weight, self.grid_cols.weight)):
+            prefix = F.pad(table.cumsum(0), (0, 0, 1, 0))  # (G + 1, hidden): prefix[k] = sum of rows < k
+            out = out + (prefix[end[..., axis]] - prefix[anchors[..., axis]]) / span[..., axis, :]
+        return out
 
     def read_images(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Which visual tokens belong to an image the model reads (see `tessera.model.grid_encoder`):

@@ -296,3 +296,49 @@ def test_bpe_model_loads_with_plain_transformers(bpe, tmp_path):
     ids = torch.tensor([[1, 20, model.vocab.image_start, model.vocab.height_token(4), model.vocab.visual_base + 3, 2]])
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_extent_positions_place_a_tile_by_the_cells_it_covers(bpe, tmp_path):
+    """`visual_positions: extent`: a tile's place is the mean row embedding over its rows plus the mean
+    column embedding over its columns; a 1x1 tile gets exactly its `2d` embedding; the tile shapes are
+    saved with the weights (a loaded model computes the same logits without the BPE)."""
+    from tessera.model.grid_encoder import GridEncoder
+    from tessera.model.stream import model_inputs
+
+    tiles = GridEncoder.tiles_from_bpe(bpe, bpe.vocab_size)
+    cfg = model_config("model.interface=bpe", "model.visual_positions=extent")
+    with pytest.raises(ValueError, match="tile_codes"):
+        TesseraModel.create(cfg, vocab_for("bpe", bpe), seed=0)
+    model = TesseraModel.create(cfg, vocab_for("bpe", bpe), seed=0, tile_codes=tiles).eval()
+    with torch.no_grad():
+        for emb in (model.grid_rows, model.grid_cols):
+            emb.weight.normal_()  # std 0.02 at init: make differences between means visible
+    v = model.vocab
+    big = max(range(bpe.vocab_size), key=lambda t: bpe.shape(t)[0] * bpe.shape(t)[1])
+    h, w = bpe.shape(big)
+    assert h * w > 1 and tuple(model.tile_shapes[big].tolist()) == (h, w)
+    ids = torch.tensor([[1, v.visual_base + big, v.visual_base + 3, 20]])
+    cells = torch.tensor([[[-1, -1], [2, 1], [5, 6], [-1, -1]]])
+    with torch.no_grad():
+        plain = model.lm.get_input_embeddings()(ids)
+        placed = model.embed(ids, None, cells) - plain
+    rows, cols = model.grid_rows.weight, model.grid_cols.weight
+    torch.testing.assert_close(placed[0, 1], rows[2:2 + h].mean(0) + cols[1:1 + w].mean(0))
+    assert bpe.shape(3) == (1, 1)
+    torch.testing.assert_close(placed[0, 2], rows[5] + cols[6])
+    assert placed[0, 0].abs().max() == 0 and placed[0, 3].abs().max() == 0  # text is not placed
+
+    _, batch, _ = batch_of(model, bpe)
+    assert (batch["cells"] >= 0).any()
+    save_model(model, str(tmp_path / "m"))
+    loaded = load_model(str(tmp_path / "m"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**model_inputs(batch)).logits, model(**model_inputs(batch)).logits)
+    assert torch.equal(loaded.tile_shapes, model.tile_shapes)
+
+
+def test_extent_positions_need_the_bpe_interface():
+    from tessera.config import ConfigError
+
+    with pytest.raises(ConfigError, match="visual_positions"):
+        load_config(None, ["model.interface=rvq", "model.visual_positions=extent"])
