@@ -124,3 +124,28 @@ def test_a_model_without_the_tiles_table_is_refused(bpe):
     cfg = model_config("model.interface=bpe", "model.grid_encoder.layers=2")
     with pytest.raises(ValueError, match="tile_codes"):
         TesseraModel.create(cfg, vocab_for("bpe", bpe), seed=0)
+
+
+def test_kernel_one_is_a_bag_of_each_tiles_own_codes(bpe):
+    """`kernel: 1` (one layer): a tile's feature is a function of its own base codes alone, the same
+    wherever it sits and whatever its neighbours are -- an embedding composed from the tile's codes, shared
+    by every tile that holds them; 3x3 kernels read the neighbours too."""
+    tiles = GridEncoder.tiles_from_bpe(bpe, bpe.vocab_size)
+    for kernel, local in ((1, True), (3, False)):
+        torch.manual_seed(0)
+        enc = GridEncoder(tiles, hidden=4, dim=4, layers=1, kernel=kernel)
+        torch.nn.init.normal_(enc.out.weight)
+        single = next(t for t in range(bpe.vocab_size) if bpe.shape(t) == (1, 1))
+        big = max(range(bpe.vocab_size), key=lambda t: bpe.shape(t)[0] * bpe.shape(t)[1])
+        h, w = bpe.shape(big)
+        # the big tile at (0, 0) beside a 1x1 tile of code 0 and, in a second image, of another code
+        others = [t for t in range(bpe.codebook_size) if t != int(tiles[big][0, 0])][:2]
+        toks = torch.tensor([big, others[0], big, others[1]])
+        image_of = torch.tensor([0, 0, 1, 1])
+        cells = torch.tensor([[0, 0], [0, w], [0, 0], [0, w]])
+        with torch.no_grad():
+            f = enc(toks, image_of, cells)
+            moved = enc(torch.tensor([big, single]), torch.tensor([0, 0]), torch.tensor([[3, 2], [0, 0]]))
+        assert torch.allclose(f[0], f[2]) == local, kernel
+        if local:
+            torch.testing.assert_close(moved[0], f[0])  # the same tile elsewhere: the same feature
