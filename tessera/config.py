@@ -481,8 +481,7 @@ class GridEncoderConfig:
     """bpe interface: a small CNN over the base-code grid of every image the model reads, its feature
     added to each tile's input embedding (`tessera.model.grid_encoder`). `layers: 0` = off. `layers: 1,
     kernel: 1` reads no neighbour: each tile gets an embedding composed from its own base codes, shared by
-    every tile that holds them (README "Learning": what closes most of the gap between the real tiles'
-    geometry and one token per cell)."""
+    every tile that holds them (measured in README "Learning": no gain that two seeds agree on)."""
 
     layers: int = 0
     dim: int = 64

@@ -138,7 +138,7 @@ def test_kernel_one_is_a_bag_of_each_tiles_own_codes(bpe):
         single = next(t for t in range(bpe.vocab_size) if bpe.shape(t) == (1, 1))
         big = max(range(bpe.vocab_size), key=lambda t: bpe.shape(t)[0] * bpe.shape(t)[1])
         h, w = bpe.shape(big)
-        # the big tile at (0, 0) beside a 1x1 tile of code 0 and, in a second image, of another code
+        # the big tile at (0, 0) beside a 1x1 tile (a base code other than the big tile's first), in a second image beside another
         others = [t for t in range(bpe.codebook_size) if t != int(tiles[big][0, 0])][:2]
         toks = torch.tensor([big, others[0], big, others[1]])
         image_of = torch.tensor([0, 0, 1, 1])
