@@ -27,6 +27,8 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SIZES = ("small", "large")
+# An object's radius as a share of its cell's side, by size.
+OBJECT_RADIUS = {"small": 0.22, "large": 0.40}
 # 3x3 grid cells, raster order; names are what captions and questions use.
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBER_WORDS = ("zero", "one", "two", "three")
@@ -119,7 +121,7 @@ def object_box(obj: ShapeObject, resolution: int, jitter: tuple[float, float] = 
     cell = resolution / 3.0
     idx = POSITIONS.index(obj.position)
     row, col = divmod(idx, 3)
-    r = cell * (0.40 if obj.size == "large" else 0.22)
+    r = cell * OBJECT_RADIUS[obj.size]
     slack = max(cell / 2 - r * 1.15, 0.0)
     cx = (col + 0.5) * cell + jitter[0] * slack
     cy = (row + 0.5) * cell + jitter[1] * slack
