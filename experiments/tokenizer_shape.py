@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tessera.bpe.model import VisualBPE
 from tessera.config import load_config
 from tessera.pipelines import shapes
 from tessera.tokenize.tokenizer import build_tokenizer
@@ -68,9 +69,20 @@ def main() -> None:
         with torch.no_grad():
             return scenes, torch.cat([model.encode(b)["pixel"][..., 0] for b in x.split(256)]).long()
 
+    # The visual BPE on these codes (the demo's 1024 merges, fitted on the 4000 training scenes):
+    # held-out tokens an image, and how many codes a flat, empty image gets.
+    with torch.no_grad():
+        pool_codes = torch.cat([model.encode(b)["pixel"][..., 0] for b in pool.split(256)]).numpy()
+        held_codes = model.encode(held)["pixel"][..., 0].numpy()
+        empty = torch.stack([torch.full((3, res, res), level / 127.5 - 1) for level in shapes.BACKGROUND_LEVELS])
+        empty_codes = model.encode(empty)["pixel"][..., 0].numpy()
+    bpe = VisualBPE.fit(list(pool_codes), K, 1024)
+
     train, g_train = codes_of(1, 3000)
     test, g_test = codes_of(2, 300)
-    out = {"tag": a.tag, "psnr": round(float(psnr(held, rec).mean()), 2), "train_s": round(train_s), "grid": list(g_train.shape[1:])}
+    out = {"tag": a.tag, "psnr": round(float(psnr(held, rec).mean()), 2), "train_s": round(train_s), "grid": list(g_train.shape[1:]),
+           "tokens_per_image": round(float(np.mean([len(t) for t in bpe.encode_batch(held_codes)])), 1),
+           "codes_in_empty_image": round(float(np.mean([len(np.unique(g)) for g in empty_codes])), 1)}
     for attr in ("shape", "colour", "size"):
         labels = sorted({getattr(s.objects[0], attr) for s in train})
         y = torch.tensor([labels.index(getattr(s.objects[0], attr)) for s in train])

@@ -296,6 +296,11 @@ class VQConfig:
     """Downsampling steps: a 64x64 image becomes a 16x16 code grid with 2."""
     res_blocks: int = 1
     """Residual blocks per resolution."""
+    encoder_norm: Literal["group", "channel"] = "group"
+    """Normalisation in the encoder: `group` (GroupNorm, statistics over the whole image) or `channel`
+    (layer norm over each position's channels, so a patch's code does not depend on the rest of the image)."""
+    encoder_padding: Literal["zeros", "replicate"] = "zeros"
+    """Padding of the encoder's convolutions: `replicate` keeps a flat region flat up to the border."""
     rvq: RVQConfig = field(default_factory=RVQConfig)
 
     def __post_init__(self):

@@ -13,24 +13,46 @@ from tessera.config import VQConfig
 from tessera.tokenize.rvq import ResidualVQ
 
 
-class ResBlock(nn.Module):
+class ChannelNorm(nn.Module):
+    """Layer norm over the channels of each position (B, C, H, W): unlike GroupNorm, whose statistics
+    span the whole image, a position's output depends only on its own features."""
+
     def __init__(self, ch: int):
         super().__init__()
-        self.block = nn.Sequential(nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, 1, 1),
-                                   nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, 1, 1))
+        self.norm = nn.LayerNorm(ch)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _norm(kind: str, ch: int) -> nn.Module:
+    return nn.GroupNorm(8, ch) if kind == "group" else ChannelNorm(ch)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int, norm: str = "group", padding_mode: str = "zeros"):
+        super().__init__()
+        self.block = nn.Sequential(_norm(norm, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, 1, 1, padding_mode=padding_mode),
+                                   _norm(norm, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, 1, 1, padding_mode=padding_mode))
 
     def forward(self, x):
         return x + self.block(x)
 
 
 class ConvEncoder(nn.Module):
+    """(B, 3, H, W) -> (B, C, H/f, W/f). `cfg.encoder_norm: channel` and `cfg.encoder_padding: replicate`
+    make a code depend only on the pixels around it: the same patch gets the same code anywhere in
+    any image (with GroupNorm's image-wide statistics and zero padding, a flat background gets
+    different codes by its distance to the border and by what else the image holds)."""
+
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        ch = cfg.channels
-        layers: list[nn.Module] = [nn.Conv2d(3, ch, 3, 1, 1)]
+        ch, norm, pad = cfg.channels, cfg.encoder_norm, cfg.encoder_padding
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 3, 1, 1, padding_mode=pad)]
         for _ in range(cfg.num_down):
-            layers += [ResBlock(ch) for _ in range(cfg.res_blocks)] + [nn.Conv2d(ch, ch, 4, 2, 1)]
-        layers += [ResBlock(ch), nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, cfg.rvq.dim, 1)]
+            layers += [ResBlock(ch, norm, pad) for _ in range(cfg.res_blocks)]
+            layers += [nn.Conv2d(ch, ch, 4, 2, 1, padding_mode=pad)]
+        layers += [ResBlock(ch, norm, pad), _norm(norm, ch), nn.SiLU(), nn.Conv2d(ch, cfg.rvq.dim, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, C, h, w)

@@ -129,3 +129,31 @@ def test_align_runs_on_a_corpus_smaller_than_one_batch(prepared, tmp_path):
     assert os.path.exists(os.path.join(vision, "config.json"))
     losses = json.load(open(tmp_path / "align" / "losses.json"))
     assert len(losses) == 3
+
+
+def test_a_local_encoder_gives_a_patch_one_code_wherever_it_is():
+    """`encoder_norm: channel` + `encoder_padding: replicate`: a flat image is one code everywhere
+    (nothing tells the border from the middle), and an object leaves the codes beyond the encoder's
+    receptive field (40 px with two downsamplings) exactly as in the empty image. The image-wide
+    GroupNorm and zero padding change both."""
+    def encoder_features(local: bool, x):
+        sets = ["tokenizer.vq.encoder_norm=channel", "tokenizer.vq.encoder_padding=replicate"] if local else []
+        torch.manual_seed(0)
+        vq = build_tokenizer(load_config(None, [*TINY, "tokenizer.image_size=128", *sets]).tokenizer).eval()
+        with torch.no_grad():
+            return vq.encoder(x), vq.encode(x)["pixel"][..., 0]
+
+    empty = torch.full((1, 3, 128, 128), 0.3)
+    scene = empty.clone()
+    scene[:, :, 4:20, 4:20] = -0.8  # an object in the top-left corner
+    far = (slice(None), slice(None), slice(16, None), slice(16, None))  # grid cells >= 64 px away
+    z_empty, codes_empty = encoder_features(True, empty)
+    z_scene, codes_scene = encoder_features(True, scene)
+    assert torch.allclose(z_empty, z_empty[..., :1, :1].expand_as(z_empty), atol=1e-5)
+    assert codes_empty.unique().numel() == 1
+    assert torch.allclose(z_scene[far], z_empty[far], atol=1e-5)
+    assert torch.equal(codes_scene[:, 16:, 16:], codes_empty[:, 16:, 16:])
+    z_empty, _ = encoder_features(False, empty)
+    z_scene, _ = encoder_features(False, scene)
+    assert not torch.allclose(z_empty, z_empty[..., :1, :1].expand_as(z_empty), atol=1e-3), "zero padding marks the border"
+    assert not torch.allclose(z_scene[far], z_empty[far], atol=1e-3), "GroupNorm spreads the object's statistics"
