@@ -7,7 +7,7 @@ scenes, then report its held-out PSNR and a CNN probe over its codes of one-obje
     PYTHONPATH=. python experiments/tokenizer_shape.py plain --backgrounds plain
     PYTHONPATH=. python experiments/tokenizer_shape.py long4x --steps 1200 --batch 32
     PYTHONPATH=. python experiments/tokenizer_shape.py k1024 --set tokenizer.vq.rvq.codebook_size=1024
-    PYTHONPATH=. python experiments/tokenizer_shape.py big --radius small=0.3 --radius large=0.45
+    PYTHONPATH=. python experiments/tokenizer_shape.py big --radius small=0.3 --radius large=0.42
 
 Shape is also reported by object size (`shape_small`, `shape_large`: the same probe's held-out
 accuracy on the small and on the large objects), since a small object spans only 2-3 codes; and
@@ -62,23 +62,26 @@ def main() -> None:
     train_s = time.time() - t0
     model.eval()
     _, held = render(9, 64)
-    with torch.no_grad():
-        rec = model.decode(model.encode(held)["pixel"])
     K = cfg.vq.rvq.codebook_size
+
+    @torch.no_grad()
+    def grid_codes(x):  # images (N, 3, H, W) -> first-depth code grids (N, h, w), in batches of 256
+        return torch.cat([model.encode(b)["pixel"][..., 0] for b in x.split(256)]).long()
 
     def codes_of(seed, n):
         scenes, x = render(seed, n, 1)
-        with torch.no_grad():
-            return scenes, torch.cat([model.encode(b)["pixel"][..., 0] for b in x.split(256)]).long()
+        return scenes, grid_codes(x)
 
+    with torch.no_grad():
+        held_all = model.encode(held)["pixel"]
+        rec = model.decode(held_all)
     # The visual BPE on these codes (the demo's 1024 merges, fitted on the 4000 training scenes):
     # held-out tokens an image, and how many codes a flat, empty image gets.
-    with torch.no_grad():
-        pool_codes = torch.cat([model.encode(b)["pixel"][..., 0] for b in pool.split(256)]).numpy()
-        held_codes = model.encode(held)["pixel"][..., 0].numpy()
-        empty = torch.stack([torch.full((3, res, res), level / 127.5 - 1) for level in shapes.BACKGROUND_LEVELS])
-        empty_codes = model.encode(empty)["pixel"][..., 0].numpy()
-    bpe = VisualBPE.fit(list(pool_codes), K, 1024)
+    held_codes = held_all[..., 0].numpy()
+    empty = torch.stack([torch.full((3, res, res), level / 127.5 - 1) for level in shapes.BACKGROUND_LEVELS])
+    empty_codes = grid_codes(empty).numpy()
+    bpe_pool = grid_codes(pool).numpy()
+    bpe = VisualBPE.fit(list(bpe_pool), K, 1024)
 
     train, g_train = codes_of(1, 3000)
     test, g_test = codes_of(2, 300)
