@@ -176,8 +176,10 @@ def caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
 
 
 def parse_caption(text: str) -> list[ShapeObject]:
-    """Inverse of `caption`: objects named in a caption (unparseable parts are skipped)."""
-    text = text.lower().rstrip(".")
+    """Inverse of `caption`: objects named in a caption (unparseable parts are skipped). Whitespace is
+    normalised first: a generated caption starts with the space of its first word's token (" A picture
+    showing ..."), and an opener left unstripped there would make every object unparseable."""
+    text = " ".join(text.lower().split()).rstrip(".")
     for opener in _CAPTION_OPENERS[1:]:
         if text.startswith(opener):
             text = text[len(opener):]

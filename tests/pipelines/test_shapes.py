@@ -20,6 +20,25 @@ def test_caption_parses_back_to_the_scene():
         assert shapes.parse_caption(shapes.caption(scene, rng)) == list(scene.objects)
 
 
+def test_a_generated_caption_parses_with_its_opener_and_leading_space():
+    """The model's captions come back with the space of their first token (" A picture showing ...");
+    with that space the opener used to stay, so every object went unparsed and scored 0 (most of the
+    demo's held-out captions, whichever attributes they got right)."""
+    from tessera.model.evaluate import caption_score
+
+    rng = np.random.default_rng(2)
+    openers = set()
+    for _ in range(100):
+        scene = shapes.sample_scene(rng)
+        text = shapes.caption(scene, rng)
+        openers.add(text.split()[0])
+        generated = " " + text.replace(" ", "  ", 1)  # a leading space and a doubled one inside
+        assert shapes.parse_caption(generated) == list(scene.objects)
+        assert caption_score(list(scene.objects), shapes.parse_caption(generated)) == 1.0
+    assert {"A", "There", "An"} <= openers, "every opener was tried"
+    assert shapes.parse_caption(" A picture showing a tiny red blob.") == []
+
+
 def test_questions_cover_attributes_counts_and_absent_objects():
     rng = np.random.default_rng(1)
     exists = []
