@@ -12,7 +12,7 @@ def test_defaults_and_demo_config_load():
     assert [s.kind for s in cfg.prepare.sources] == ["img2dataset", "hf_dataset", "video", "web", "llava"]
     assert load_config(None, ["run.name=other"]).run.root == "runs/other"  # derived again, not copied from the default
     demo = load_config("configs/demo.yaml")
-    assert demo.synth.num_image_text == 512
+    assert demo.synth.num_image_text == 1024
     assert demo.resolve(demo.prepare.sources[0].uri) == "runs/demo/synth/wds"
 
 
@@ -89,7 +89,10 @@ def test_partial_sections_keep_the_fields_own_defaults():
 def test_extends_merges_base_config_and_the_shipped_configs_load(tmp_path):
     for name in ("demo", "being-vl-3stage", "bagel-4stage", "ablations"):
         cfg = load_config(f"configs/{name}.yaml")
-        assert cfg.train.stages and cfg.synth.num_image_text == 512
+        assert cfg.train.stages and cfg.synth.num_image_text == (512 if name == "ablations" else 1024)
+    ablations = load_config("configs/ablations.yaml")
+    assert (ablations.synth.backgrounds, ablations.tokenizer.vq.encoder_norm, ablations.run.root) == ("varied", "group", "runs/ablations"), \
+        "the ablations keep the world README 'Ablations' measured, beside the demo's runs"
     bagel = load_config("configs/bagel-4stage.yaml")
     assert bagel.model.mot and [s.name for s in bagel.train.stages] == ["alignment", "pretraining", "continued", "sft"]
     assert load_config("configs/being-vl-3stage.yaml").train.stages[1].trainable.layers == [2, 3]
