@@ -87,12 +87,13 @@ def test_partial_sections_keep_the_fields_own_defaults():
 
 
 def test_extends_merges_base_config_and_the_shipped_configs_load(tmp_path):
-    for name in ("demo", "being-vl-3stage", "bagel-4stage", "ablations"):
+    for name in ("demo", "demo-varied", "being-vl-3stage", "bagel-4stage", "ablations"):
         cfg = load_config(f"configs/{name}.yaml")
-        assert cfg.train.stages and cfg.synth.num_image_text == (512 if name == "ablations" else 1024)
-    ablations = load_config("configs/ablations.yaml")
-    assert (ablations.synth.backgrounds, ablations.tokenizer.vq.encoder_norm, ablations.run.root) == ("varied", "group", "runs/ablations"), \
-        "the ablations keep the world README 'Ablations' measured, beside the demo's runs"
+        assert cfg.train.stages and cfg.synth.num_image_text == (512 if name in ("ablations", "demo-varied") else 1024)
+    for name, root in (("demo-varied", "runs/demo-varied"), ("ablations", "runs/ablations")):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert (cfg.synth.backgrounds, cfg.synth.num_instruct, cfg.tokenizer.vq.encoder_norm, cfg.run.root) == ("varied", 768, "group", root), \
+            "the previous demo's world, which README 'Learning' and 'Ablations' measured, beside the demo's runs"
     bagel = load_config("configs/bagel-4stage.yaml")
     assert bagel.model.mot and [s.name for s in bagel.train.stages] == ["alignment", "pretraining", "continued", "sft"]
     assert load_config("configs/being-vl-3stage.yaml").train.stages[1].trainable.layers == [2, 3]
