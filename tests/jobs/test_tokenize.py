@@ -43,7 +43,7 @@ def test_token_shards_round_trip_to_the_images(tokenized, world_root):
     samples = {r["sample_id"]: r for f in dataset_files(str(world_root / "prepare" / "samples")) for r in pq.read_table(f).to_pylist()}
     assert set(tokens.column("sample_id").to_pylist()) == set(samples)
     model, _, _ = load_tokenizer(str(world_root / "tokenizer"))
-    checked = 0
+    checked, flipped = 0, 0
     for row in tokens.to_pylist():
         sample = samples[row["sample_id"]]
         assert row["is_image"] == [im is not None for im in sample["images"]], "interleaving kept"
@@ -55,11 +55,16 @@ def test_token_shards_round_trip_to_the_images(tokenized, world_root):
             grid = torch.as_tensor(grid_of(row, p)).long()[None]
             assert grid.shape == (1, 8, 8, 1)
             original = to_tensor(decode_rgb(sample["images"][p], 32)[None])
-            from_shard = model.decode(grid)
-            direct = model.decode(model.encode(original)["pixel"])
-            assert torch.allclose(from_shard, direct, atol=1e-5), "shard codes are the tokenizer's codes"
+            direct = model.encode(original)["pixel"].long()
+            # The actor encodes images in batches, this test one at a time: float sums differ in the last bits,
+            # so a position whose two nearest codes are all but tied may flip (seen once in a CI run: the decoded
+            # images differed by ~1e-3). Any other difference is a wrong code.
+            differ = int((grid != direct).sum())
+            assert differ <= 1, f"{differ} of 64 codes differ from the tokenizer's own encode"
+            flipped += differ
             checked += 1
     assert checked == report["images"] > 0
+    assert flipped <= max(1, checked // 20), f"{flipped} near-tie flips over {checked} images"
     assert report["image_codes"] == 64 * report["images"] and report["text_tokens"] > 0
 
 
