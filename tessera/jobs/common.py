@@ -129,6 +129,16 @@ def run_ray_train_loop(loop, rank: int, prefix: str, on_log=None, after_step=Non
             after_step(step)
 
 
+def preserve_data_order() -> None:
+    """Ray Data in this driver yields rows in input order from here on, in `materialize()` and in the
+    Ray Train shards (whose default ingest options copy the current context). A trainer's outcome
+    depends on the order it sees: without this, blocks come in task-completion order and two runs of
+    one config and seed train on different streams (the tokenizer's codebook restarts amplify that)."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+
 def without_progress_bars(dataset):
     """A dataset a Ray Train worker reads with its own context: no progress bar redrawn into the job log
     at every step (the loop's `[train]` lines say how far it is)."""

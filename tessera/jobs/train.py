@@ -31,8 +31,8 @@ from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.console import Console
 from tessera.faults import StepFault, fault_point
-from tessera.jobs.common import (JobState, fingerprint, logs_dir, parse_args, ray_job_record, ray_session, resubmit_record,
-                                 run_ray_train_loop, without_progress_bars)
+from tessera.jobs.common import (JobState, fingerprint, logs_dir, parse_args, preserve_data_order, ray_job_record, ray_session,
+                                 resubmit_record, run_ray_train_loop, without_progress_bars)
 from tessera.loop import worker_print
 from tessera.manifest import dataset_files
 
@@ -169,8 +169,7 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
     spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.train.effective_seed(cfg.run.seed),
                      stage=stage_index, t2i_rate=tc.t2i_rate_of(stage), cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
     stats = _plan_statistics(index, plan, spec, groups[:2])
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the stream order is part of the data position
+    preserve_data_order()  # the stream order is part of the data position
     datasets = {}
     for r in range(world):
         items = [{"group": g, "files": [index.files[s] for s, _ in grp], "rows": [index.rows[s] for s, _ in grp],

@@ -22,8 +22,8 @@ from tessera import storage
 from tessera.config import TesseraConfig, config_from_dict
 from tessera.console import Console
 from tessera.faults import fault_point
-from tessera.jobs.common import (JobState, fingerprint, logs_dir, parse_args, ray_session, run_ray_train_loop,
-                                 without_progress_bars)
+from tessera.jobs.common import (JobState, fingerprint, logs_dir, parse_args, preserve_data_order, ray_session,
+                                 run_ray_train_loop, without_progress_bars)
 from tessera.loop import worker_print
 from tessera.manifest import dataset_files
 
@@ -153,6 +153,7 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
         print(f"[tessera] train-tokenizer: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}
     state.begin()
+    preserve_data_order()  # the images in file order: one config and seed train the same weights
     t0 = time.perf_counter()
     seconds = {}
     tok_cfg = dataclasses.asdict(tc)

@@ -23,7 +23,7 @@ def _run(root, ray_address, fault=None):
     return proc.returncode, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
-def test_train_tokenizer_job_writes_a_loadable_tokenizer_and_resumes(prepared, world_root, ray_cluster, tmp_path):
+def test_train_tokenizer_job_writes_a_loadable_tokenizer_resumes_and_repeats(prepared, world_root, ray_cluster, tmp_path):
     root = tmp_path / "run"
     root.mkdir()
     os.symlink(world_root / "synth", root / "synth")
@@ -51,6 +51,15 @@ def test_train_tokenizer_job_writes_a_loadable_tokenizer_and_resumes(prepared, w
     # complete: a third run does nothing
     code, out = _run(root, ray_cluster)
     assert code == 0 and "nothing to do" in out, out
+    # the same config and seed in a fresh root, uninterrupted, train the very same weights: the images
+    # reach the worker in file order, not in the order Ray's read tasks happen to finish
+    again = tmp_path / "again"
+    again.mkdir()
+    os.symlink(world_root / "synth", again / "synth")
+    os.symlink(world_root / "prepare", again / "prepare")
+    code, out = _run(again, ray_cluster)
+    assert code == 0, out
+    assert json.loads((again / "tokenizer" / "report.json").read_text())["tokenizer"]["hash"] == report["tokenizer"]["hash"]
 
 
 def test_oracle_preset_writes_a_weightless_tokenizer_with_its_fidelity(prepared, world_root, ray_cluster, tmp_path):
