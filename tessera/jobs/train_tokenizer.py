@@ -58,13 +58,17 @@ def train_loop_per_worker(config: dict) -> None:
     run_ray_train_loop(loop, rank, "[train-tokenizer]", on_log=log)
 
 
-def _image_dataset(files: list[str], image_size: int, split: str):
+def _image_dataset(files: list[str], image_size: int, split: str, seed: int):
+    """The split's images, one row each, in the seeded order of `order_key`: the same images and seed
+    give the same stream whatever order the sample files hold their rows in, so one config and seed
+    train one tokenizer (the samples' row order varies between two `prepare` runs)."""
     import ray.data
 
     from tessera.tokenize.images import explode_images
 
-    return ray.data.read_parquet(files).map_batches(explode_images, fn_kwargs={"image_size": image_size, "split": split},
-                                                    batch_format="pyarrow", num_cpus=0.5)
+    return ray.data.read_parquet(files).map_batches(
+        explode_images, fn_kwargs={"image_size": image_size, "split": split, "seed": seed},
+        batch_format="pyarrow", num_cpus=0.5).sort("order")
 
 
 ALIGN_BATCH = 32
@@ -82,7 +86,7 @@ def _align(cfg: TesseraConfig, files: list[str], out: str) -> str:
     target = os.path.join(out, "align")
     if os.path.exists(os.path.join(target, "vision", "config.json")):
         return os.path.join(target, "vision")
-    ds = _image_dataset(files, tc.image_size, "train").filter(lambda r: r["caption"] != "").materialize()
+    ds = _image_dataset(files, tc.image_size, "train", cfg.run.seed).filter(lambda r: r["caption"] != "").materialize()
     pairs = ds.count()
     if pairs < 2:  # the sigmoid loss contrasts pairs within a batch
         raise ValueError(f"tokenizer.preset dual: aligning the ViT needs >= 2 captioned images, the samples have {pairs}; "
@@ -191,10 +195,11 @@ def _heldout_evaluation(model, tc, files: list[str], out: str):
     from tessera.tokenize.images import to_tensor
     from tessera.tokenize.trainer import evaluate
 
-    held_rows = _image_dataset(files, tc.image_size, "heldout").take(tc.train.heldout_images)
+    # order seed 0, not the run's: every seed is measured on the same held-out images
+    held_rows = _image_dataset(files, tc.image_size, "heldout", 0).take(tc.train.heldout_images)
     truly_heldout = bool(held_rows)
     if not held_rows:  # a tiny corpus may have no sample in the held-out split: say so, evaluate on training images
-        held_rows = _image_dataset(files, tc.image_size, "train").take(tc.train.heldout_images)
+        held_rows = _image_dataset(files, tc.image_size, "train", 0).take(tc.train.heldout_images)
     held = {k: np.stack([r[k] for r in held_rows]) if k == "image" else np.array([r[k] for r in held_rows], dtype=object)
             for k in ("image", "caption")}
     images = to_tensor(held["image"])
@@ -226,7 +231,7 @@ def _fit(cfg: TesseraConfig, tok_cfg: dict, files: list[str], out: str):
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=tc.train.max_failures)),
         # decoded once and cached in the object store: small corpora then cost no decode per epoch
-        datasets={"train": without_progress_bars(_image_dataset(files, tc.image_size, "train").select_columns(["image"]).materialize())},
+        datasets={"train": without_progress_bars(_image_dataset(files, tc.image_size, "train", cfg.run.seed).select_columns(["image"]).materialize())},
     )
     result = trainer.fit()
 

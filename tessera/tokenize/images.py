@@ -22,23 +22,33 @@ def decode_rgb(png: bytes, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def explode_images(batch: pa.Table, image_size: int, split: str = "train") -> dict[str, np.ndarray]:
-    """Sample rows -> one row per image: {"image": (N, S, S, 3) uint8, "sample_id": (N,), "caption": (N,)}.
-    `split` = "train" | "heldout" | "all"; captions are set for image_text samples ("" otherwise)."""
-    images, ids, captions = [], [], []
+def explode_images(batch: pa.Table, image_size: int, split: str = "train", seed: int = 0) -> dict[str, np.ndarray]:
+    """Sample rows -> one row per image: {"image": (N, S, S, 3) uint8, "sample_id": (N,), "caption": (N,),
+    "order": (N,) int64}. `split` = "train" | "heldout" | "all"; captions are set for image_text samples
+    ("" otherwise); `order` is the image's `order_key` under `seed`."""
+    images, ids, captions, order = [], [], [], []
     for sid, kind, texts, imgs in zip(*(batch.column(c).to_pylist() for c in ("sample_id", "kind", "texts", "images"))):
         held = is_heldout(sid)
         if (split == "train" and held) or (split == "heldout" and not held):
             continue
         caption = next((t for t in texts if t), "") if kind == "image_text" else ""
-        for png in imgs:
+        for position, png in enumerate(imgs):
             if png is not None:
                 images.append(decode_rgb(png, image_size))
                 ids.append(sid)
                 captions.append(caption)
+                order.append(order_key(sid, position, seed))
     empty = np.zeros((0, image_size, image_size, 3), np.uint8)
     return {"image": np.stack(images) if images else empty, "sample_id": np.array(ids, dtype=object),
-            "caption": np.array(captions, dtype=object)}
+            "caption": np.array(captions, dtype=object), "order": np.array(order, dtype=np.int64)}
+
+
+def order_key(sample_id: str, position: int, seed: int) -> int:
+    """A seeded pseudo-random int64 for the image at `position` in sample `sample_id`. Sorting by it gives
+    an order that depends on the set of images and the seed alone, not on the row order of the sample
+    files (a Ray Data write leaves rows in task-completion order), and that interleaves the sources."""
+    digest = hashlib.blake2b(f"{seed}\0{sample_id}\0{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def to_tensor(images):

@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+
+import pyarrow.parquet as pq
 
 from tessera.tokenize.tokenizer import load_tokenizer
 from tests.conftest import TINY
@@ -51,12 +54,21 @@ def test_train_tokenizer_job_writes_a_loadable_tokenizer_resumes_and_repeats(pre
     # complete: a third run does nothing
     code, out = _run(root, ray_cluster)
     assert code == 0 and "nothing to do" in out, out
-    # the same config and seed in a fresh root, uninterrupted, train the very same weights: the images
-    # reach the worker in file order, not in the order Ray's read tasks happen to finish
+    # the same config and seed in a fresh root, uninterrupted, train the very same weights, even from
+    # sample files that hold their rows (and list their files) in the opposite order, as two `prepare`
+    # runs may: the tokenizer meets its images in a seeded order of their ids
     again = tmp_path / "again"
     again.mkdir()
     os.symlink(world_root / "synth", again / "synth")
-    os.symlink(world_root / "prepare", again / "prepare")
+    shutil.copytree(world_root / "prepare", again / "prepare", symlinks=True)
+    samples = again / "prepare" / "samples"
+    for f in samples.glob("*.parquet"):
+        table = pq.read_table(f)
+        assert table.num_rows > 1
+        pq.write_table(table.take(list(range(table.num_rows - 1, -1, -1))), f)
+    manifest = json.loads((samples / "manifest.json").read_text())
+    manifest["files"].reverse()
+    (samples / "manifest.json").write_text(json.dumps(manifest))
     code, out = _run(again, ray_cluster)
     assert code == 0, out
     assert json.loads((again / "tokenizer" / "report.json").read_text())["tokenizer"]["hash"] == report["tokenizer"]["hash"]
