@@ -162,7 +162,7 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
         print(f"[tessera] train-tokenizer: complete, nothing to do ({state.report_uri})")
         return storage.read_json(state.report_uri) | {"skipped": True}
     state.begin()
-    preserve_data_order()  # the images in file order: one config and seed train the same weights
+    preserve_data_order()  # the sort's partitions reach the workers in key order, not as their tasks finish
     t0 = time.perf_counter()
     seconds = {}
     tok_cfg = dataclasses.asdict(tc)
