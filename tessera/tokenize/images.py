@@ -43,6 +43,16 @@ def explode_images(batch: pa.Table, image_size: int, split: str = "train", seed:
             "caption": np.array(captions, dtype=object), "order": np.array(order, dtype=np.int64)}
 
 
+def first_in_order(batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    """An `explode_images` batch -> its n images first in `order` of each split, with a "heldout" column.
+    The n first of a whole dataset are among the union of its batches' n first, so this finds them
+    without sorting the dataset (a sort is a shuffle: two more rounds of tasks)."""
+    held = np.array([is_heldout(sid) for sid in batch["sample_id"]], dtype=bool)
+    keep = np.concatenate([np.flatnonzero(held == h)[np.argsort(batch["order"][held == h], kind="stable")[:n]]
+                           for h in (True, False)]).astype(np.int64)
+    return {**{k: v[keep] for k, v in batch.items()}, "heldout": held[keep]}
+
+
 def order_key(sample_id: str, position: int, seed: int) -> int:
     """A seeded pseudo-random int64 for the image at `position` in sample `sample_id`. Sorting by it gives
     an order that depends on the set of images and the seed alone, not on the row order of the sample

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from tessera.tokenize.images import explode_images, is_heldout
+from tessera.tokenize.images import explode_images, first_in_order, is_heldout
 
 
 def _png(value: int) -> bytes:
@@ -40,3 +40,20 @@ def test_the_seeded_order_ignores_the_row_order_and_follows_the_seed():
     assert _in_seeded_order(shuffled, seed=0) == first
     assert _in_seeded_order(forward, seed=1) != first  # another seed, another stream
     assert first != sorted(first) and first != sorted(first, reverse=True)  # interleaved, not the rows' order
+
+
+def test_the_first_images_of_each_split_are_found_batch_by_batch_without_a_sort():
+    rows = [{"sample_id": f"s{i}", "kind": "image_text", "texts": [f"text {i}"], "images": [_png(i % 250)]} for i in range(300)]
+    table = pa.Table.from_pylist(rows)
+    whole = explode_images(table, image_size=8, split="all", seed=0)
+    held = np.array([is_heldout(s) for s in whole["sample_id"]])
+    assert 3 < held.sum() < 100
+    for n in (1, 5, 1000):
+        expected = {h: list(whole["sample_id"][held == h][np.argsort(whole["order"][held == h])][:n]) for h in (True, False)}
+        for size in (7, 64, 300):  # any batching: the n first of the whole are among each batch's n first
+            kept = [first_in_order(explode_images(table.slice(a, size), image_size=8, split="all", seed=0), n)
+                    for a in range(0, 300, size)]
+            got = {h: [sid for _, sid in sorted((o, sid) for b in kept for o, sid, hb in zip(b["order"], b["sample_id"], b["heldout"])
+                                                   if hb == h)][:n] for h in (True, False)}
+            assert got == expected, (n, size)
+            assert all(len(b["image"]) == len(b["order"]) == len(b["heldout"]) <= 2 * n for b in kept)
