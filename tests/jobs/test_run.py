@@ -10,10 +10,10 @@ from tests.conftest import TINY, TINY_BPE, TINY_TOKENIZER
 E2E_TRAIN = [
     "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.intermediate_size=128",
     "train.cpus_per_worker=1.0", "train.checkpoint_every=100", "train.log_every=20", "train.pack_group=32", "train.t2i_rate=0.2",
-    "train.probe_every=150", "train.probe_questions=3",
+    "train.probe_every=75", "train.probe_questions=3",
     "train.output={root}/train-e2e", "train.storage_path={root}/train-e2e-ray",
     "train.stages=[{name: embeddings, steps: 10, trainable: embeddings, lr: 0.01, warmup_steps: 2, batch_size: 4, seq_len: 256,"
-    " mixture: {weights: {kind=image_text: 1.0}}}, {name: all, steps: 300, trainable: all, lr: 0.01, warmup_steps: 10,"
+    " mixture: {weights: {kind=image_text: 1.0}}}, {name: all, steps: 150, trainable: all, lr: 0.01, warmup_steps: 10,"
     " batch_size: 8, seq_len: 256, loss_mask: answers, mixture: {weights: {kind=image_text: 0.3, task=vqa: 0.7}}}]",
     "eval.model={root}/train-e2e/model", "eval.output={root}/eval-e2e", "eval.num_generate=2", "eval.num_captions=4",
     "eval.sets=[{name: pope, kind: pope, uri: '{root}/synth/heldout/pope.jsonl'}, {name: vqa, kind: vqa, uri: "
@@ -102,7 +102,7 @@ def test_the_probe_logs_heldout_accuracy_per_type_during_training(run_report, wo
     from tessera.jobs.train import read_metrics
 
     probed = [m for m in read_metrics(str(world_root / "train-e2e" / "metrics.csv")) if m["probe_colour"] is not None]
-    assert [int(m["step"]) for m in probed] == [10, 160, 310]  # each stage's end, and every 150 steps of a stage
+    assert [int(m["step"]) for m in probed] == [10, 85, 160]  # each stage's end, and every 75 steps of a stage
     assert all(0.0 <= m[f"probe_{t}"] <= 1.0 for m in probed for t in ("colour", "shape", "size", "count", "exists"))
 
 

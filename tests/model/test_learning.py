@@ -26,6 +26,7 @@ from tessera.tokenize.tokenizer import build_tokenizer
 from tessera.tokenize.trainer import TokenizerTrainer
 
 STEPS, BATCH = 200, 32
+SEQ_LEN = 288  # one ~275-token sequence a row: a 512 row would hold one and ~47 % padding
 RESOLUTION = 64
 
 
@@ -97,7 +98,7 @@ def learned(tmp_path_factory):
     seqs = [builder.build(r, "answers") for r in train]
     rng = np.random.default_rng(0)
     for _ in range(STEPS):
-        rows, stats = pack([seqs[i] for i in rng.choice(len(seqs), BATCH, replace=False)], 512, vocab.pad_id)
+        rows, stats = pack([seqs[i] for i in rng.choice(len(seqs), BATCH, replace=False)], SEQ_LEN, vocab.pad_id)
         assert stats["truncated"] == 0
         trainer.train_step([collate(rows)])
     model.eval()
