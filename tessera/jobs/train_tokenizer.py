@@ -63,30 +63,33 @@ def _image_dataset(files: list[str], image_size: int, split: str, seed: int):
     give the same stream whatever order the sample files hold their rows in, so one config and seed
     train one tokenizer (the samples' row order varies between two `prepare` runs)."""
     import ray
-    import ray.data
-
-    from tessera.tokenize.images import explode_images
 
     # the keys are uniform over int64, so even boundaries balance the partitions and spare the sort its
     # sampling pass (and its default of 200 partitions, whose tasks cost more than a small corpus' sort)
     partitions = max(int(ray.cluster_resources().get("CPU", 1)), len(files), 1)
     boundaries = [int(b) for b in np.linspace(-2.0 ** 63, 2.0 ** 63, partitions + 1)[1:-1]]
+    return _exploded(files, image_size, split, seed).sort("order", boundaries=boundaries or None)
+
+
+def _exploded(files: list[str], image_size: int, split: str, seed: int):
+    """The sample files' images of `split`, one row each, in no particular order (see `explode_images`)."""
+    import ray.data
+
+    from tessera.tokenize.images import explode_images
+
     return ray.data.read_parquet(files).map_batches(
         explode_images, fn_kwargs={"image_size": image_size, "split": split, "seed": seed},
-        batch_format="pyarrow", num_cpus=0.5).sort("order", boundaries=boundaries or None)
+        batch_format="pyarrow", num_cpus=0.5)
 
 
 def _first_heldout_images(files: list[str], image_size: int, n: int) -> tuple[list[dict], bool]:
     """The held-out split's n images first in order seed 0 (not the run's: every seed is measured on the
     same images), in one pass and without a sort; (rows, True). A tiny corpus may have no sample in
     the held-out split: then the training split's n first, (rows, False), and the report says so."""
-    import ray.data
+    from tessera.tokenize.images import first_in_order
 
-    from tessera.tokenize.images import explode_images, first_in_order
-
-    rows = ray.data.read_parquet(files).map_batches(
-        explode_images, fn_kwargs={"image_size": image_size, "split": "all", "seed": 0}, batch_format="pyarrow",
-        num_cpus=0.5).map_batches(first_in_order, fn_kwargs={"n": n}, batch_format="numpy", num_cpus=0.5).take_all()
+    rows = _exploded(files, image_size, "all", 0).map_batches(first_in_order, fn_kwargs={"n": n}, batch_format="numpy",
+                                                            num_cpus=0.5).take_all()
     held = [r for r in rows if r["heldout"]]
     return sorted(held or rows, key=lambda r: r["order"])[:n], bool(held)
 
