@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 
 from tessera.tokenize.tokenizer import load_tokenizer
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_config
 from tests.tokenize.test_tokenizers import TINY as TINY_TOKENIZER
 
 JOB = [*TINY_TOKENIZER, "tokenizer.train.steps=12", "tokenizer.train.checkpoint_every=6", "tokenizer.train.batch_size=8",
@@ -70,7 +70,6 @@ def test_train_tokenizer_job_writes_a_loadable_tokenizer_resumes_and_repeats(pre
     manifest["files"].reverse()
     (samples / "manifest.json").write_text(json.dumps(manifest))
     from tessera.jobs.train_tokenizer import train_tokenizer  # in this process: its Ray workers are warm
-    from tests.conftest import tiny_config
 
     train_tokenizer(tiny_config(again, *JOB))
     assert json.loads((again / "tokenizer" / "report.json").read_text())["tokenizer"]["hash"] == report["tokenizer"]["hash"]
