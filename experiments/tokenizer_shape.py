@@ -8,6 +8,7 @@ scenes, then report its held-out PSNR and a CNN probe over its codes of one-obje
     PYTHONPATH=. python experiments/tokenizer_shape.py long4x --steps 1200 --batch 32
     PYTHONPATH=. python experiments/tokenizer_shape.py k1024 --set tokenizer.vq.rvq.codebook_size=1024
     PYTHONPATH=. python experiments/tokenizer_shape.py big --radius small=0.3 --radius large=0.42
+    PYTHONPATH=. python experiments/tokenizer_shape.py snap --backgrounds plain --snap-grid 16
 
 Shape is also reported by object size (`shape_small`, `shape_large`: the same probe's held-out
 accuracy on the small and on the large objects), since a small object spans only 2-3 codes; and
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--backgrounds", default="varied", choices=list(shapes.BACKGROUNDS))
+    ap.add_argument("--snap-grid", type=int, default=0, help="objects move by whole blocks of this lattice")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--radius", action="append", default=[], help="size=share of a cell, e.g. small=0.3")
     a = ap.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
     res = cfg.image_size
 
     def render(seed, n, num_objects=None):
-        scenes = [shapes.sample_scene(np.random.default_rng([seed, i]), num_objects, a.backgrounds) for i in range(n)]
+        scenes = [shapes.sample_scene(np.random.default_rng([seed, i]), num_objects, a.backgrounds, a.snap_grid) for i in range(n)]
         x = np.stack([shapes.render_scene(s, res) for s in scenes])
         return scenes, torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 

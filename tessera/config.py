@@ -109,6 +109,10 @@ class SynthConfig:
     backgrounds: Literal["varied", "plain"] = "varied"
     """`varied`: tinted flat or gradient backgrounds with mild noise; `plain`: the same objects on
     flat grey backgrounds (five levels) with faint noise (see `tessera.pipelines.shapes`)."""
+    snap_grid: int = 0
+    """0: objects jitter freely inside their cell. G > 0: they jitter by whole blocks of a GxG lattice
+    (set it to the tokenizer's code grid, image_size / 2**num_down), so an object has the same codes
+    wherever it sits and the visual BPE can merge them (README "Learning")."""
     inject_faults: bool = True
     """Also write bad inputs (corrupt, truncated, missing captions, decompression bombs,
     unsafe paths, duplicates) so the rejects path is always exercised."""
@@ -118,6 +122,7 @@ class SynthConfig:
         for key in ("num_image_text", "num_videos", "num_documents", "num_instruct", "num_heldout"):
             _check(getattr(self, key) >= 0, key, f">= 0, got {getattr(self, key)}")
         _check(self.samples_per_shard >= 1, "samples_per_shard", f">= 1, got {self.samples_per_shard}")
+        _check(self.snap_grid >= 0, "snap_grid", f">= 0, got {self.snap_grid}")
         _check(self.video_seconds > 0, "video_seconds", f"> 0, got {self.video_seconds}")
         _check(1 <= self.video_fps <= 60, "video_fps", f"1..60, got {self.video_fps}")
 

@@ -6,13 +6,16 @@ are rendered with 4x supersampling on varied backgrounds (flat or gradient, ligh
 dark) with mild noise and a random jitter inside the cell, so a tokenizer must learn
 real shapes rather than a lookup table. `backgrounds="plain"` draws the same objects on flat
 grey backgrounds (five levels) with faint noise: a world sized for a CPU, whose few background
-codes a coarse tokenizer and the visual BPE can spend little on. Everything is a pure function of a
-`numpy.random.Generator`, so the world is deterministic given the seed.
+codes a coarse tokenizer and the visual BPE can spend little on. `snap_grid=G` keeps the jitter but
+moves each object's centre to the centre of a block of a GxG lattice (G = a tokenizer's code grid):
+objects then move by whole codes, so a stride-aligned encoder gives one object the same codes
+wherever it sits, and the visual BPE can merge those codes into object-sized tokens. Everything is a
+pure function of a `numpy.random.Generator`, so the world is deterministic given the seed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -56,16 +59,19 @@ class Scene:
     noise_seed: int
     noise: float = 4.0
     """Standard deviation of the pixel noise."""
+    snap_grid: int = 0
+    """Object centres sit at block centres of a snap_grid x snap_grid lattice (0: anywhere)."""
 
     def to_dict(self) -> dict:
         return {"objects": [asdict(o) for o in self.objects], "background": list(self.background),
                 "background2": list(self.background2), "gradient": self.gradient, "noise_seed": self.noise_seed,
-                "noise": self.noise}
+                "noise": self.noise, "snap_grid": self.snap_grid}
 
     @staticmethod
     def from_dict(d: dict) -> "Scene":
         return Scene(tuple(ShapeObject(**o) for o in d["objects"]), tuple(d["background"]), tuple(d["background2"]),
-                     bool(d["gradient"]), int(d["noise_seed"]), float(d.get("noise", 4.0)))
+                     bool(d["gradient"]), int(d["noise_seed"]), float(d.get("noise", 4.0)),
+                     int(d.get("snap_grid", 0)))
 
 
 BACKGROUND_LEVELS = (35, 60, 170, 200, 225)
@@ -79,16 +85,20 @@ def sample_background(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(np.clip(base + t, 0, 255)) for t in tint)
 
 
-def sample_scene(rng: np.random.Generator, num_objects: int | None = None, backgrounds: str = "varied") -> Scene:
+def sample_scene(rng: np.random.Generator, num_objects: int | None = None, backgrounds: str = "varied",
+                 snap_grid: int = 0) -> Scene:
     """A random scene. `backgrounds="plain"` makes the same draws (so the same objects) and then
-    flattens the background to the nearest grey level, without gradient, with faint noise."""
-    scene = _sample_scene(rng, num_objects)
-    if backgrounds == "varied":
-        return scene
-    if backgrounds != "plain":
+    flattens the background to the nearest grey level, without gradient, with faint noise.
+    `snap_grid` changes no draw either, only where the objects are drawn (see the module doc)."""
+    if backgrounds not in BACKGROUNDS:
         raise ValueError(f"backgrounds must be one of {BACKGROUNDS}, got {backgrounds!r}")
-    grey = min(BACKGROUND_LEVELS, key=lambda b: abs(b - float(np.mean(scene.background))))
-    return Scene(scene.objects, (grey,) * 3, (grey,) * 3, False, scene.noise_seed, noise=1.0)
+    if snap_grid < 0:
+        raise ValueError(f"snap_grid must be >= 0, got {snap_grid}")
+    scene = _sample_scene(rng, num_objects)
+    if backgrounds == "plain":
+        grey = min(BACKGROUND_LEVELS, key=lambda b: abs(b - float(np.mean(scene.background))))
+        scene = Scene(scene.objects, (grey,) * 3, (grey,) * 3, False, scene.noise_seed, noise=1.0)
+    return replace(scene, snap_grid=snap_grid) if snap_grid else scene
 
 
 def _sample_scene(rng: np.random.Generator, num_objects: int | None = None) -> Scene:
@@ -128,6 +138,15 @@ def object_box(obj: ShapeObject, resolution: int, jitter: tuple[float, float] = 
     return cx, cy, r
 
 
+def snap_to_grid(x: float, centre: float, slack: float, block: float) -> float:
+    """The block centre ((k + 0.5) * block) nearest `x` among those within `slack` of the cell's
+    `centre`; the one nearest the centre if none is (a large object has under a block of slack)."""
+    k = np.floor(x / block)
+    lo, hi = np.ceil((centre - slack) / block - 0.5), np.floor((centre + slack) / block - 0.5)
+    k = np.clip(k, lo, hi) if lo <= hi else np.floor(centre / block)
+    return float((k + 0.5) * block)
+
+
 def render_scene(scene: Scene, resolution: int, offsets: list[tuple[float, float]] | None = None) -> np.ndarray:
     """Scene -> uint8 RGB image (resolution, resolution, 3).
 
@@ -149,6 +168,12 @@ def render_scene(scene: Scene, resolution: int, offsets: list[tuple[float, float
         if offsets is not None:
             cx += offsets[i][0] * size / 3.0
             cy += offsets[i][1] * size / 3.0
+        if scene.snap_grid:
+            (ccx, ccy, _), slack = object_box(obj, size), max(size / 6.0 - r * 1.15, 0.0)
+            if offsets is not None:
+                ccx, ccy = cx, cy  # a moving object snaps to the block its path is in
+            cx = snap_to_grid(cx, ccx, slack, size / scene.snap_grid)
+            cy = snap_to_grid(cy, ccy, slack, size / scene.snap_grid)
         colour = COLOURS[obj.colour]
         poly = _shape_polygon(obj.shape, cx, cy, r)
         if poly is None:

@@ -50,9 +50,14 @@ def encode_image(arr: np.ndarray | Image.Image, fmt: str = "PNG", **kwargs) -> b
     return buf.getvalue()
 
 
-def image_text_pair(seed: int, index: int, resolution: int, backgrounds: str = "varied") -> tuple[np.ndarray, str, dict]:
+def world(cfg) -> dict:
+    """The `SynthConfig` fields every scene is drawn with (`shapes.sample_scene`'s keyword arguments): a scene `style`."""
+    return {"backgrounds": cfg.backgrounds, "snap_grid": cfg.snap_grid}
+
+
+def image_text_pair(seed: int, index: int, resolution: int, style: dict | None = None) -> tuple[np.ndarray, str, dict]:
     rng = _rng(seed, _STREAM_IMAGE, index)
-    scene = shapes.sample_scene(rng, backgrounds=backgrounds)
+    scene = shapes.sample_scene(rng, **(style or {}))
     return shapes.render_scene(scene, resolution), shapes.caption(scene, rng), scene.to_dict()
 
 
@@ -101,7 +106,7 @@ def write_webdataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
     os.makedirs(out, exist_ok=True)
     rows = []
     for i in indices:
-        arr, cap, scene = image_text_pair(seed, i, cfg.resolution, cfg.backgrounds)
+        arr, cap, scene = image_text_pair(seed, i, cfg.resolution, world(cfg))
         key = f"img-{i:06d}"
         meta = {"url": f"https://shapes.example/img/{key}.jpg", "key": key, "status": "success", "error_message": None,
                 "width": cfg.resolution, "height": cfg.resolution, "original_width": cfg.resolution,
@@ -109,7 +114,7 @@ def write_webdataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
         rows.append({"__key__": key, "jpg": encode_image(arr, "JPEG", quality=95), "txt": cap, "json": json.dumps(meta).encode()})
     failed = []
     if faults and rows:
-        base_rgb, base_cap, _ = image_text_pair(seed, indices[0], cfg.resolution, cfg.backgrounds)
+        base_rgb, base_cap, _ = image_text_pair(seed, indices[0], cfg.resolution, world(cfg))
         for name, data in awkward_images(base_rgb).items():
             rows.append({"__key__": f"ok-{name}", "jpg": data, "txt": f"{base_cap} ({name})"})
         good = rows[0]["jpg"]
@@ -149,7 +154,7 @@ def write_hf_dataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
 
     ids, images, caps, scenes = [], [], [], []
     for i in indices:
-        arr, cap, scene = image_text_pair(seed, i, cfg.resolution, cfg.backgrounds)
+        arr, cap, scene = image_text_pair(seed, i, cfg.resolution, world(cfg))
         ids.append(f"img-{i:06d}")
         images.append({"bytes": encode_image(arr), "path": None})
         caps.append(cap)
@@ -166,10 +171,10 @@ def write_hf_dataset(out: str, cfg, seed: int, indices: range, faults: bool) -> 
     return len(ids)
 
 
-def _video_script(rng: np.random.Generator, seconds: float, backgrounds: str = "varied") -> tuple[shapes.Scene, list[tuple[float, float]], list[dict]]:
+def _video_script(rng: np.random.Generator, seconds: float, style: dict | None = None) -> tuple[shapes.Scene, list[tuple[float, float]], list[dict]]:
     """A scene whose objects each move one cell (or stay), and timed subtitles describing it."""
     n = int(rng.integers(1, 3))
-    scene = shapes.sample_scene(rng, num_objects=n, backgrounds=backgrounds)
+    scene = shapes.sample_scene(rng, num_objects=n, **(style or {}))
     moves, end_objects = [], []
     starts = {shapes.POSITIONS.index(o.position) for o in scene.objects}
     taken: set[int] = set()
@@ -226,7 +231,7 @@ def write_videos(out: str, cfg, seed: int, faults: bool) -> int:
     written = 0
     for i in range(cfg.num_videos):
         rng = _rng(seed, _STREAM_VIDEO, i)
-        scene, moves, subs = _video_script(rng, cfg.video_seconds, cfg.backgrounds)
+        scene, moves, subs = _video_script(rng, cfg.video_seconds, world(cfg))
         frames = []
         for f in range(n_frames):
             t = f / (n_frames - 1)
@@ -256,7 +261,7 @@ def write_documents(out: str, cfg, seed: int, faults: bool) -> int:
         n_images = int(rng.integers(2, 5))
         texts, images = [f"Document {d}: a page about shapes."], [None]
         for k in range(n_images):
-            scene = shapes.sample_scene(rng, backgrounds=cfg.backgrounds)
+            scene = shapes.sample_scene(rng, **world(cfg))
             png = encode_image(shapes.render_scene(scene, cfg.resolution))
             if rng.random() < 0.25:  # some documents embed their images
                 ref = "data:image/png;base64," + base64.b64encode(png).decode()
@@ -286,9 +291,9 @@ def write_documents(out: str, cfg, seed: int, faults: bool) -> int:
     return len(lines)
 
 
-def _scene_png(img_dir: str, name: str, rng: np.random.Generator, resolution: int, backgrounds: str = "varied") -> shapes.Scene:
+def _scene_png(img_dir: str, name: str, rng: np.random.Generator, resolution: int, style: dict | None = None) -> shapes.Scene:
     """Sample a scene from `rng`, render it and write it as `img_dir/name` (PNG)."""
-    scene = shapes.sample_scene(rng, backgrounds=backgrounds)
+    scene = shapes.sample_scene(rng, **(style or {}))
     with open(os.path.join(img_dir, name), "wb") as f:
         f.write(encode_image(shapes.render_scene(scene, resolution)))
     return scene
@@ -307,7 +312,7 @@ def write_instructions(out: str, cfg, seed: int) -> int:
     for i in range(cfg.num_instruct):
         rng = _rng(seed, _STREAM_INSTRUCT, i)
         name = f"vqa-{i:05d}.png"
-        scene = _scene_png(img_dir, name, rng, cfg.resolution, cfg.backgrounds)
+        scene = _scene_png(img_dir, name, rng, cfg.resolution, world(cfg))
         qs = shapes.questions(scene, rng, every_object=True)  # independent turns: more answers per image token
         conversations = []
         for k in rng.permutation(len(qs)):  # any question type may come first
@@ -328,7 +333,7 @@ def write_heldout(out: str, cfg, seed: int) -> int:
         for i in range(cfg.num_heldout):
             rng = _rng(seed, _STREAM_HELDOUT, i)
             name = f"heldout-{i:04d}.png"
-            scene = _scene_png(img_dir, name, rng, cfg.resolution, cfg.backgrounds)
+            scene = _scene_png(img_dir, name, rng, cfg.resolution, world(cfg))
             fs.write(json.dumps({"id": f"heldout-{i:04d}", "image": f"images/{name}", "caption": shapes.caption(scene),
                                  "scene": scene.to_dict()}) + "\n")
             for j, q in enumerate(shapes.questions(scene, rng)):

@@ -77,3 +77,31 @@ def test_analyser_reads_rendered_scenes():
     assert np.mean(scores) > 0.9
     assert analyser.analyse(np.full((64, 64, 3), 128, np.uint8)) == []
     assert analyser.match_score([], []) == 1.0
+
+
+def test_snapped_objects_move_by_whole_blocks_so_their_pixels_are_one_pattern_shifted():
+    """With snap_grid=16 at 64 px an object's centre lands on a 4-px block centre: every draw of the
+    same object (any jitter) is the same pixels shifted by a multiple of 4, which a stride-4 encoder
+    turns into the same codes shifted by whole cells. Without snapping, the draws differ."""
+    def drawn(noise_seed, snap_grid):  # the object's pixels (noise-free) and its top-left corner
+        obj = shapes.ShapeObject("triangle", "red", "small", "center")
+        scene = shapes.Scene((obj,), (170,) * 3, (170,) * 3, False, noise_seed, noise=0.0, snap_grid=snap_grid)
+        img = shapes.render_scene(scene, 64).astype(int)
+        ys, xs = np.nonzero(np.abs(img - 170).sum(-1) > 0)
+        return img[ys.min():ys.max() + 1, xs.min():xs.max() + 1], (int(ys.min()), int(xs.min()))
+
+    snapped = [drawn(seed, 16) for seed in range(8)]
+    pixels, (y0, x0) = snapped[0]
+    assert all(p.shape == pixels.shape and np.array_equal(p, pixels) for p, _ in snapped)
+    assert all((y - y0) % 4 == 0 and (x - x0) % 4 == 0 for _, (y, x) in snapped)
+    assert len({corner for _, corner in snapped}) > 2  # the jitter still moves it, by whole blocks
+    free = [drawn(seed, 0)[0] for seed in range(8)]
+    assert not all(p.shape == free[0].shape and np.array_equal(p, free[0]) for p in free)
+
+
+def test_snap_grid_round_trips_and_changes_no_draw():
+    a = shapes.sample_scene(np.random.default_rng(5), backgrounds="plain")
+    b = shapes.sample_scene(np.random.default_rng(5), backgrounds="plain", snap_grid=16)
+    assert (a.objects, a.background, a.noise_seed, b.snap_grid) == (b.objects, b.background, b.noise_seed, 16)
+    assert shapes.Scene.from_dict(b.to_dict()) == b
+    assert shapes.Scene.from_dict({k: v for k, v in a.to_dict().items() if k != "snap_grid"}) == a

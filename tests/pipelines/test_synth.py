@@ -81,3 +81,20 @@ def test_world_is_deterministic_and_a_rerun_is_a_noop(tmp_path, world_root):
     mtime = (b / "manifest.json").stat().st_mtime
     assert run_synth(tiny_config(tmp_path))["skipped"] is True
     assert (b / "manifest.json").stat().st_mtime == mtime
+
+
+def test_the_snap_grid_reaches_every_written_scene(tmp_path):
+    """`synth.snap_grid` is part of each scene (its dict in scenes.jsonl), so the images on disk are
+    what `render_scene` draws from that dict: the oracle tokenizer and the analyser see the same world."""
+    from PIL import Image
+
+    from tessera.config import load_config
+    from tessera.pipelines import synth
+
+    cfg = load_config(None, ["synth.resolution=32", "synth.num_heldout=4", "synth.snap_grid=8", "synth.backgrounds=plain"]).synth
+    synth.write_heldout(str(tmp_path), cfg, 0)
+    rows = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    assert [r["scene"]["snap_grid"] for r in rows] == [8] * 4
+    for r in rows:
+        drawn = shapes.render_scene(shapes.Scene.from_dict(r["scene"]), 32)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / r["image"])), drawn)
