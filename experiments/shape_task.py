@@ -4,6 +4,7 @@ and stage trainer in process; held-out and training accuracy every 100 steps (th
 set-up, asked shape instead of colour; chance 0.25).
 
     PYTHONPATH=. python experiments/shape_task.py --tokenizer runs/plain-grid/tokenizer --backgrounds plain [--grid-encoder 3]
+    PYTHONPATH=. python experiments/shape_task.py --tokenizer runs/snap0/tokenizer --backgrounds plain --snap-grid 16
 """
 
 import argparse
@@ -27,8 +28,8 @@ from experiments.colour_task import train_and_probe
 QUESTION = "What shape is in the image?"
 
 
-def shape_rows(tok, text, image_size: int, seed: int, n: int, backgrounds: str) -> list[dict]:
-    scenes = [shapes.sample_scene(np.random.default_rng([seed, i]), 1, backgrounds) for i in range(n)]
+def shape_rows(tok, text, image_size: int, seed: int, n: int, backgrounds: str, snap_grid: int = 0) -> list[dict]:
+    scenes = [shapes.sample_scene(np.random.default_rng([seed, i]), 1, backgrounds, snap_grid) for i in range(n)]
     x = torch.from_numpy(np.stack([shapes.render_scene(s, image_size) for s in scenes])).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     with torch.no_grad():
         codes = torch.cat([tok.encode(b)["pixel"] for b in x.split(256)]).numpy()  # (n, h, w, D)
@@ -46,6 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--backgrounds", default="varied", choices=list(shapes.BACKGROUNDS))
+    ap.add_argument("--snap-grid", type=int, default=0, help="objects move by whole blocks of this lattice")
     ap.add_argument("--grid-encoder", type=int, default=0)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
@@ -53,8 +55,8 @@ def main() -> None:
     torch.set_num_threads(2)
     tok, tcfg, _ = load_tokenizer(a.tokenizer)
     text = train_text_tokenizer([" " + t for t in [QUESTION, *shapes.SHAPES] * 10], 300, tempfile.mkdtemp())
-    train = shape_rows(tok, text, tcfg.image_size, 1, 3000, a.backgrounds)
-    held = shape_rows(tok, text, tcfg.image_size, 2, 96, a.backgrounds)
+    train = shape_rows(tok, text, tcfg.image_size, 1, 3000, a.backgrounds, a.snap_grid)
+    held = shape_rows(tok, text, tcfg.image_size, 2, 96, a.backgrounds, a.snap_grid)
     K = tcfg.vq.rvq.codebook_size
     vocab = Vocabulary(len(text), text.bos_token_id, text.eos_token_id, text.pad_token_id, "bpe", K, max_grid=16, time_tokens=4)
     bpe = VisualBPE(K, [])  # raw codes, one token per cell
