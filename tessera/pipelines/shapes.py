@@ -126,13 +126,20 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     return None
 
 
+def jitter_slack(obj: ShapeObject, resolution: int) -> float:
+    """How far (pixels at `resolution`) an object's centre may move from its cell's centre, per axis,
+    and the object (up to 1.15 radii across, the diamond) still stay inside its cell."""
+    cell = resolution / 3.0
+    return max(cell / 2 - cell * OBJECT_RADIUS[obj.size] * 1.15, 0.0)
+
+
 def object_box(obj: ShapeObject, resolution: int, jitter: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float, float]:
     """Center (x, y) and radius in pixels of an object at `resolution`."""
     cell = resolution / 3.0
     idx = POSITIONS.index(obj.position)
     row, col = divmod(idx, 3)
     r = cell * OBJECT_RADIUS[obj.size]
-    slack = max(cell / 2 - r * 1.15, 0.0)
+    slack = jitter_slack(obj, resolution)
     cx = (col + 0.5) * cell + jitter[0] * slack
     cy = (row + 0.5) * cell + jitter[1] * slack
     return cx, cy, r
@@ -169,11 +176,10 @@ def render_scene(scene: Scene, resolution: int, offsets: list[tuple[float, float
             cx += offsets[i][0] * size / 3.0
             cy += offsets[i][1] * size / 3.0
         if scene.snap_grid:
-            (ccx, ccy, _), slack = object_box(obj, size), max(size / 6.0 - r * 1.15, 0.0)
-            if offsets is not None:
-                ccx, ccy = cx, cy  # a moving object snaps to the block its path is in
-            cx = snap_to_grid(cx, ccx, slack, size / scene.snap_grid)
-            cy = snap_to_grid(cy, ccy, slack, size / scene.snap_grid)
+            # a still object stays within its cell's jitter range; a moving one snaps to the block its path is in
+            ccx, ccy = (cx, cy) if offsets is not None else object_box(obj, size)[:2]
+            slack, block = jitter_slack(obj, size), size / scene.snap_grid
+            cx, cy = snap_to_grid(cx, ccx, slack, block), snap_to_grid(cy, ccy, slack, block)
         colour = COLOURS[obj.colour]
         poly = _shape_polygon(obj.shape, cx, cy, r)
         if poly is None:
