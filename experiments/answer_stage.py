@@ -7,7 +7,10 @@ shuffle); the model starts from `--init` (e.g. the run's stage-1 model) or fresh
 colour .17, shape .25, size .50, position .11, count .33 (README "Learning").
 
     PYTHONPATH=. python experiments/answer_stage.py runs/demo --init runs/demo/train/stages/1-layers/model \
-        [--steps 560] [--lr 3e-3] [--mix demo|vqa] [--set model.KEY=VALUE ...]
+        [--steps 560] [--lr 3e-3] [--mix demo|vqa] [--types shape,colour] [--set model.KEY=VALUE ...]
+
+`--types` keeps only those question types in every training VQA conversation (the others' turns are
+dropped), to tell whether a type fails to learn on its own or only beside the others.
 """
 
 import argparse
@@ -26,6 +29,7 @@ from tessera.model.assets import load_model
 from tessera.model.evaluate import Evaluator, HeldOut, run_probe
 from tessera.model.mixture import stage_plan
 from tessera.model.packing import collate
+from tessera.model import rows as rows_module
 from tessera.model.rows import BuildSpec, _builder, build_group
 from tessera.model.stream import model_inputs
 from tessera.model.trainer import StageTrainer
@@ -53,6 +57,26 @@ def training_questions(instruct_dir: str, scenes: int, resolution: int) -> HeldO
     return HeldOut([], questions, images)
 
 
+def keep_types(row: dict, text, types: set[str]) -> dict:
+    """A token row with only the (user, assistant) turns whose question is of one of `types`;
+    rows that are not independent-turn conversations pass unchanged."""
+    meta = json.loads(row["meta"])
+    roles = meta.get("roles")
+    if not roles or meta.get("turns") != "independent":
+        return row
+    keep = [True] * len(roles)
+    for i, role in enumerate(roles):
+        if role == "user":
+            q = text.decode(row["text_ids"][i]).strip()
+            keep[i] = keep[i + 1] = next(t for t, p in TYPES if re.match(p, q)) in types
+    if not any(k for k, r in zip(keep, roles) if r == "user"):
+        keep = [True] * len(roles)  # an image with no question of these types keeps all (rare: no object)
+    out = dict(row, meta=json.dumps(dict(meta, roles=[r for r, k in zip(roles, keep) if k])))
+    for col in ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes"):
+        out[col] = [v for v, k in zip(row[col], keep) if k]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("root")
@@ -63,6 +87,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--mix", default="demo", choices=sorted(MIXTURES))
+    ap.add_argument("--types", default="", help="comma-separated question types to keep in training conversations")
     ap.add_argument("--every", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. model.hidden_size=256")
@@ -79,6 +104,9 @@ def main() -> None:
     _load_data(run)
     stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: %g, warmup_steps: %d, batch_size: %d, "
                                "seq_len: 512, loss_mask: %s}]" % (a.steps, a.lr, a.warmup, a.batch, a.loss_mask)]).train.stages[0]
+    if a.types:
+        read_row, types = rows_module.read_row, set(a.types.split(","))
+        rows_module.read_row = lambda path, row: keep_types(read_row(path, row), run.assets.text_tokenizer, types)
     spec = BuildSpec(seq_len=512, loss_mask=a.loss_mask, seed=a.seed, stage=2, t2i_rate=a.t2i_rate, cfg_text_dropout=0.1, **run.spec_kwargs)
     plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 64, a.seed, 2)  # short (oracle) rows pack many samples
     rows = []
