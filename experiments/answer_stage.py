@@ -7,13 +7,14 @@ shuffle); the model starts from `--init` (e.g. the run's stage-1 model) or fresh
 colour .17, shape .25, size .50, position .11, count .33 (README "Learning").
 
     PYTHONPATH=. python experiments/answer_stage.py runs/demo --init runs/demo/train/stages/1-layers/model \
-        [--steps 560] [--lr 3e-3] [--mix demo|vqa] [--types shape,colour] [--set model.KEY=VALUE ...]
+        [--steps 560] [--lr 3e-3] [--mix demo|vqa] [--types shape,colour [--types-rate 0.5]] [--save DIR] [--set model.KEY=VALUE ...]
 
 `--types` keeps only those question types in every training VQA conversation (the others' turns are
 dropped), to tell whether a type fails to learn on its own or only beside the others.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ from PIL import Image
 
 from tessera.config import load_config
 from tessera.jobs.train import _load_data, _plan
-from tessera.model.assets import load_model
+from tessera.model.assets import load_model, save_model
 from tessera.model.evaluate import Evaluator, HeldOut, run_probe
 from tessera.model.mixture import stage_plan
 from tessera.model.packing import collate
@@ -88,11 +89,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--mix", default="demo", choices=sorted(MIXTURES))
     ap.add_argument("--types", default="", help="comma-separated question types to keep in training conversations")
+    ap.add_argument("--types-rate", type=float, default=1.0,
+                    help="share of conversations reduced to --types (seeded by sample id); the rest keep every type")
     ap.add_argument("--every", type=int, default=80)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. model.hidden_size=256")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (figures can differ by a few hundredths between thread counts)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--save", default="", help="write the trained model here (an --init for a next phase)")
     ap.add_argument("--loss-mask", default="answers", choices=["answers", "all"])
     ap.add_argument("--t2i-rate", type=float, default=0.0, help="share of captions put before their image")
     ap.add_argument("--grid-encoder", type=int, default=0,
@@ -106,7 +110,11 @@ def main() -> None:
                                "seq_len: 512, loss_mask: %s}]" % (a.steps, a.lr, a.warmup, a.batch, a.loss_mask)]).train.stages[0]
     if a.types:
         read_row, types = rows_module.read_row, set(a.types.split(","))
-        rows_module.read_row = lambda path, row: keep_types(read_row(path, row), run.assets.text_tokenizer, types)
+        def reduced(path, row):
+            r = read_row(path, row)
+            rng = np.random.default_rng(int(hashlib.sha256(r["sample_id"].encode()).hexdigest()[:8], 16))
+            return keep_types(r, run.assets.text_tokenizer, types) if rng.random() < a.types_rate else r
+        rows_module.read_row = reduced
     spec = BuildSpec(seq_len=512, loss_mask=a.loss_mask, seed=a.seed, stage=2, t2i_rate=a.t2i_rate, cfg_text_dropout=0.1, **run.spec_kwargs)
     plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 64, a.seed, 2)  # short (oracle) rows pack many samples
     rows = []
@@ -137,6 +145,8 @@ def main() -> None:
                 out[name] = {k: round(v, 3) for k, v in acc.items()}
                 out[f"{name}_vqa"] = round(float(np.mean([acc[t] for t in VQA_TYPES])), 3)
             print(json.dumps(out), flush=True)
+    if a.save:
+        save_model(model, a.save)
 
 
 if __name__ == "__main__":
