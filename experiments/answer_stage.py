@@ -71,7 +71,7 @@ def keep_types(row: dict, text, types: set[str]) -> dict:
             q = text.decode(row["text_ids"][i]).strip()
             keep[i] = keep[i + 1] = next(t for t, p in TYPES if re.match(p, q)) in types
     if not any(k for k, r in zip(keep, roles) if r == "user"):
-        keep = [True] * len(roles)  # an image with no question of these types keeps all (rare: no object)
+        keep = [True] * len(roles)  # a conversation with none of these types keeps them all: a sample needs an answer
     out = dict(row, meta=json.dumps(dict(meta, roles=[r for r, k in zip(roles, keep) if k])))
     for col in ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes"):
         out[col] = [v for v, k in zip(row[col], keep) if k]
@@ -114,7 +114,7 @@ def main() -> None:
             r = read_row(path, row)
             rng = np.random.default_rng(int(hashlib.sha256(r["sample_id"].encode()).hexdigest()[:8], 16))
             return keep_types(r, run.assets.text_tokenizer, types) if rng.random() < a.types_rate else r
-        rows_module.read_row = reduced
+        rows_module.read_row = reduced  # build_group reads rows through this module global
     spec = BuildSpec(seq_len=512, loss_mask=a.loss_mask, seed=a.seed, stage=2, t2i_rate=a.t2i_rate, cfg_text_dropout=0.1, **run.spec_kwargs)
     plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 64, a.seed, 2)  # short (oracle) rows pack many samples
     rows = []
