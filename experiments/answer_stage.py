@@ -43,6 +43,11 @@ TYPES = [("colour", r"^What colour"), ("shape", r"^What shape"), ("size", r"^Wha
 VQA_TYPES = ("colour", "shape", "size", "position", "count")
 
 
+def question_type(question: str) -> str:
+    """The shapes world's question type of a question's text (one of `TYPES`)."""
+    return next(t for t, p in TYPES if re.match(p, question))
+
+
 def training_questions(instruct_dir: str, scenes: int, resolution: int) -> HeldOut:
     """The first `scenes` training VQA scenes (the LLaVA conversations `tessera synth` writes) as a
     held-out-shaped set (one question per turn)."""
@@ -54,7 +59,7 @@ def training_questions(instruct_dir: str, scenes: int, resolution: int) -> HeldO
         images[path] = np.asarray(Image.open(path).convert("RGB").resize((resolution, resolution)))
         turns = [t["value"].replace("<image>", "").strip() for t in r["conversations"]]
         for q, a in zip(turns[0::2], turns[1::2]):
-            questions.append({"image": path, "type": next(t for t, p in TYPES if re.match(p, q)), "question": q, "answer": a})
+            questions.append({"image": path, "type": question_type(q), "question": q, "answer": a})
     return HeldOut([], questions, images)
 
 
@@ -69,7 +74,7 @@ def keep_types(row: dict, text, types: set[str]) -> dict:
     for i, role in enumerate(roles):
         if role == "user":
             q = text.decode(row["text_ids"][i]).strip()
-            keep[i] = keep[i + 1] = next(t for t, p in TYPES if re.match(p, q)) in types
+            keep[i] = keep[i + 1] = question_type(q) in types
     if not any(k for k, r in zip(keep, roles) if r == "user"):
         keep = [True] * len(roles)  # a conversation with none of these types keeps them all: a sample needs an answer
     out = dict(row, meta=json.dumps(dict(meta, roles=[r for r, k in zip(roles, keep) if k])))
