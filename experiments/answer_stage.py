@@ -31,7 +31,7 @@ from tessera.model.evaluate import Evaluator, HeldOut, run_probe
 from tessera.model.mixture import stage_plan
 from tessera.model.packing import collate
 from tessera.model import rows as rows_module
-from tessera.model.rows import BuildSpec, _builder, build_group
+from tessera.model.rows import BuildSpec, _builder, build_group, keep_questions
 from tessera.model.stream import model_inputs
 from tessera.model.trainer import StageTrainer
 from tessera.model.unified import TesseraModel
@@ -63,24 +63,9 @@ def training_questions(instruct_dir: str, scenes: int, resolution: int) -> HeldO
     return HeldOut([], questions, images)
 
 
-def keep_types(row: dict, text, types: set[str]) -> dict:
-    """A token row with only the (user, assistant) turns whose question is of one of `types`;
-    rows that are not independent-turn conversations pass unchanged."""
-    meta = json.loads(row["meta"])
-    roles = meta.get("roles")
-    if not roles or meta.get("turns") != "independent":
-        return row
-    keep = [True] * len(roles)
-    for i, role in enumerate(roles):
-        if role == "user":
-            q = text.decode(row["text_ids"][i]).strip()
-            keep[i] = keep[i + 1] = question_type(q) in types
-    if not any(k for k, r in zip(keep, roles) if r == "user"):
-        keep = [True] * len(roles)  # a conversation with none of these types keeps them all: a sample needs an answer
-    out = dict(row, meta=json.dumps(dict(meta, roles=[r for r, k in zip(roles, keep) if k])))
-    for col in ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes"):
-        out[col] = [v for v, k in zip(row[col], keep) if k]
-    return out
+def types_pattern(types: set[str]) -> str:
+    """The `questions` pattern (`StageConfig.questions`) that finds the questions of these types."""
+    return "|".join(p for t, p in TYPES if t in types)
 
 
 def main() -> None:
@@ -118,7 +103,10 @@ def main() -> None:
         def reduced(path, row):
             r = read_row(path, row)
             rng = np.random.default_rng(int(hashlib.sha256(r["sample_id"].encode()).hexdigest()[:8], 16))
-            return keep_types(r, run.assets.text_tokenizer, types) if rng.random() < a.types_rate else r
+            if rng.random() >= a.types_rate:
+                return r
+            # the train job's own filter; a conversation with none of these types keeps them all (a sample needs an answer)
+            return keep_questions(r, types_pattern(types), run.assets.text_tokenizer.decode) or r
         rows_module.read_row = reduced  # build_group reads rows through this module global
     spec = BuildSpec(seq_len=512, loss_mask=a.loss_mask, seed=a.seed, stage=2, t2i_rate=a.t2i_rate, cfg_text_dropout=0.1, **run.spec_kwargs)
     plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 64, a.seed, 2)  # short (oracle) rows pack many samples

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -598,9 +599,19 @@ class StageConfig:
     targets under `answers`); None = `train.t2i_rate`. Understanding stages set 0 so the loss
     stays on text answers; a generation stage raises it."""
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    questions: Optional[str] = None
+    """A regular expression over question text: in conversations of independent questions (documents
+    whose meta says `"turns": "independent"`, as the shapes world's VQA) only the turns whose question
+    it finds are kept, and a conversation with none is left out; other samples are unchanged. A
+    curriculum phase on one kind of question (the demo's `shape` stage); None keeps every turn."""
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", f">= 1, got {self.steps}")
+        if self.questions is not None:
+            try:
+                re.compile(self.questions)
+            except re.error as e:
+                _check(False, f"train.stages[{self.name}].questions", f"a regular expression, got {self.questions!r} ({e})")
         _check(self.lr > 0, "lr", f"> 0, got {self.lr}")
         _check(self.seq_len >= 16, "seq_len", f">= 16, got {self.seq_len}")
         _check(self.t2i_rate is None or 0.0 <= self.t2i_rate <= 1.0, f"train.stages[{self.name}].t2i_rate",

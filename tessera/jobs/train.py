@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from tessera import storage
-from tessera.config import TesseraConfig, config_from_dict
+from tessera.config import ConfigError, TesseraConfig, config_from_dict
 from tessera.console import Console
 from tessera.faults import StepFault, fault_point
 from tessera.jobs.common import (JobState, fingerprint, logs_dir, parse_args, preserve_data_order, ray_job_record, ray_session,
@@ -148,26 +148,11 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
     started past the restored position would run dry."""
     import ray.data
 
-    from tessera.model.rows import BuildSpec, pack_groups
-    from tessera.model.mixture import estimate_rows, stage_plan
+    from tessera.model.rows import pack_groups
 
-    tc = cfg.train
-    stage = tc.stages[stage_index]
-    world = tc.num_workers
-    rows_per_rank = stage.steps * stage.batch_size // world
-    # enough draws that every rank gets its rows (estimated by packing the estimated lengths), with slack
-    mean_len = float(np.mean(np.minimum(index.lengths, stage.seq_len)))
-    n = int(rows_per_rank * world * stage.seq_len / mean_len * 1.3) + 2 * world * tc.pack_group
-    while True:
-        plan = stage_plan(index, stage.mixture.weights, n, cfg.train.effective_seed(cfg.run.seed), stage_index, stage.mixture.order)
-        groups = [plan[g:g + tc.pack_group] for g in range(0, len(plan), tc.pack_group)]
-        est = [estimate_rows(index.lengths[[s for s, _ in grp]], stage.seq_len) for grp in groups]
-        per_rank = [sum(e for g, e in enumerate(est) if g % world == r) for r in range(world)]
-        if min(per_rank) >= rows_per_rank * 1.2 + tc.pack_group:
-            break
-        n *= 2
-    spec = BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=cfg.train.effective_seed(cfg.run.seed),
-                     stage=stage_index, t2i_rate=tc.t2i_rate_of(stage), cfg_text_dropout=tc.cfg_text_dropout, **spec_kwargs)
+    world = cfg.train.num_workers
+    spec = stage_spec(cfg, stage_index, spec_kwargs)
+    plan, groups, per_rank = stage_groups(cfg, index, stage_index, spec)
     stats = _plan_statistics(index, plan, spec, groups[:2])
     preserve_data_order()  # the stream order is part of the data position
     datasets = {}
@@ -183,6 +168,50 @@ def _stage_datasets(cfg: TesseraConfig, index, stage_index: int, spec_kwargs: di
             pack_groups, fn_kwargs={"spec": spec}, batch_size=None, num_cpus=1).materialize()
         without_progress_bars(datasets[f"rank{r}"])
     return datasets, {"plan_samples": len(plan), "groups": len(groups), "estimated_rows_per_rank": per_rank, **stats}
+
+
+def stage_spec(cfg: TesseraConfig, stage_index: int, spec_kwargs: dict):
+    """The `BuildSpec` a stage's packing tasks build its rows with."""
+    from tessera.model.rows import BuildSpec
+
+    tc, stage = cfg.train, cfg.train.stages[stage_index]
+    return BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=tc.effective_seed(cfg.run.seed),
+                     stage=stage_index, t2i_rate=tc.t2i_rate_of(stage), cfg_text_dropout=tc.cfg_text_dropout,
+                     questions=stage.questions, **spec_kwargs)
+
+
+def stage_groups(cfg: TesseraConfig, index, stage_index: int, spec) -> tuple[list, list, list]:
+    """(plan, packing groups, estimated rows per rank): the stage's sample plan, drawn long enough that
+    every rank gets its `steps * batch_size / world` rows with slack (estimated by packing the index's
+    lengths), cut into groups of `pack_group` samples (group g goes to rank g % world)."""
+    from tessera.model.mixture import estimate_rows, stage_plan
+    from tessera.model.rows import build_group
+
+    tc, stage = cfg.train, cfg.train.stages[stage_index]
+    world = tc.num_workers
+    rows_per_rank = stage.steps * stage.batch_size // world
+    mean_len = float(np.mean(np.minimum(index.lengths, stage.seq_len)))
+    n = int(rows_per_rank * world * stage.seq_len / mean_len * 1.3) + 2 * world * tc.pack_group
+    # a `questions` stage keeps only some turns: rows shrink by a factor the index lengths cannot know,
+    # so it is measured on the first packing group and the estimates scaled by it
+    shrink = None
+    while True:
+        plan = stage_plan(index, stage.mixture.weights, n, tc.effective_seed(cfg.run.seed), stage_index, stage.mixture.order)
+        groups = [plan[g:g + tc.pack_group] for g in range(0, len(plan), tc.pack_group)]
+        est = [estimate_rows(index.lengths[[s for s, _ in grp]], stage.seq_len) for grp in groups]
+        if shrink is None:
+            shrink = 1.0
+            if stage.questions is not None:
+                built, _ = build_group(spec, [index.files[s] for s, _ in groups[0]], [index.rows[s] for s, _ in groups[0]],
+                                       [e for _, e in groups[0]], 0)
+                shrink = len(built) / max(1, est[0])
+                if not built:
+                    raise ConfigError(f"train.stages[{stage.name}].questions",
+                                      f"{stage.questions!r} finds no question in the stage's first {len(groups[0])} samples")
+        per_rank = [sum(e for g, e in enumerate(est) if g % world == r) * shrink for r in range(world)]
+        if min(per_rank) >= rows_per_rank * 1.2 + tc.pack_group:
+            return plan, groups, [int(p) for p in per_rank]
+        n *= 2
 
 
 def _plan_statistics(index, plan: list, spec, first_groups: list) -> dict:
@@ -361,7 +390,8 @@ def _load_data(run: _Run) -> None:
     run.probe = _probe_items(cfg, builder, run.assets) if cfg.train.probe_every > 0 else []
     run.spec_kwargs = dict(vocabulary=tuple(run.vocab.to_dict().items()), bpe_path=storage.absolute(cfg.resolve(mc.bpe)),
                            codebooks=tuple(mc.codebooks), depth=run.depth, codebook_sizes=tuple(run.sizes),
-                           bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth)
+                           bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth,
+                           text_tokenizer=run.assets.text_identity["path"])
 
 
 def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:
@@ -375,7 +405,8 @@ def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:
     run_name = f"{cfg.run.name}-train-{run.fingerprint}-{i}-{stage.name}"
     _write_state(run.out, status="running", stage=stage.name, stage_index=i, ray_train_run=storage.join(run.storage_path, run_name))
     print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
-          f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}", flush=True)
+          f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}"
+          + (f", questions {stage.questions!r}" if stage.questions is not None else ""), flush=True)
     datasets, data_info = _stage_datasets(cfg, run.index, i, run.spec_kwargs)
     fault = StepFault.from_env(run.out)
     trainer = TorchTrainer(

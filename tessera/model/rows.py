@@ -12,6 +12,8 @@ and the order is still a pure function of the plan.
 from __future__ import annotations
 
 import functools
+import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +41,10 @@ class BuildSpec:
     stage: int
     t2i_rate: float
     cfg_text_dropout: float
+    questions: str | None = None
+    """The stage's `questions` pattern (`StageConfig.questions`); None keeps every turn."""
+    text_tokenizer: str | None = None
+    """The text tokenizer's directory: `questions` is matched against decoded question text."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -62,11 +68,52 @@ def read_row(path: str, row: int) -> dict:
     return t[0]
 
 
+@functools.lru_cache(maxsize=2)
+def _text_decoder(path: str):
+    from tessera.tokenize.text import load_text_tokenizer
+
+    return load_text_tokenizer(path).decode
+
+
+def keep_questions(row: dict, pattern: str, decode) -> dict | None:
+    """A conversation of independent turns with only the (user, assistant) pairs whose question
+    (`decode(text_ids)`) `pattern` finds; None when no question matches. Any other row is returned
+    unchanged: the stage's mixture, not this filter, decides which kinds of samples it sees."""
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    roles = meta.get("roles")
+    if not roles or meta.get("turns") != "independent":
+        return row
+    keep = [True] * len(roles)
+    found = re.compile(pattern)
+    for i, role in enumerate(roles):
+        if role == "user":  # the question and the answer after it stay or go together
+            keep[i:i + 2] = [found.search(decode(row["text_ids"][i]).strip()) is not None] * len(keep[i:i + 2])
+    if not any(k and role == "user" for k, role in zip(keep, roles)):
+        return None
+    columns = {k: [v for v, kept in zip(row[k], keep) if kept]
+               for k in ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes")}
+    if row.get("timestamps") is not None and len(row["timestamps"]) == len(roles):
+        columns["timestamps"] = [v for v, kept in zip(row["timestamps"], keep) if kept]
+    return {**row, **columns, "meta": json.dumps({**meta, "roles": [r for r, kept in zip(roles, keep) if kept]})}
+
+
+def _stage_rows(spec: BuildSpec, files: list[str], rows: list[int], epochs: list[int]):
+    """(row, epoch) of each sample the stage trains on: every sample, or under `spec.questions`
+    the conversations reduced to the matching turns (those without one left out)."""
+    for f, r, e in zip(files, rows, epochs):
+        row = read_row(f, r)
+        if spec.questions is not None:
+            row = keep_questions(row, spec.questions, _text_decoder(spec.text_tokenizer))
+            if row is None:
+                continue
+        yield row, e
+
+
 def build_group(spec: BuildSpec, files: list[str], rows: list[int], epochs: list[int], group: int = 0) -> tuple[list[dict], dict]:
     """Samples of one group -> packed rows (dicts of numpy arrays, in a seeded shuffled order) and packing stats."""
     builder = _builder(spec)
-    seqs = [builder.build(read_row(f, r), spec.loss_mask, spec.seed, e, spec.t2i_rate, spec.cfg_text_dropout)
-            for f, r, e in zip(files, rows, epochs)]
+    seqs = [builder.build(row, spec.loss_mask, spec.seed, e, spec.t2i_rate, spec.cfg_text_dropout)
+            for row, e in _stage_rows(spec, files, rows, epochs)]
     packed, stats = pack(seqs, spec.seq_len, builder.vocab.pad_id)
     order = np.random.default_rng([spec.seed, spec.stage, group]).permutation(len(packed))
     return [packed[i] for i in order], stats

@@ -53,6 +53,31 @@ def test_stages_run_in_order_and_outputs_load(uninterrupted):
     assert train(cfg)["skipped"] is True
 
 
+def test_a_questions_stage_plans_enough_rows_for_its_steps(bpe_fitted, world_root):
+    """A `questions` stage keeps only some turns of each conversation, so its rows are far shorter than
+    the index's lengths say. Its plan is scaled by the shrink measured on the first packing group:
+    every rank's groups still build the rows the stage's steps take, and only matching turns are trained."""
+    from tessera.jobs.train import _load_data, _plan, stage_groups, stage_spec
+    from tessera.model.rows import build_group
+    from tessera.model.unified import IGNORE
+    from tessera.pipelines.shapes import SHAPES
+
+    cfg = train_config(world_root, "train-questions", "train.num_workers=2",
+                       "train.stages=[{name: shape, steps: 12, batch_size: 4, seq_len: 256, loss_mask: answers,"
+                       " questions: '^What shape', mixture: {weights: {task=vqa: 1.0}}}]")
+    run = _plan(cfg)
+    _load_data(run)
+    spec = stage_spec(cfg, 0, run.spec_kwargs)
+    plan, groups, per_rank = stage_groups(cfg, run.index, 0, spec)
+    built = [build_group(spec, [run.index.files[s] for s, _ in grp], [run.index.rows[s] for s, _ in grp], [e for _, e in grp], g)[0]
+             for g, grp in enumerate(groups)]
+    for rank in range(2):
+        assert sum(len(b) for g, b in enumerate(built) if g % 2 == rank) >= 12 * 4 // 2, f"rank {rank} would run dry"
+    answers = {w for rows in built for r in rows for w in run.assets.text_tokenizer.decode(
+        [int(t) for t in r["labels"] if t != IGNORE and t != run.vocab.eos_id]).split()}
+    assert answers and answers <= set(SHAPES), answers
+
+
 def test_runs_lists_the_run_with_stage_step_and_checkpoint(uninterrupted, world_root):
     from tessera.jobs.runs import list_runs
 

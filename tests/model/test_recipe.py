@@ -2,6 +2,7 @@
 independent turns, per-stage caption-first rate, shuffled packed rows, one token form per word,
 and the 2-D place of visual tokens."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -170,3 +171,59 @@ def test_visual_tokens_carry_their_anchor_cells(bpe):
             a = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"), cells=batch["cells"]).logits
             b = model(batch["input_ids"], batch["position_ids"], batch["doc_ids"], batch.get("codes"), cells=moved["cells"]).logits
         assert not torch.allclose(a, b)
+
+
+def conversation(sid, turns, tok, rng):
+    """`vqa_row` with real question/answer text: `turns` is [(question, answer), ...]."""
+    from tessera.tokenize.text import encode_segments
+
+    row = vqa_row(sid, len(turns), rng)
+    for k, (q, a) in enumerate(turns):
+        row["text_ids"][1 + 2 * k], row["text_ids"][2 + 2 * k] = encode_segments(tok, [q, a])
+    return row
+
+
+def test_a_questions_stage_trains_only_the_turns_it_names(bpe, tmp_path):
+    """A curriculum phase on one kind of question (the demo's `shape` stage): under a stage's
+    `questions` pattern a conversation keeps only the turns whose question it finds, each with its
+    own answer; a conversation with none is left out; a caption passes unchanged."""
+    from tessera.model.rows import keep_questions
+    from tessera.tokenize.text import train_text_tokenizer
+
+    words = ["red", "blue", "circle", "square", "small", "large"]
+    texts = [f" What {k} is the object at the top? {w}" for k in ("colour", "shape", "size") for w in words] * 10
+    tok_dir = str(tmp_path / "text_tokenizer")
+    tok = train_text_tokenizer(texts, 280, tok_dir)
+    rng = np.random.default_rng(0)
+    mixed = conversation("m", [("What colour is it?", "red"), ("What shape is it?", "circle"),
+                               ("What size is it?", "small"), ("What shape is at the top?", "square")], tok, rng)
+    no_shape = conversation("n", [("What colour is it?", "blue")], tok, rng)
+    caption = token_row("c", text_len=4, rng=rng)
+
+    kept = keep_questions(mixed, r"^What shape", tok.decode)
+    assert json.loads(kept["meta"])["roles"] == [None, "user", "assistant", "user", "assistant"]
+    assert [tok.decode(t).strip() for t in kept["text_ids"][1:]] == ["What shape is it?", "circle", "What shape is at the top?", "square"]
+    assert kept["pixel_codes"][0] == mixed["pixel_codes"][0] and kept["is_image"] == [True, False, False, False, False]
+    assert keep_questions(no_shape, r"^What shape", tok.decode) is None
+    assert keep_questions(caption, r"^What shape", tok.decode) is caption
+
+    model = make_model("bpe", bpe)
+    path = write_rows(tmp_path, [mixed, no_shape])
+    spec = dataclasses.replace(spec_for(model, bpe, tmp_path), seq_len=256, questions=r"^What shape", text_tokenizer=tok_dir)
+    rows, _ = build_group(spec, [path] * 2, [0, 1], [0] * 2)
+    targets = np.concatenate([r["labels"] for r in rows])
+    answers = tok.decode([int(t) for t in targets[(targets != IGNORE) & (targets != model.vocab.eos_id)]]).split()
+    assert sorted(answers) == ["circle", "square"], "only the shape turns' answers are targets"
+    whole, _ = build_group(dataclasses.replace(spec, questions=None), [path] * 2, [0, 1], [0] * 2)
+    targets = np.concatenate([r["labels"] for r in whole])
+    assert sorted(tok.decode([int(t) for t in targets[(targets != IGNORE) & (targets != model.vocab.eos_id)]]).split()) == \
+        sorted(["red", "circle", "small", "square", "blue"])
+
+
+def test_a_questions_pattern_that_is_not_a_regular_expression_is_a_config_error():
+    import pytest
+
+    from tessera.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"questions"):
+        load_config("configs/demo.yaml", ["train.stages=[{name: x, steps: 1, questions: '^What (shape'}]"])
