@@ -288,9 +288,10 @@ def plot_loss(metrics: list[dict], stages: list[dict], path: str) -> str:
         pa.set_ylabel("held-out probe accuracy\n(dotted: chance)")
         pa.legend(fontsize=7, ncol=3)
     for a in axes[:, 0]:
-        for s in stages:
+        for k, s in enumerate(stages):  # names at alternating heights: short stages' names do not overlap
             a.axvline(s["start_step"], color="grey", lw=0.8)
-            a.text(s["start_step"], a.get_ylim()[1], f" {s['name']}", va="top", fontsize=8, color="grey")
+            a.text(s["start_step"], 1 - 0.06 * (k % 2), f" {s['name']}", va="top", fontsize=8, color="grey",
+                   transform=a.get_xaxis_transform())
     axes[-1, 0].set_xlabel("global step")
     fig.tight_layout()
     png = io.BytesIO()
