@@ -139,3 +139,13 @@ def test_every_consumer_follows_its_producers_output_unless_set():
     assert kept.model.tokenizer == "/elsewhere/vt" and kept.tokenize.tokenizer == "/data/vt"
     again = config_from_dict(cfg.to_dict())  # what a Ray worker rebuilds: the same locations
     assert again.model.bpe == cfg.model.bpe and again.eval.model == cfg.eval.model
+
+
+def test_the_previous_demo_config_does_not_follow_the_current_demo():
+    """`demo-varied.yaml` (and `ablations.yaml` on it) reproduce tables measured before the demo snapped
+    its objects, lowered the answer stage's lr and added a shape phase; extending `demo.yaml`, they must pin those."""
+    varied = load_config("configs/demo-varied.yaml")
+    assert varied.synth.snap_grid == 0 and varied.synth.backgrounds == "varied"
+    assert [(s.name, s.steps, s.lr, s.questions) for s in varied.train.stages] == [
+        ("embeddings", 40, 0.01, None), ("layers", 120, 0.005, None), ("all", 560, 0.003, None)]
+    assert load_config("configs/ablations.yaml").train.stages == varied.train.stages
