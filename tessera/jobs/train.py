@@ -185,33 +185,36 @@ def stage_groups(cfg: TesseraConfig, index, stage_index: int, spec) -> tuple[lis
     every rank gets its `steps * batch_size / world` rows with slack (estimated by packing the index's
     lengths), cut into groups of `pack_group` samples (group g goes to rank g % world)."""
     from tessera.model.mixture import estimate_rows, stage_plan
-    from tessera.model.rows import build_group
 
     tc, stage = cfg.train, cfg.train.stages[stage_index]
     world = tc.num_workers
     rows_per_rank = stage.steps * stage.batch_size // world
     mean_len = float(np.mean(np.minimum(index.lengths, stage.seq_len)))
     n = int(rows_per_rank * world * stage.seq_len / mean_len * 1.3) + 2 * world * tc.pack_group
-    # a `questions` stage keeps only some turns: rows shrink by a factor the index lengths cannot know,
-    # so it is measured on the first packing group and the estimates scaled by it
-    shrink = None
+    shrink = None  # rows built / rows estimated: 1 unless the stage keeps only some questions (`_questions_shrink`)
     while True:
         plan = stage_plan(index, stage.mixture.weights, n, tc.effective_seed(cfg.run.seed), stage_index, stage.mixture.order)
         groups = [plan[g:g + tc.pack_group] for g in range(0, len(plan), tc.pack_group)]
         est = [estimate_rows(index.lengths[[s for s, _ in grp]], stage.seq_len) for grp in groups]
         if shrink is None:
-            shrink = 1.0
-            if stage.questions is not None:
-                built, _ = build_group(spec, [index.files[s] for s, _ in groups[0]], [index.rows[s] for s, _ in groups[0]],
-                                       [e for _, e in groups[0]], 0)
-                shrink = len(built) / max(1, est[0])
-                if not built:
-                    raise ConfigError(f"train.stages[{stage.name}].questions",
-                                      f"{stage.questions!r} finds no question in the stage's first {len(groups[0])} samples")
+            shrink = 1.0 if stage.questions is None else _questions_shrink(stage, index, spec, groups[0], est[0])
         per_rank = [sum(e for g, e in enumerate(est) if g % world == r) * shrink for r in range(world)]
         if min(per_rank) >= rows_per_rank * 1.2 + tc.pack_group:
             return plan, groups, [int(p) for p in per_rank]
         n *= 2
+
+
+def _questions_shrink(stage, index, spec, group: list, estimated: int) -> float:
+    """A `questions` stage keeps only some turns, so its rows are shorter than the index's lengths say by a
+    factor they cannot know: measured as built / estimated rows of one packing group. A pattern that keeps
+    nothing there is a config error."""
+    from tessera.model.rows import build_group
+
+    built, _ = build_group(spec, [index.files[s] for s, _ in group], [index.rows[s] for s, _ in group], [e for _, e in group], 0)
+    if not built:
+        raise ConfigError(f"train.stages[{stage.name}].questions",
+                          f"{stage.questions!r} finds no question in the stage's first {len(group)} samples")
+    return len(built) / max(1, estimated)
 
 
 def _plan_statistics(index, plan: list, spec, first_groups: list) -> dict:

@@ -86,8 +86,10 @@ def keep_questions(row: dict, pattern: str, decode) -> dict | None:
     keep = [True] * len(roles)
     found = re.compile(pattern)
     for i, role in enumerate(roles):
-        if role == "user":  # the question and the answer after it stay or go together
-            keep[i:i + 2] = [found.search(decode(row["text_ids"][i]).strip()) is not None] * len(keep[i:i + 2])
+        if role == "user":  # a question stays or goes, and the answer after it (if any) with it
+            keep[i] = found.search(decode(row["text_ids"][i]).strip()) is not None
+            if i + 1 < len(roles) and roles[i + 1] == "assistant":
+                keep[i + 1] = keep[i]
     if not any(k and role == "user" for k, role in zip(keep, roles)):
         return None
     columns = {k: [v for v, kept in zip(row[k], keep) if kept]
