@@ -57,6 +57,7 @@ def test_a_questions_stage_plans_enough_rows_for_its_steps(bpe_fitted, world_roo
     """A `questions` stage keeps only some turns of each conversation, so its rows are far shorter than
     the index's lengths say. Its plan is scaled by the shrink measured on the first packing group:
     every rank's groups still build the rows the stage's steps take, and only matching turns are trained."""
+    from tessera.config import ConfigError
     from tessera.jobs.train import _load_data, _plan, stage_groups, stage_spec
     from tessera.model.rows import build_group
     from tessera.model.unified import IGNORE
@@ -76,6 +77,11 @@ def test_a_questions_stage_plans_enough_rows_for_its_steps(bpe_fitted, world_roo
     answers = {w for rows in built for r in rows for w in run.assets.text_tokenizer.decode(
         [int(t) for t in r["labels"] if t != IGNORE and t != run.vocab.eos_id]).split()}
     assert answers and answers <= set(SHAPES), answers
+    # a pattern no question matches fails before any training, naming the stage's key
+    nothing = train_config(world_root, "train-questions", "train.stages=[{name: shape, steps: 12, batch_size: 4, seq_len: 256,"
+                           " loss_mask: answers, questions: '^How tall', mixture: {weights: {task=vqa: 1.0}}}]")
+    with pytest.raises(ConfigError, match=r"train\.stages\[shape\]\.questions"):
+        stage_groups(nothing, run.index, 0, stage_spec(nothing, 0, run.spec_kwargs))
 
 
 def test_runs_lists_the_run_with_stage_step_and_checkpoint(uninterrupted, world_root):
