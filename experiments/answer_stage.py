@@ -14,7 +14,6 @@ dropped), to tell whether a type fails to learn on its own or only beside the ot
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ from tessera.model.evaluate import Evaluator, HeldOut, run_probe
 from tessera.model.mixture import stage_plan
 from tessera.model.packing import collate
 from tessera.model import rows as rows_module
-from tessera.model.rows import BuildSpec, _builder, build_group, keep_questions
+from tessera.model.rows import BuildSpec, _builder, build_group, keep_questions, reduced
 from tessera.model.stream import model_inputs
 from tessera.model.trainer import StageTrainer
 from tessera.model.unified import TesseraModel
@@ -102,8 +101,7 @@ def main() -> None:
         read_row, types = rows_module.read_row, set(a.types.split(","))
         def reduced(path, row):
             r = read_row(path, row)
-            rng = np.random.default_rng(int(hashlib.sha256(r["sample_id"].encode()).hexdigest()[:8], 16))
-            if rng.random() >= a.types_rate:
+            if not reduced(r["sample_id"], a.types_rate):  # the train job's own draw (`questions_rate`)
                 return r
             # the train job's own filter; a conversation with none of these types keeps them all (a sample needs an answer)
             return keep_questions(r, types_pattern(types), run.assets.text_tokenizer.decode) or r

@@ -114,6 +114,11 @@ class SynthConfig:
     """0: objects jitter freely inside their cell. G > 0: they jitter by whole blocks of a GxG lattice
     (set it to the tokenizer's code grid, image_size / 2**num_down), so an object has the same codes
     wherever it sits and the visual BPE can merge them (README "Learning")."""
+    existence_probes: Literal["one", "every_object"] = "one"
+    """Existence questions in each training VQA conversation: `one` "yes" and one "no" (as the held-out
+    set asks), or `every_object`: also a "yes" for every object and as many "no" probes, preferring an
+    absent pair of one object's colour and another's shape (`shapes.existence_probes`; README "Learning").
+    The held-out set is the same either way."""
     inject_faults: bool = True
     """Also write bad inputs (corrupt, truncated, missing captions, decompression bombs,
     unsafe paths, duplicates) so the rejects path is always exercised."""
@@ -604,6 +609,9 @@ class StageConfig:
     whose meta says `"turns": "independent"`, as the shapes world's VQA) only the turns whose question
     it finds are kept, and a conversation with none is left out; other samples are unchanged. A
     curriculum phase on one kind of question (the demo's `shape` stage); None keeps every turn."""
+    questions_rate: float = 1.0
+    """Share of the conversations `questions` reduces (drawn by sample id); the others keep every turn, so
+    a phase can dwell on one kind of question without forgetting the rest."""
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps", f">= 1, got {self.steps}")
@@ -612,6 +620,8 @@ class StageConfig:
                 re.compile(self.questions)
             except re.error as e:
                 _check(False, f"train.stages[{self.name}].questions", f"a regular expression, got {self.questions!r} ({e})")
+        _check(0.0 < self.questions_rate <= 1.0, f"train.stages[{self.name}].questions_rate",
+               f"a share in (0, 1], got {self.questions_rate}")
         _check(self.lr > 0, "lr", f"> 0, got {self.lr}")
         _check(self.seq_len >= 16, "seq_len", f">= 16, got {self.seq_len}")
         _check(self.t2i_rate is None or 0.0 <= self.t2i_rate <= 1.0, f"train.stages[{self.name}].t2i_rate",

@@ -177,7 +177,7 @@ def stage_spec(cfg: TesseraConfig, stage_index: int, spec_kwargs: dict):
     tc, stage = cfg.train, cfg.train.stages[stage_index]
     return BuildSpec(seq_len=stage.seq_len, loss_mask=stage.loss_mask, seed=tc.effective_seed(cfg.run.seed),
                      stage=stage_index, t2i_rate=tc.t2i_rate_of(stage), cfg_text_dropout=tc.cfg_text_dropout,
-                     questions=stage.questions, **spec_kwargs)
+                     questions=stage.questions, questions_rate=stage.questions_rate, **spec_kwargs)
 
 
 def stage_groups(cfg: TesseraConfig, index, stage_index: int, spec) -> tuple[list, list, list]:
@@ -410,7 +410,8 @@ def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:
     _write_state(run.out, status="running", stage=stage.name, stage_index=i, ray_train_run=storage.join(run.storage_path, run_name))
     print(f"[train] stage {i} {stage.name!r}: mixture {stage.mixture.weights} ({stage.mixture.order}), "
           f"loss on {stage.loss_mask}, t2i_rate {tc.t2i_rate_of(stage)}, trainable {stage.trainable}"
-          + (f", questions {stage.questions!r}" if stage.questions is not None else ""), flush=True)
+          + (f", questions {stage.questions!r}" if stage.questions is not None else "")
+          + (f" in {stage.questions_rate:.0%} of conversations" if stage.questions is not None and stage.questions_rate < 1 else ""), flush=True)
     datasets, data_info = _stage_datasets(cfg, run.index, i, run.spec_kwargs)
     fault = StepFault.from_env(run.out)
     trainer = TorchTrainer(

@@ -12,6 +12,7 @@ and the order is still a pure function of the plan.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class BuildSpec:
     cfg_text_dropout: float
     questions: str | None = None
     """The stage's `questions` pattern (`StageConfig.questions`); None keeps every turn."""
+    questions_rate: float = 1.0
+    """Share of conversations (drawn by sample id) that `questions` reduces (`StageConfig.questions_rate`)."""
     text_tokenizer: str | None = None
     """The text tokenizer's directory: `questions` is matched against decoded question text."""
 
@@ -75,6 +78,14 @@ def _text_decoder(path: str):
     return load_text_tokenizer(path).decode
 
 
+def reduced(sample_id: str, rate: float) -> bool:
+    """Whether a `questions` stage reduces this sample's conversation: a draw seeded by its id alone, so the
+    same samples are reduced on every rank, epoch and resume."""
+    if rate >= 1.0:
+        return True
+    return np.random.default_rng(int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16)).random() < rate
+
+
 def keep_questions(row: dict, pattern: str, decode) -> dict | None:
     """A conversation of independent turns with only the (user, assistant) pairs whose question
     (`decode(text_ids)`) `pattern` finds; None when no question matches. Any other row is returned
@@ -101,10 +112,11 @@ def keep_questions(row: dict, pattern: str, decode) -> dict | None:
 
 def _stage_rows(spec: BuildSpec, files: list[str], rows: list[int], epochs: list[int]):
     """(row, epoch) of each sample the stage trains on: every sample, or under `spec.questions`
-    the conversations reduced to the matching turns (those without one left out)."""
+    the conversations reduced to the matching turns (those without one left out), or with
+    `spec.questions_rate` < 1 that share of them, the others whole."""
     for f, r, e in zip(files, rows, epochs):
         row = read_row(f, r)
-        if spec.questions is not None:
+        if spec.questions is not None and reduced(row["sample_id"], spec.questions_rate):
             row = keep_questions(row, spec.questions, _text_decoder(spec.text_tokenizer))
             if row is None:
                 continue

@@ -255,3 +255,22 @@ def questions(scene: Scene, rng: np.random.Generator, every_object: bool = False
             break
     out.append({"type": "exists", "question": f"Is there a {colour} {shape} in the image?", "answer": "no"})
     return out
+
+
+def existence_probes(scene: Scene, rng: np.random.Generator, asked: set[tuple[str, str]] = frozenset()) -> list[dict]:
+    """More existence probes for a training conversation: "yes" for every (colour, shape) in the scene
+    not in `asked`, and as many "no" probes. A "no" takes one object's colour with another's shape
+    when that pair is absent (only binding colour to shape tells it from a "yes"; POPE's adversarial
+    split draws its negatives from co-occurring objects likewise), else any absent pair."""
+    present = sorted({(o.colour, o.shape) for o in scene.objects})
+    yes = [p for p in present if p not in asked]
+    swapped = sorted({(a.colour, b.shape) for a in scene.objects for b in scene.objects} - set(present) - set(asked))
+    absent = sorted({(c, s) for c in COLOURS for s in SHAPES} - set(present) - set(asked) - set(swapped))
+    no = []
+    for _ in yes:
+        pool = swapped if swapped else absent
+        if not pool:
+            break
+        no.append(pool.pop(int(rng.integers(len(pool)))))
+    return ([{"type": "exists", "question": f"Is there a {c} {s} in the image?", "answer": "yes"} for c, s in yes]
+            + [{"type": "exists", "question": f"Is there a {c} {s} in the image?", "answer": "no"} for c, s in no])

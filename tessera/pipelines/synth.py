@@ -36,7 +36,7 @@ from tessera import storage
 from tessera.pipelines import shapes
 
 # Distinct random streams so adding samples of one kind never changes another.
-_STREAM_IMAGE, _STREAM_VIDEO, _STREAM_WEB, _STREAM_HELDOUT, _STREAM_INSTRUCT = 1, 2, 3, 4, 5
+_STREAM_IMAGE, _STREAM_VIDEO, _STREAM_WEB, _STREAM_HELDOUT, _STREAM_INSTRUCT, _STREAM_PROBES = 1, 2, 3, 4, 5, 6
 
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
@@ -314,6 +314,9 @@ def write_instructions(out: str, cfg, seed: int) -> int:
         name = f"vqa-{i:05d}.png"
         scene = _scene_png(img_dir, name, rng, cfg.resolution, world(cfg))
         qs = shapes.questions(scene, rng, every_object=True)  # independent turns: more answers per image token
+        if cfg.existence_probes == "every_object":  # their own stream: the scenes and other questions stay as they were
+            asked = {tuple(q["question"].split()[3:5]) for q in qs if q["type"] == "exists"}
+            qs += shapes.existence_probes(scene, _rng(seed, _STREAM_PROBES, i), asked)
         conversations = []
         for k in rng.permutation(len(qs)):  # any question type may come first
             q = qs[int(k)]

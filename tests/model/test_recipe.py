@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from tessera.model.rows import BuildSpec, build_group
@@ -227,3 +228,36 @@ def test_a_questions_pattern_that_is_not_a_regular_expression_is_a_config_error(
 
     with pytest.raises(ConfigError, match=r"questions"):
         load_config("configs/demo.yaml", ["train.stages=[{name: x, steps: 1, questions: '^What (shape'}]"])
+
+
+def test_a_questions_rate_reduces_that_share_of_conversations_and_keeps_the_rest_whole(bpe, tmp_path):
+    """`questions_rate` < 1: a phase dwells on one kind of question without dropping the others. The
+    draw is by sample id, so the same conversations are reduced however the rows are grouped."""
+    from tessera.config import ConfigError, load_config
+    from tessera.model.rows import reduced
+    from tessera.tokenize.text import train_text_tokenizer
+
+    texts = [f" What {k} is it? {w}" for k in ("colour", "shape") for w in ("red", "blue", "circle", "square")] * 10
+    tok_dir = str(tmp_path / "text_tokenizer")
+    tok = train_text_tokenizer(texts, 260, tok_dir)
+    rng = np.random.default_rng(0)
+    convs = [conversation(f"s{i}", [("What colour is it?", "red"), ("What shape is it?", "circle")], tok, rng) for i in range(40)]
+    model = make_model("bpe", bpe)
+    path = write_rows(tmp_path, convs)
+    spec = dataclasses.replace(spec_for(model, bpe, tmp_path), seq_len=512, questions=r"^What shape",
+                               questions_rate=0.5, text_tokenizer=tok_dir)
+
+    def answers(spec, rows):
+        built, _ = build_group(spec, [path] * len(rows), rows, [0] * len(rows))
+        targets = np.concatenate([r["labels"] for r in built])
+        return tok.decode([int(t) for t in targets[(targets != IGNORE) & (targets != model.vocab.eos_id)]]).split()
+
+    whole = sum(not reduced(f"s{i}", 0.5) for i in range(40))
+    assert 10 <= whole <= 30, "about half the conversations keep every turn"
+    got = answers(spec, list(range(40)))
+    assert got.count("circle") == 40 and got.count("red") == whole
+    assert answers(spec, list(range(20))).count("red") + answers(spec, list(range(20, 40))).count("red") == whole
+    assert answers(dataclasses.replace(spec, questions_rate=1.0), list(range(40))).count("red") == 0
+
+    with pytest.raises(ConfigError, match=r"questions_rate"):
+        load_config("configs/demo.yaml", ["train.stages=[{name: x, steps: 1, questions: '^What shape', questions_rate: 0}]"])

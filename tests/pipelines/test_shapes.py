@@ -105,3 +105,26 @@ def test_snap_grid_round_trips_and_changes_no_draw():
     assert (a.objects, a.background, a.noise_seed, b.snap_grid) == (b.objects, b.background, b.noise_seed, 16)
     assert shapes.Scene.from_dict(b.to_dict()) == b
     assert shapes.Scene.from_dict({k: v for k, v in a.to_dict().items() if k != "snap_grid"}) == a
+
+
+def test_existence_probes_ask_about_every_object_and_as_many_swapped_absences():
+    """`synth.existence_probes: every_object`: a "yes" for each object's (colour, shape) and as many
+    "no"s, each one object's colour with another's shape when that pair is absent, so a model that
+    checks colour and shape separately answers the "no"s wrong."""
+    rng = np.random.default_rng(3)
+    swapped_seen = 0
+    for _ in range(200):
+        scene = shapes.sample_scene(rng)
+        present = {(o.colour, o.shape) for o in scene.objects}
+        probes = shapes.existence_probes(scene, rng)
+        pairs = [tuple(q["question"].split()[3:5]) for q in probes]
+        assert len(set(pairs)) == len(pairs), "no probe asked twice"
+        assert {p for p, q in zip(pairs, probes) if q["answer"] == "yes"} == present
+        no = [p for p, q in zip(pairs, probes) if q["answer"] == "no"]
+        assert len(no) == len(present) and not set(no) & present
+        swapped = {(a.colour, b.shape) for a in scene.objects for b in scene.objects} - present
+        assert len(set(no) & swapped) == min(len(swapped), len(no)), "swapped pairs come first"
+        swapped_seen += len(set(no) & swapped)
+        asked = {next(iter(present))}
+        assert not {tuple(q["question"].split()[3:5]) for q in shapes.existence_probes(scene, rng, asked)} & asked
+    assert swapped_seen > 50

@@ -98,3 +98,35 @@ def test_the_snap_grid_reaches_every_written_scene(tmp_path):
     for r in rows:
         drawn = shapes.render_scene(shapes.Scene.from_dict(r["scene"]), 32)
         assert np.array_equal(np.asarray(Image.open(tmp_path / r["image"])), drawn)
+
+
+def test_more_existence_probes_leave_the_scenes_and_the_other_questions_as_they_were(tmp_path):
+    """`synth.existence_probes: every_object` only adds turns: the images (so the visual tokenizer, the
+    tokens and the BPE) and every question `one` asks are unchanged, and the held-out set is untouched."""
+    from tessera.config import load_config
+    from tessera.pipelines import synth
+
+    def world(probes):
+        out = tmp_path / probes
+        cfg = load_config(None, ["synth.resolution=32", "synth.num_instruct=12", "synth.num_heldout=4",
+                                 f"synth.existence_probes={probes}"]).synth
+        synth.write_instructions(str(out / "instruct"), cfg, 0)
+        synth.write_heldout(str(out / "heldout"), cfg, 0)
+        return out, json.loads((out / "instruct" / "llava_vqa.json").read_text())
+
+    (one_dir, one), (every_dir, every) = world("one"), world("every_object")
+
+    def turns(record):
+        c = [t["value"].replace("<image>\n", "") for t in record["conversations"]]
+        return set(zip(c[0::2], c[1::2]))
+
+    added = 0
+    for a, b in zip(one, every, strict=True):
+        assert (one_dir / "instruct" / a["image"]).read_bytes() == (every_dir / "instruct" / b["image"]).read_bytes()
+        assert turns(a) <= turns(b)  # equal only when the scene's one object was already asked about
+        extra = turns(b) - turns(a)
+        assert all(q.startswith("Is there a ") for q, _ in extra)
+        added += len(extra)
+    assert added >= len(one)
+    for name in ("questions.jsonl", "scenes.jsonl"):
+        assert (one_dir / "heldout" / name).read_text() == (every_dir / "heldout" / name).read_text()
