@@ -99,13 +99,13 @@ def main() -> None:
                                "seq_len: 512, loss_mask: %s}]" % (a.steps, a.lr, a.warmup, a.batch, a.loss_mask)]).train.stages[0]
     if a.types:
         read_row, types = rows_module.read_row, set(a.types.split(","))
-        def reduced(path, row):
+        def reduced_row(path, row):
             r = read_row(path, row)
             if not reduced(r["sample_id"], a.types_rate):  # the train job's own draw (`questions_rate`)
                 return r
             # the train job's own filter; a conversation with none of these types keeps them all (a sample needs an answer)
             return keep_questions(r, types_pattern(types), run.assets.text_tokenizer.decode) or r
-        rows_module.read_row = reduced  # build_group reads rows through this module global
+        rows_module.read_row = reduced_row  # build_group reads rows through this module global
     spec = BuildSpec(seq_len=512, loss_mask=a.loss_mask, seed=a.seed, stage=2, t2i_rate=a.t2i_rate, cfg_text_dropout=0.1, **run.spec_kwargs)
     plan = stage_plan(run.index, MIXTURES[a.mix], a.steps * a.batch * 64, a.seed, 2)  # short (oracle) rows pack many samples
     rows = []
