@@ -21,6 +21,7 @@ import torch
 
 from tessera.config import load_config
 from tessera.jobs.eval import _evaluator
+from tessera.model.evaluate import normalise
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     right, asked = collections.Counter(), collections.Counter()
     for q in held.questions:
         objects = scenes[q["image"]]
-        ok = ev.answer(q["image"], q["question"], 4).strip() == q["answer"]
+        ok = ev.predict(q) == normalise(q["answer"])  # scored as `tessera eval` scores it
         keys = [(q["type"], len(objects))]
         if q["type"] == "exists":
             colour, shape = q["question"].split()[3:5]  # "Is there a {colour} {shape} in the image?"

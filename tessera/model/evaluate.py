@@ -155,11 +155,15 @@ class Evaluator:
                 examples.append({"image": s["image"], "truth": s["caption"], "generated": text, "score": round(scores[-1], 3)})
         return {"caption_accuracy": float(np.mean(scores)) if scores else 0.0, "captions": len(scores), "caption_examples": examples}
 
+    def predict(self, q: dict) -> str:
+        """The model's normalised answer to one held-out question (compare with `normalise(q["answer"])`)."""
+        return normalise(self.answer(q["image"], q["question"], 8))
+
     def questions(self, limit: int | None = None) -> dict:
         vqa, by_type, pope = [], {}, {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
         examples, valid = [], []
         for q in self.heldout.questions[:limit]:
-            pred = normalise(self.answer(q["image"], q["question"], 8))
+            pred = self.predict(q)
             truth = normalise(q["answer"])
             valid.append(pred in ANSWERS.get(q["type"], {truth}))
             if q["type"] == "exists":
