@@ -239,6 +239,11 @@ def object_questions(scene: Scene, obj: ShapeObject) -> list[dict]:
     return out
 
 
+def existence_question(colour: str, shape: str, present: bool) -> dict:
+    """POPE's question about one (colour, shape) pair, answered "yes" or "no"."""
+    return {"type": "exists", "question": f"Is there a {colour} {shape} in the image?", "answer": "yes" if present else "no"}
+
+
 def questions(scene: Scene, rng: np.random.Generator, every_object: bool = False) -> list[dict]:
     """Questions about one scene: attributes of one object (of every object with
     `every_object`, as the training VQA asks), a count, and POPE-style existence probes (half
@@ -248,12 +253,12 @@ def questions(scene: Scene, rng: np.random.Generator, every_object: bool = False
     out.append({"type": "count", "question": "How many objects are there?", "answer": NUMBER_WORDS[len(scene.objects)]})
     present = {(o.colour, o.shape) for o in scene.objects}
     probe = scene.objects[int(rng.integers(len(scene.objects)))]
-    out.append({"type": "exists", "question": f"Is there a {probe.colour} {probe.shape} in the image?", "answer": "yes"})
+    out.append(existence_question(probe.colour, probe.shape, True))
     while True:
         colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
         if (colour, shape) not in present:
             break
-    out.append({"type": "exists", "question": f"Is there a {colour} {shape} in the image?", "answer": "no"})
+    out.append(existence_question(colour, shape, False))
     return out
 
 
@@ -272,5 +277,4 @@ def existence_probes(scene: Scene, rng: np.random.Generator, asked: set[tuple[st
         if not pool:
             break
         no.append(pool.pop(int(rng.integers(len(pool)))))
-    return ([{"type": "exists", "question": f"Is there a {c} {s} in the image?", "answer": "yes"} for c, s in yes]
-            + [{"type": "exists", "question": f"Is there a {c} {s} in the image?", "answer": "no"} for c, s in no])
+    return [existence_question(c, s, True) for c, s in yes] + [existence_question(c, s, False) for c, s in no]
