@@ -15,6 +15,7 @@ pure function of a `numpy.random.Generator`, so the world is deterministic given
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, asdict, replace
 
 import numpy as np
@@ -239,9 +240,18 @@ def object_questions(scene: Scene, obj: ShapeObject) -> list[dict]:
     return out
 
 
+_EXISTENCE = re.compile(r"Is there a (\w+) (\w+) in the image\?")
+
+
 def existence_question(colour: str, shape: str, present: bool) -> dict:
     """POPE's question about one (colour, shape) pair, answered "yes" or "no"."""
     return {"type": "exists", "question": f"Is there a {colour} {shape} in the image?", "answer": "yes" if present else "no"}
+
+
+def existence_pairs(qs: list[dict]) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs the existence questions among `qs` ask about: `existence_question` read back
+    (its text is all a question keeps, and all the published question files hold)."""
+    return {m.groups() for q in qs if q["type"] == "exists" and (m := _EXISTENCE.fullmatch(q["question"]))}
 
 
 def questions(scene: Scene, rng: np.random.Generator, every_object: bool = False) -> list[dict]:

@@ -315,8 +315,7 @@ def write_instructions(out: str, cfg, seed: int) -> int:
         scene = _scene_png(img_dir, name, rng, cfg.resolution, world(cfg))
         qs = shapes.questions(scene, rng, every_object=True)  # independent turns: more answers per image token
         if cfg.existence_probes == "every_object":  # their own stream: the scenes and other questions stay as they were
-            asked = {tuple(q["question"].split()[3:5]) for q in qs if q["type"] == "exists"}
-            qs += shapes.existence_probes(scene, _rng(seed, _STREAM_PROBES, i), asked)
+            qs += shapes.existence_probes(scene, _rng(seed, _STREAM_PROBES, i), shapes.existence_pairs(qs))
         conversations = []
         for k in rng.permutation(len(qs)):  # any question type may come first
             q = qs[int(k)]

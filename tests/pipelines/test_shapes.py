@@ -128,3 +128,15 @@ def test_existence_probes_ask_about_every_object_and_as_many_swapped_absences():
         asked = {next(iter(present))}
         assert not {tuple(q["question"].split()[3:5]) for q in shapes.existence_probes(scene, rng, asked)} & asked
     assert swapped_seen > 50
+
+
+def test_existence_pairs_reads_back_every_existence_question_and_nothing_else():
+    rng = np.random.default_rng(3)
+    scene = shapes.sample_scene(rng)
+    qs = shapes.questions(scene, rng, every_object=True)
+    pairs = shapes.existence_pairs(qs)
+    assert len(pairs) == 2 and any((o.colour, o.shape) in pairs for o in scene.objects)
+    for colour in shapes.COLOURS:
+        for shape in shapes.SHAPES:
+            assert shapes.existence_pairs([shapes.existence_question(colour, shape, False)]) == {(colour, shape)}
+    assert shapes.existence_pairs([q for q in qs if q["type"] != "exists"]) == set()
