@@ -36,7 +36,8 @@ from tessera.model.trainer import StageTrainer
 from tessera.model.unified import TesseraModel
 from tessera.tokenize.tokenizer import load_tokenizer
 
-MIXTURES = {"demo": {"kind=image_text": 0.4, "task=vqa": 0.6}, "vqa": {"task=vqa": 1.0}}
+MIXTURES = {"demo": {"kind=image_text": 0.4, "task=vqa": 0.6}, "vqa": {"task=vqa": 1.0},
+            "captions": {"kind=image_text": 1.0}}
 TYPES = [("colour", r"^What colour"), ("shape", r"^What shape"), ("size", r"^What size"), ("position", r"^Where"),
          ("count", r"^How many"), ("exists", r"^Is there")]
 VQA_TYPES = ("colour", "shape", "size", "position", "count")
@@ -88,6 +89,8 @@ def main() -> None:
     ap.add_argument("--save", default="", help="write the trained model here (an --init for a next phase)")
     ap.add_argument("--loss-mask", default="answers", choices=["answers", "all"])
     ap.add_argument("--t2i-rate", type=float, default=0.0, help="share of captions put before their image")
+    ap.add_argument("--generate", type=int, default=0,
+                    help="also score text -> image (tessera eval's generation: analyser match) on N held-out captions at each probe")
     ap.add_argument("--grid-encoder", type=int, default=0,
                     help="give the model a grid encoder of N conv layers (model.grid_encoder) before the stage")
     a = ap.parse_args()
@@ -123,6 +126,10 @@ def main() -> None:
         model.cfg.grid_encoder.layers = a.grid_encoder
         torch.manual_seed(a.seed)
         model.attach_grid_encoder(run.assets.tile_codes(model.cfg))
+    generator = None
+    if a.generate:  # tessera eval's own generation suite, with eval's sampling settings
+        held = HeldOut.load(cfg.resolve(cfg.eval.heldout), tcfg.image_size)
+        generator = Evaluator(model, _builder(spec), run.assets.text_tokenizer, tokenizer, held)
     trainer = StageTrainer(model, stage, 0.01, 1.0, torch.device("cpu"))
     t0 = time.time()
     for step in range(1, a.steps + 1):
@@ -135,6 +142,12 @@ def main() -> None:
                 acc = run_probe(model, items)
                 out[name] = {k: round(v, 3) for k, v in acc.items()}
                 out[f"{name}_vqa"] = round(float(np.mean([acc[t] for t in VQA_TYPES])), 3)
+            if generator is not None:
+                ec = cfg.eval
+                model.eval()
+                gen = generator.generation(a.generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed)
+                model.train()
+                out["text_to_image"] = round(gen["generation_accuracy"], 3)
             print(json.dumps(out), flush=True)
     if a.save:
         save_model(model, a.save)
