@@ -63,6 +63,26 @@ def training_questions(instruct_dir: str, scenes: int, resolution: int) -> HeldO
     return HeldOut([], questions, images)
 
 
+def training_captions(wds_dir: str, n: int, resolution: int) -> HeldOut:
+    """The first `n` training image-text pairs (img2dataset shard 00000 that `tessera synth` writes, whose
+    `.json` carries the scene) as a held-out-shaped set, to score text -> image on captions the model trained on."""
+    import io
+    import tarfile
+
+    scenes, images = [], {}
+    with tarfile.open(os.path.join(wds_dir, "00000.tar")) as tar:
+        for member in tar.getmembers():
+            if not member.name.endswith(".json") or len(scenes) >= n:
+                continue
+            meta = json.loads(tar.extractfile(member).read())
+            if meta.get("status") != "success" or not meta.get("scene"):
+                continue
+            jpg = tar.extractfile(member.name[:-5] + ".jpg").read()
+            images[meta["key"]] = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB").resize((resolution, resolution)))
+            scenes.append({"image": meta["key"], "caption": meta["caption"], "scene": meta["scene"]})
+    return HeldOut(scenes, [], images)
+
+
 def types_pattern(types: set[str]) -> str:
     """The `questions` pattern (`StageConfig.questions`) that finds the questions of these types."""
     return "|".join(p for t, p in TYPES if t in types)
@@ -90,7 +110,7 @@ def main() -> None:
     ap.add_argument("--loss-mask", default="answers", choices=["answers", "all"])
     ap.add_argument("--t2i-rate", type=float, default=0.0, help="share of captions put before their image")
     ap.add_argument("--generate", type=int, default=0,
-                    help="also score text -> image (tessera eval's generation: analyser match) on N held-out captions at each probe")
+                    help="also score text -> image (tessera eval's generation: analyser match) on N held-out and N training captions at each probe")
     ap.add_argument("--grid-encoder", type=int, default=0,
                     help="give the model a grid encoder of N conv layers (model.grid_encoder) before the stage")
     a = ap.parse_args()
@@ -98,7 +118,7 @@ def main() -> None:
     cfg = load_config(a.config, [f"run.root={a.root}"] + a.set)
     run = _plan(cfg)
     _load_data(run)
-    stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: %g, warmup_steps: %d, batch_size: %d, "
+    stage = load_config(None, ["train.stages=[{name: all, steps: %d, lr: %.10f, warmup_steps: %d, batch_size: %d, "
                                "seq_len: 512, loss_mask: %s}]" % (a.steps, a.lr, a.warmup, a.batch, a.loss_mask)]).train.stages[0]
     if a.types:
         read_row, types = rows_module.read_row, set(a.types.split(","))
@@ -126,10 +146,12 @@ def main() -> None:
         model.cfg.grid_encoder.layers = a.grid_encoder
         torch.manual_seed(a.seed)
         model.attach_grid_encoder(run.assets.tile_codes(model.cfg))
-    generator = None
-    if a.generate:  # tessera eval's own generation suite, with eval's sampling settings
+    generators = {}
+    if a.generate:  # tessera eval's own generation suite, with eval's sampling settings, on held-out and training captions
         held = HeldOut.load(cfg.resolve(cfg.eval.heldout), tcfg.image_size)
-        generator = Evaluator(model, _builder(spec), run.assets.text_tokenizer, tokenizer, held)
+        train_caps = training_captions(os.path.join(cfg.resolve(cfg.synth.output), "wds"), a.generate, tcfg.image_size)
+        generators = {name: Evaluator(model, _builder(spec), run.assets.text_tokenizer, tokenizer, h)
+                      for name, h in (("text_to_image", held), ("train_text_to_image", train_caps))}
     trainer = StageTrainer(model, stage, 0.01, 1.0, torch.device("cpu"))
     t0 = time.time()
     for step in range(1, a.steps + 1):
@@ -142,12 +164,12 @@ def main() -> None:
                 acc = run_probe(model, items)
                 out[name] = {k: round(v, 3) for k, v in acc.items()}
                 out[f"{name}_vqa"] = round(float(np.mean([acc[t] for t in VQA_TYPES])), 3)
-            if generator is not None:
-                ec = cfg.eval
+            ec = cfg.eval
+            for name, generator in generators.items():
                 model.eval()
                 gen = generator.generation(a.generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed)
                 model.train()
-                out["text_to_image"] = round(gen["generation_accuracy"], 3)
+                out[name] = round(gen["generation_accuracy"], 3)
             print(json.dumps(out), flush=True)
     if a.save:
         save_model(model, a.save)
