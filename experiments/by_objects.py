@@ -22,6 +22,7 @@ import torch
 from tessera.config import load_config
 from tessera.jobs.eval import _evaluator
 from tessera.model.evaluate import normalise
+from tessera.pipelines import shapes
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         ok = ev.predict(q) == normalise(q["answer"])  # scored as `tessera eval` scores it
         keys = [(q["type"], len(objects))]
         if q["type"] == "exists":
-            colour, shape = q["question"].split()[3:5]  # "Is there a {colour} {shape} in the image?"
+            (colour, shape), = shapes.existence_pairs([q])
             if q["answer"] == "yes":
                 kind = "yes"
             elif any(o["colour"] == colour for o in objects):
