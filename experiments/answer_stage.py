@@ -139,7 +139,8 @@ def main() -> None:
             break
     tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(cfg.model.tokenizer), "cpu")
     seen = training_questions(os.path.join(cfg.resolve(cfg.synth.output), "instruct"), 60, tcfg.image_size)
-    train_items = Evaluator(None, _builder(spec), run.assets.text_tokenizer, tokenizer, seen).probe_items(30)
+    train_items = Evaluator(None, _builder(spec), run.assets.text_tokenizer, tokenizer, seen,
+                            question_first=cfg.model.question_first).probe_items(30)
     model = load_model(a.init) if a.init else TesseraModel.create(cfg.model, run.vocab, run.sizes, run.depth, seed=a.seed,
                                                                   tile_codes=run.assets.tile_codes(cfg.model))
     if a.grid_encoder and not hasattr(model, "grid_encoder"):

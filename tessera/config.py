@@ -556,6 +556,13 @@ class ModelConfig:
     """Text tokenizer; empty = `tokenize.text_tokenizer`, or the one `tokenize` trained (`<tokenize.output>/text_tokenizer`)."""
     bpe: str = ""
     """Visual BPE merges; empty = `<bpe.output>/merges.json`."""
+    question_first: str = ""
+    """A regular expression: the questions it finds are read before their image, not after it.
+    Training moves each such turn of an independent-turn conversation into a sample of its own
+    (question, image, answer) and evaluation prompts it the same way. Under causal attention an
+    image read after the question is encoded *for* it: each visual token can match itself against
+    "a red circle" on its way up, where an answer after the image must find and bind colour to
+    shape across ~100 tiles at one position (README "Learning"). Empty: every image comes first."""
 
     def __post_init__(self):
         _check(self.hidden_size % self.num_heads == 0, "hidden_size", f"divisible by num_heads ({self.num_heads}), got {self.hidden_size}")
@@ -566,6 +573,11 @@ class ModelConfig:
         _check(not self.mot_attention or self.mot, "mot_attention", "requires model.mot: true")
         _check(self.depth_head.dim % self.depth_head.heads == 0, "depth_head.dim", "divisible by depth_head.heads")
         _check(self.time_step > 0 and self.time_tokens >= 1, "time_step", "time_step > 0 and time_tokens >= 1")
+        if self.question_first:
+            try:
+                re.compile(self.question_first)
+            except re.error as e:
+                _check(False, "model.question_first", f"a regular expression, got {self.question_first!r} ({e})")
 
 
 @dataclass

@@ -90,7 +90,8 @@ def _evaluator(cfg: TesseraConfig, model_dir: str):
     builder = SequenceBuilder(model.vocab, assets.bpe, tuple(mc.codebooks), depth, tuple(sizes), cfg.bpe.codebook, cfg.bpe.depth)
     heldout_dir = cfg.resolve(cfg.eval.heldout)
     held = HeldOut.load(heldout_dir, tcfg.image_size) if storage.exists(storage.join(heldout_dir, "scenes.jsonl")) else None
-    return Evaluator(model, builder, assets.text_tokenizer, tokenizer, held, device, image_size=tcfg.image_size), held
+    return Evaluator(model, builder, assets.text_tokenizer, tokenizer, held, device, image_size=tcfg.image_size,
+                     question_first=mc.question_first), held
 
 
 def score_set(ev, spec, cfg: TesseraConfig) -> dict:

@@ -249,7 +249,8 @@ def _probe_items(cfg: TesseraConfig, builder, assets) -> list[dict]:
         return []
     tokenizer, tcfg, _ = load_tokenizer(cfg.resolve(cfg.model.tokenizer), "cpu")
     held = HeldOut.load(cfg.resolve(cfg.eval.heldout), tcfg.image_size)
-    return Evaluator(None, builder, assets.text_tokenizer, tokenizer, held).probe_items(cfg.train.probe_questions)
+    return Evaluator(None, builder, assets.text_tokenizer, tokenizer, held,
+                     question_first=cfg.model.question_first).probe_items(cfg.train.probe_questions)
 
 
 def _image_tokens(index, builder, n: int = 32) -> float:
@@ -395,7 +396,7 @@ def _load_data(run: _Run) -> None:
     run.spec_kwargs = dict(vocabulary=tuple(run.vocab.to_dict().items()), bpe_path=storage.absolute(cfg.resolve(mc.bpe)),
                            codebooks=tuple(mc.codebooks), depth=run.depth, codebook_sizes=tuple(run.sizes),
                            bpe_codebook=cfg.bpe.codebook, bpe_depth=cfg.bpe.depth,
-                           text_tokenizer=run.assets.text_identity["path"])
+                           text_tokenizer=run.assets.text_identity["path"], question_first=mc.question_first or None)
 
 
 def _train_stage(run: _Run, i: int, init_model: str, offset: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,9 +82,11 @@ def normalise(answer: str) -> str:
 
 class Evaluator:
     def __init__(self, model: TesseraModel | None, builder: SequenceBuilder, text_tokenizer, tokenizer, heldout: HeldOut | None,
-                 device: torch.device | str = "cpu", image_size: int | None = None):
+                 device: torch.device | str = "cpu", image_size: int | None = None, question_first: str = ""):
         """`model` None: only prompts are built (see `probe_items`). `heldout` None: no shapes world;
-        only images given to `add_images` (uint8 (image_size, image_size, 3)) can be asked about."""
+        only images given to `add_images` (uint8 (image_size, image_size, 3)) can be asked about.
+        `question_first`: the model's `ModelConfig.question_first` (questions it reads before the image)."""
+        self.question_first = re.compile(question_first) if question_first else None
         self.model = model.eval() if model is not None else None
         self.builder, self.text, self.tokenizer, self.heldout = builder, text_tokenizer, tokenizer, heldout
         self.images = dict(heldout.images) if heldout is not None else {}
@@ -120,8 +123,12 @@ class Evaluator:
         return encode_segments(self.text, [text])[0]
 
     def prompt(self, image_path: str, question: str | None):
-        """<bos> + the image [+ the question]: what training's first turn looks like."""
-        prefix = self.builder.image_prefix(self.image_row(image_path))
+        """<bos> + the image [+ the question]: what training's first turn looks like; <bos> + the
+        question + the image for a question the model reads first (`question_first`)."""
+        row = self.image_row(image_path)
+        if question and self.question_first is not None and self.question_first.search(question.strip()):
+            return self.builder.question_prefix(row, self.encode_text(question))
+        prefix = self.builder.image_prefix(row)
         return self.builder.extend_text(prefix, self.encode_text(question)) if question else prefix
 
     def answer(self, image_path: str, prompt: str | None, max_new_tokens: int) -> str:

@@ -48,6 +48,8 @@ class BuildSpec:
     """Share of conversations (drawn by sample id) that `questions` reduces (`StageConfig.questions_rate`)."""
     text_tokenizer: str | None = None
     """The text tokenizer's directory: `questions` is matched against decoded question text."""
+    question_first: str | None = None
+    """The model's `question_first` pattern: matching turns become samples of their own, question before image."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -110,16 +112,59 @@ def keep_questions(row: dict, pattern: str, decode) -> dict | None:
     return {**row, **columns, "meta": json.dumps({**meta, "roles": [r for r, kept in zip(roles, keep) if kept]})}
 
 
+def split_question_first(row: dict, pattern: str, decode) -> list[dict]:
+    """A conversation of independent turns -> the conversation without the turns whose question
+    `pattern` finds (left out when none remain), then one sample per such turn that reads
+    question, image, answer (`ModelConfig.question_first`), with id `<sample_id>/q<k>` (k = the
+    turn's index among all). Any other row -> [row]. The moved turns' answers keep their loss;
+    nothing else of the conversation changes."""
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    roles = meta.get("roles")
+    if not roles or meta.get("turns") != "independent" or sum(row["is_image"]) != 1:
+        return [row]
+    found = re.compile(pattern)
+    image = row["is_image"].index(True)
+    moved, keep = [], [True] * len(roles)
+    for i, role in enumerate(roles):
+        if role == "user" and i + 1 < len(roles) and roles[i + 1] == "assistant" \
+                and found.search(decode(row["text_ids"][i]).strip()):
+            moved.append(i)
+            keep[i] = keep[i + 1] = False
+    if not moved:
+        return [row]
+    columns = ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes")
+
+    def take(order: list[int], sample_id: str, turn_meta: dict) -> dict:
+        out = {**row, **{k: [row[k][j] for j in order] for k in columns}, "sample_id": sample_id,
+               "meta": json.dumps({**turn_meta, "roles": [roles[j] for j in order]})}
+        if row.get("timestamps") is not None and len(row["timestamps"]) == len(roles):
+            out["timestamps"] = [row["timestamps"][j] for j in order]
+        return out
+
+    out = []
+    rest = [j for j, k in enumerate(keep) if k]
+    if any(roles[j] == "user" for j in rest):
+        out.append(take(rest, row["sample_id"], meta))
+    single = {k: v for k, v in meta.items() if k != "turns"}  # one turn: plain causal attention
+    out += [take([i, image, i + 1], f"{row['sample_id']}/q{i}", single) for i in moved]
+    return out
+
+
 def _stage_rows(spec: BuildSpec, files: list[str], rows: list[int], epochs: list[int]):
     """(row, epoch) of each sample the stage trains on: every sample, or under `spec.questions`
     the conversations reduced to the matching turns (those without one left out), or with
-    `spec.questions_rate` < 1 that share of them, the others whole."""
+    `spec.questions_rate` < 1 that share of them, the others whole; then under
+    `spec.question_first` the matching turns moved into samples of their own."""
     for f, r, e in zip(files, rows, epochs):
         row = read_row(f, r)
         if spec.questions is not None and reduced(row["sample_id"], spec.questions_rate):
             row = keep_questions(row, spec.questions, _text_decoder(spec.text_tokenizer))
             if row is None:
                 continue
+        if spec.question_first:
+            for part in split_question_first(row, spec.question_first, _text_decoder(spec.text_tokenizer)):
+                yield part, e
+            continue
         yield row, e
 
 

@@ -260,6 +260,18 @@ class SequenceBuilder:
         cells = np.concatenate([[[-1, -1]], cells])
         return Sequence(row["sample_id"], ids, np.zeros(len(ids), bool), codes, cells=cells)
 
+    def question_prefix(self, row: dict, text_ids, position: int = 0) -> Sequence:
+        """<bos> + a question + one image: the prompt of a question the model reads before its image
+        (`ModelConfig.question_first`), as `build` lays out such a sample up to its answer."""
+        ids, codes, cells = self.image_span(row, position)
+        text = np.asarray(text_ids, dtype=np.int64)
+        head = np.concatenate([[self.vocab.bos_id], text]).astype(np.int64)
+        if codes is not None:
+            codes = np.concatenate([np.full((len(head),) + codes.shape[1:], -1, np.int64), codes])
+        cells = np.concatenate([np.full((len(head), 2), -1, np.int64), cells])
+        ids = np.concatenate([head, ids]).astype(np.int64)
+        return Sequence(row["sample_id"], ids, np.zeros(len(ids), bool), codes, cells=cells)
+
     def extend_text(self, seq: Sequence, text_ids) -> Sequence:
         ids = np.asarray(text_ids, dtype=np.int64)
         codes = None

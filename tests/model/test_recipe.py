@@ -261,3 +261,61 @@ def test_a_questions_rate_reduces_that_share_of_conversations_and_keeps_the_rest
 
     with pytest.raises(ConfigError, match=r"questions_rate"):
         load_config("configs/demo.yaml", ["train.stages=[{name: x, steps: 1, questions: '^What shape', questions_rate: 0}]"])
+
+
+def test_question_first_turns_become_samples_that_read_the_question_before_the_image(bpe, tmp_path):
+    """`model.question_first`: a matching turn leaves its conversation for a sample of its own,
+    question then image then answer, laid out exactly as evaluation prompts it (`question_prefix`);
+    every answer is still a target once, and the other turns keep their shared image."""
+    from tessera.model.rows import split_question_first
+    from tessera.tokenize.text import train_text_tokenizer
+
+    texts = [f" {q} {w}" for q in ("What colour is it?", "What shape is it?", "Is there a red circle in the image?")
+             for w in ("red", "circle", "yes", "no")] * 10
+    tok_dir = str(tmp_path / "text_tokenizer")
+    tok = train_text_tokenizer(texts, 280, tok_dir)
+    rng = np.random.default_rng(0)
+    conv = conversation("m", [("What colour is it?", "red"), ("Is there a red circle in the image?", "yes"),
+                              ("What shape is it?", "circle"), ("Is there a blue square in the image?", "no")], tok, rng)
+    only_exists = conversation("e", [("Is there a red circle in the image?", "yes")], tok, rng)
+    caption = token_row("c", text_len=4, rng=rng)
+
+    parts = split_question_first(conv, r"^Is there", tok.decode)
+    assert [p["sample_id"] for p in parts] == ["m", "m/q3", "m/q7"]
+    rest, first, second = parts
+    assert json.loads(rest["meta"])["turns"] == "independent"
+    assert [tok.decode(t).strip() for t in rest["text_ids"][1:]] == ["What colour is it?", "red", "What shape is it?", "circle"]
+    for p, (q, a) in ((first, ("Is there a red circle in the image?", "yes")), (second, ("Is there a blue square in the image?", "no"))):
+        meta = json.loads(p["meta"])
+        assert meta["roles"] == ["user", None, "assistant"] and "turns" not in meta
+        assert p["is_image"] == [False, True, False] and p["pixel_codes"][1] == conv["pixel_codes"][0]
+        assert [tok.decode(p["text_ids"][0]).strip(), tok.decode(p["text_ids"][2]).strip()] == [q, a]
+    assert [p["sample_id"] for p in split_question_first(only_exists, r"^Is there", tok.decode)] == ["e/q1"]
+    assert split_question_first(caption, r"^Is there", tok.decode) == [caption]
+
+    model = make_model("bpe", bpe)
+    b = builder_for(model, bpe)
+    built = b.build(first, "answers")
+    prompt = b.question_prefix(first, first["text_ids"][0], position=1)
+    n = len(prompt.ids)
+    np.testing.assert_array_equal(built.ids[:n], prompt.ids)
+    np.testing.assert_array_equal(built.cells[:n], prompt.cells)
+    assert not built.loss[:n].any() and built.loss[n:].all(), "the answer (and its <eos>) is the only target"
+    assert (prompt.cells[1 + len(first["text_ids"][0]):] >= 0).any(), "the image's tiles come after the question"
+
+    path = write_rows(tmp_path, [conv, only_exists])
+    spec = dataclasses.replace(spec_for(model, bpe, tmp_path), seq_len=512, text_tokenizer=tok_dir)
+
+    def answers(spec):
+        rows, _ = build_group(spec, [path] * 2, [0, 1], [0] * 2)
+        targets = np.concatenate([r["labels"] for r in rows])
+        return sorted(tok.decode([int(t) for t in targets[(targets != IGNORE) & (targets != model.vocab.eos_id)]]).split())
+
+    assert answers(dataclasses.replace(spec, question_first=r"^Is there")) == answers(spec) == ["circle", "no", "red", "yes", "yes"]
+
+
+def test_a_question_first_pattern_that_is_not_a_regular_expression_is_a_config_error():
+    from tessera.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"question_first"):
+        load_config("configs/demo.yaml", ["model.question_first=^Is (there"])
