@@ -303,6 +303,13 @@ def test_question_first_turns_become_samples_that_read_the_question_before_the_i
     assert not built.loss[:n].any() and built.loss[n:].all(), "the answer (and its <eos>) is the only target"
     assert (prompt.cells[1 + len(first["text_ids"][0]):] >= 0).any(), "the image's tiles come after the question"
 
+    from tessera.model.evaluate import Evaluator  # what `tessera eval` and the training probe ask
+    ev = Evaluator(None, b, tok, None, None, question_first=r"^Is there")
+    ev._rows["img"] = {"sample_id": "img", "is_image": [True], **{k: [conv[k][0]] for k in ("grid_shapes", "pixel_codes", "semantic_codes")}}
+    np.testing.assert_array_equal(ev.prompt("img", "Is there a red circle in the image?").ids, built.ids[:n])
+    image_first = ev.prompt("img", "What colour is it?")  # any other question still follows the image
+    np.testing.assert_array_equal(image_first.ids, b.build(single_turn(conv, 0), "answers").ids[:len(image_first.ids)])
+
     path = write_rows(tmp_path, [conv, only_exists])
     spec = dataclasses.replace(spec_for(model, bpe, tmp_path), seq_len=512, text_tokenizer=tok_dir)
 
