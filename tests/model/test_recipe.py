@@ -184,17 +184,22 @@ def conversation(sid, turns, tok, rng):
     return row
 
 
+def trained_tokenizer(tmp_path, texts, vocab_size):
+    """A text tokenizer trained on `texts` -> (tokenizer, its directory: a BuildSpec's `text_tokenizer`)."""
+    from tessera.tokenize.text import train_text_tokenizer
+
+    tok_dir = str(tmp_path / "text_tokenizer")
+    return train_text_tokenizer(texts, vocab_size, tok_dir), tok_dir
+
+
 def test_a_questions_stage_trains_only_the_turns_it_names(bpe, tmp_path):
     """A curriculum phase on one kind of question (the demo's `shape` stage): under a stage's
     `questions` pattern a conversation keeps only the turns whose question it finds, each with its
     own answer; a conversation with none is left out; a caption passes unchanged."""
     from tessera.model.rows import keep_questions
-    from tessera.tokenize.text import train_text_tokenizer
-
     words = ["red", "blue", "circle", "square", "small", "large"]
     texts = [f" What {k} is the object at the top? {w}" for k in ("colour", "shape", "size") for w in words] * 10
-    tok_dir = str(tmp_path / "text_tokenizer")
-    tok = train_text_tokenizer(texts, 280, tok_dir)
+    tok, tok_dir = trained_tokenizer(tmp_path, texts, 280)
     rng = np.random.default_rng(0)
     mixed = conversation("m", [("What colour is it?", "red"), ("What shape is it?", "circle"),
                                ("What size is it?", "small"), ("What shape is at the top?", "square")], tok, rng)
@@ -235,11 +240,9 @@ def test_a_questions_rate_reduces_that_share_of_conversations_and_keeps_the_rest
     draw is by sample id, so the same conversations are reduced however the rows are grouped."""
     from tessera.config import ConfigError, load_config
     from tessera.model.rows import reduced
-    from tessera.tokenize.text import train_text_tokenizer
 
     texts = [f" What {k} is it? {w}" for k in ("colour", "shape") for w in ("red", "blue", "circle", "square")] * 10
-    tok_dir = str(tmp_path / "text_tokenizer")
-    tok = train_text_tokenizer(texts, 260, tok_dir)
+    tok, tok_dir = trained_tokenizer(tmp_path, texts, 260)
     rng = np.random.default_rng(0)
     convs = [conversation(f"s{i}", [("What colour is it?", "red"), ("What shape is it?", "circle")], tok, rng) for i in range(40)]
     model = make_model("bpe", bpe)
@@ -268,12 +271,10 @@ def test_question_first_turns_become_samples_that_read_the_question_before_the_i
     question then image then answer, laid out exactly as evaluation prompts it (`question_prefix`);
     every answer is still a target once, and the other turns keep their shared image."""
     from tessera.model.rows import split_question_first
-    from tessera.tokenize.text import train_text_tokenizer
 
     texts = [f" {q} {w}" for q in ("What colour is it?", "What shape is it?", "Is there a red circle in the image?")
              for w in ("red", "circle", "yes", "no")] * 10
-    tok_dir = str(tmp_path / "text_tokenizer")
-    tok = train_text_tokenizer(texts, 280, tok_dir)
+    tok, tok_dir = trained_tokenizer(tmp_path, texts, 280)
     rng = np.random.default_rng(0)
     conv = conversation("m", [("What colour is it?", "red"), ("Is there a red circle in the image?", "yes"),
                               ("What shape is it?", "circle"), ("Is there a blue square in the image?", "no")], tok, rng)
