@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import math
 import sys
@@ -204,13 +205,25 @@ def stage_groups(cfg: TesseraConfig, index, stage_index: int, spec) -> tuple[lis
         n *= 2
 
 
+@functools.lru_cache(maxsize=4)
+def _built_group(spec, files: tuple, rows: tuple, epochs: tuple, g: int) -> tuple:
+    """One packing group's rows, built once on the driver: a `questions` stage measures its first group
+    (`_questions_shrink`) and the statistics read it again (`_plan_statistics`)."""
+    from tessera.model.rows import build_group
+
+    return tuple(build_group(spec, list(files), list(rows), list(epochs), g)[0])
+
+
+def _group_rows(spec, index, group: list, g: int) -> tuple:
+    return _built_group(spec, tuple(index.files[s] for s, _ in group), tuple(index.rows[s] for s, _ in group),
+                        tuple(e for _, e in group), g)
+
+
 def _questions_shrink(stage, index, spec, group: list, estimated: int) -> float:
     """A `questions` stage keeps only some turns, so its rows are shorter than the index's lengths say by a
     factor they cannot know: measured as built / estimated rows of one packing group. A pattern that keeps
     nothing there is a config error."""
-    from tessera.model.rows import build_group
-
-    built, _ = build_group(spec, [index.files[s] for s, _ in group], [index.rows[s] for s, _ in group], [e for _, e in group], 0)
+    built = _group_rows(spec, index, group, 0)
     if not built:
         raise ConfigError(f"train.stages[{stage.name}].questions",
                           f"{stage.questions!r} finds no question in the stage's first {len(group)} samples")
@@ -222,14 +235,12 @@ def _plan_statistics(index, plan: list, spec, first_groups: list) -> dict:
     and (from its first packing groups) the share of loss targets that are image tokens."""
     from collections import Counter
 
-    from tessera.model.rows import build_group
     from tessera.model.unified import IGNORE
 
     tags = Counter(t for s, _ in plan for t in index.tags[s] if t.startswith(("kind=", "task=")))
     image_targets = targets = 0
     for g, grp in enumerate(first_groups):
-        rows, _ = build_group(spec, [index.files[s] for s, _ in grp], [index.rows[s] for s, _ in grp], [e for _, e in grp], g)
-        for r in rows:
+        for r in _group_rows(spec, index, grp, g):
             t = r["labels"][r["labels"] != IGNORE]
             targets += len(t)
             image_targets += int((t >= dict(spec.vocabulary)["text_size"]).sum())
