@@ -42,7 +42,7 @@ def main() -> None:
     torch.set_num_threads(1)
     seen = training_questions(os.path.join(cfg.resolve(cfg.synth.output), "instruct"), args.scenes, ev.image_size)
     ev.add_images(seen.images)
-    print(json.dumps({"model": args.model or cfg.eval.model, "training_scenes": accuracy(ev, seen.questions),
+    print(json.dumps({"model": cfg.resolve(args.model or cfg.eval.model), "training_scenes": accuracy(ev, seen.questions),
                       "heldout": accuracy(ev, held.questions)}))
 
 

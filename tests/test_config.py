@@ -149,3 +149,4 @@ def test_the_previous_demo_config_does_not_follow_the_current_demo():
     assert [(s.name, s.steps, s.lr, s.questions) for s in varied.train.stages] == [
         ("embeddings", 40, 0.01, None), ("layers", 120, 0.005, None), ("all", 560, 0.003, None)]
     assert load_config("configs/ablations.yaml").train.stages == varied.train.stages
+    assert load_config("configs/demo-snap-long.yaml").synth.num_instruct == 3840, "runs/snap0's world"
