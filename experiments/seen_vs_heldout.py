@@ -38,11 +38,12 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=60)
     args = ap.parse_args()
     cfg = load_config(args.config, [f"run.root={args.root}"])
-    ev, held = _evaluator(cfg, cfg.resolve(args.model or cfg.eval.model))
+    model = cfg.resolve(args.model or cfg.eval.model)
+    ev, held = _evaluator(cfg, model)
     torch.set_num_threads(1)
     seen = training_questions(os.path.join(cfg.resolve(cfg.synth.output), "instruct"), args.scenes, ev.image_size)
     ev.add_images(seen.images)
-    print(json.dumps({"model": cfg.resolve(args.model or cfg.eval.model), "training_scenes": accuracy(ev, seen.questions),
+    print(json.dumps({"model": model, "training_scenes": accuracy(ev, seen.questions),
                       "heldout": accuracy(ev, held.questions)}))
 
 

@@ -88,6 +88,20 @@ def reduced(sample_id: str, rate: float) -> bool:
     return np.random.default_rng(int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16)).random() < rate
 
 
+_POSITION_COLUMNS = ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes")
+
+
+def _positions(row: dict, order: list[int], meta: dict, **fields) -> dict:
+    """`row` with only the positions `order` names, in that order: every per-position column, the
+    timestamps when there is one per position, and `meta`'s roles (`fields` overrides, e.g. `sample_id`)."""
+    roles = meta["roles"]
+    out = {**row, **{k: [row[k][j] for j in order] for k in _POSITION_COLUMNS}, **fields,
+           "meta": json.dumps({**meta, "roles": [roles[j] for j in order]})}
+    if row.get("timestamps") is not None and len(row["timestamps"]) == len(roles):
+        out["timestamps"] = [row["timestamps"][j] for j in order]
+    return out
+
+
 def keep_questions(row: dict, pattern: str, decode) -> dict | None:
     """A conversation of independent turns with only the (user, assistant) pairs whose question
     (`decode(text_ids)`) `pattern` finds; None when no question matches. Any other row is returned
@@ -105,11 +119,7 @@ def keep_questions(row: dict, pattern: str, decode) -> dict | None:
                 keep[i + 1] = keep[i]
     if not any(k and role == "user" for k, role in zip(keep, roles)):
         return None
-    columns = {k: [v for v, kept in zip(row[k], keep) if kept]
-               for k in ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes")}
-    if row.get("timestamps") is not None and len(row["timestamps"]) == len(roles):
-        columns["timestamps"] = [v for v, kept in zip(row["timestamps"], keep) if kept]
-    return {**row, **columns, "meta": json.dumps({**meta, "roles": [r for r, kept in zip(roles, keep) if kept]})}
+    return _positions(row, [j for j, kept in enumerate(keep) if kept], meta)
 
 
 def split_question_first(row: dict, pattern: str, decode) -> list[dict]:
@@ -132,21 +142,12 @@ def split_question_first(row: dict, pattern: str, decode) -> list[dict]:
             keep[i] = keep[i + 1] = False
     if not moved:
         return [row]
-    columns = ("is_image", "text_ids", "pixel_codes", "semantic_codes", "grid_shapes")
-
-    def take(order: list[int], sample_id: str, turn_meta: dict) -> dict:
-        out = {**row, **{k: [row[k][j] for j in order] for k in columns}, "sample_id": sample_id,
-               "meta": json.dumps({**turn_meta, "roles": [roles[j] for j in order]})}
-        if row.get("timestamps") is not None and len(row["timestamps"]) == len(roles):
-            out["timestamps"] = [row["timestamps"][j] for j in order]
-        return out
-
     out = []
     rest = [j for j, k in enumerate(keep) if k]
     if any(roles[j] == "user" for j in rest):
-        out.append(take(rest, row["sample_id"], meta))
+        out.append(_positions(row, rest, meta))
     single = {k: v for k, v in meta.items() if k != "turns"}  # one turn: plain causal attention
-    out += [take([i, image, i + 1], f"{row['sample_id']}/q{i}", single) for i in moved]
+    out += [_positions(row, [i, image, i + 1], single, sample_id=f"{row['sample_id']}/q{i}") for i in moved]
     return out
 
 
