@@ -140,7 +140,7 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
     seconds["captions"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     questions = ev.questions(ec.num_questions or None)
     seconds["questions"], t = round(time.perf_counter() - t, 2), time.perf_counter()
-    analyser_accuracy = ev.analyser_accuracy()
+    analyser_accuracy, ceiling = ev.analyser_accuracy(), ev.generation_ceiling()
     generates = ec.num_generate and ev.model.vocab.interface != "continuous"  # a generated code has no encoder feature to read
     gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed) if generates else \
         {"generation_accuracy": None, "generated": 0, "samples": []}
@@ -155,6 +155,7 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
                  "pope_accuracy": q["pope_accuracy"], "pope_f1": q["pope_f1"], "pope_precision": q["pope_precision"],
                  "pope_recall": q["pope_recall"], "pope_yes_ratio": q["pope_yes_ratio"],
                  "generation_accuracy": gen["generation_accuracy"], "analyser_accuracy": analyser_accuracy,
+                 "generation_ceiling": ceiling,
                  "vqa_by_type": q["vqa_by_type"], "valid_answer_rate": q["valid_answer_rate"], **ppl},
         "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists), **chance_levels(held.questions)},
         "counts": {"captions": captions["captions"], "questions": q["questions"], "generated": gen["generated"]},
@@ -179,6 +180,10 @@ def set_summary(s: dict) -> str:
     return f"CIDEr-D {s['cider']:.3f} BLEU-4 {s['bleu4']:.3f} ({s['captions']} images)"
 
 
+def _figure(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg, _ = parse_args("eval", argv, "Evaluate a trained model on the held-out shapes world.")
     with Console(logs_dir(cfg)) as console:
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
         if has_shapes_suite(e):
             console.print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc "
                           f"{e['pope_accuracy']:.3f} F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation "
-                          f"{e['generation_accuracy']}  (analyser {e['analyser_accuracy']:.3f})")
+                          f"{_figure(e['generation_accuracy'])} of at most {_figure(e.get('generation_ceiling'))} "
+                          f"(analyser {e['analyser_accuracy']:.3f})")
             chance = report["chance"]["uniform_by_type"]
             console.print("[tessera] eval VQA by type (uniform chance): "
                           + ", ".join(f"{t} {a:.2f} ({chance.get(t, 0):.2f})" for t, a in e["vqa_by_type"].items()))

@@ -4,8 +4,9 @@ Understanding: captions generated from held-out images are parsed (`shapes.parse
 scored per attribute; questions are answered greedily (one turn each, stopping at the
 end-of-turn `<eos>`), exact match after normalisation; existence (POPE) probes give accuracy,
 precision, recall, F1 and the yes-ratio. Generation: held-out captions -> images with CFG and
-valid-tile constraints -> pixels -> `analyser`; the analyser's own accuracy on the real
-held-out images is reported beside it. Perplexity per modality on held-out token rows.
+valid-tile constraints -> pixels -> `analyser`; beside it the analyser's own accuracy on the real
+held-out images and on their round trip through the visual tokenizer (the most generation can
+score with these codes). Perplexity per modality on held-out token rows.
 """
 
 from __future__ import annotations
@@ -200,6 +201,24 @@ class Evaluator:
         return float(np.mean([analyser.match_score(list(shapes.Scene.from_dict(s["scene"]).objects),
                                                    analyser.analyse(self.heldout.images[s["image"]]))
                               for s in self.heldout.scenes]))
+
+    @torch.no_grad()
+    def generation_ceiling(self) -> float | None:
+        """The most text -> image can score with this visual tokenizer: the analyser on the held-out
+        images passed through it (encode -> the codes a generator emits -> decode), so the same
+        pixels `generation` scores for a generator that gets every code right. None for the
+        continuous interface (it does not generate)."""
+        interface = self.builder.vocab.interface
+        if interface == "continuous":
+            return None
+        scores = []
+        for s in self.heldout.scenes:
+            row = self.image_row(s["image"])
+            grid = np.asarray(row["pixel_codes"][0]).reshape(row["grid_shapes"][0])  # (H, W, D)
+            codes = grid[..., self.builder.bpe_depth] if interface == "bpe" else grid[:, :, None, :]  # (H, W) | (H, W, 1, D)
+            pixels = decode_pixels(self.tokenizer, codes, interface)
+            scores.append(analyser.match_score(list(shapes.Scene.from_dict(s["scene"]).objects), analyser.analyse(pixels)))
+        return float(np.mean(scores))
 
     def generation(self, limit: int, cfg_scale: float, temperature: float, top_k: int, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)

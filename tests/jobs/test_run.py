@@ -20,7 +20,7 @@ E2E_TRAIN = [
     "'{root}/synth/heldout/vqa.jsonl'}, {name: captions, kind: captions, uri: '{root}/synth/heldout/captions.jsonl', limit: 4}]",
 ]
 KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eval.pope_f1", "eval.generation_accuracy",
-        "eval.analyser_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
+        "eval.analyser_accuracy", "eval.generation_ceiling", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
         "time.train", "time.eval", "time.prepare"]
 
 
@@ -86,6 +86,34 @@ def test_published_sets_score_like_the_built_in_suite(run_report, world_root):
     assert sets["captions"]["captions"] == 4 and sets["captions"]["cider"] >= 0.0
     assert all(s["images_unreadable"] == 0 for s in sets.values())
     assert "eval set `pope` (pope)" in (world_root / "report.md").read_text()
+
+
+def test_a_generator_that_emits_the_true_codes_scores_the_generation_ceiling(run_report, world_root, monkeypatch):
+    """`generation_ceiling` is what text -> image scores when every generated code is the visual
+    tokenizer's own code of the held-out image: the same decode and analyser, nothing of the model."""
+    import numpy as np
+
+    from tessera.config import load_config
+    from tessera.jobs.eval import _evaluator
+    from tessera.model import evaluate
+
+    argv = [*TINY, *TINY_TOKENIZER, *TINY_BPE, *E2E_TRAIN, f"run.root={world_root}"]
+    cfg = load_config(None, argv)
+    ev, held = _evaluator(cfg, cfg.resolve(cfg.eval.model))
+    scenes = iter(held.scenes)  # `generation` prompts the held-out captions in order
+
+    def true_codes(model, prompt, grid, **kwargs):  # that caption's own image, through the tokenizer
+        scene = next(scenes)
+        assert list(prompt) == [model.vocab.bos_id] + ev.encode_text(scene["caption"])
+        row = ev.image_row(scene["image"])
+        assert tuple(grid) == tuple(row["grid_shapes"][0][:2])
+        return np.asarray(row["pixel_codes"][0]).reshape(row["grid_shapes"][0])[..., 0]
+
+    monkeypatch.setattr(evaluate, "generate_image", true_codes)
+    ceiling = ev.generation_ceiling()
+    assert ev.generation(len(held.scenes), 3.0, 0.7, 0, 0)["generation_accuracy"] == pytest.approx(ceiling)
+    assert next(scenes, None) is None and 0.0 <= ceiling <= 1.0
+    assert run_report["eval"]["generation_ceiling"] == pytest.approx(ceiling)
 
 
 def test_trained_model_answers_heldout_questions_in_the_task_vocabulary(run_report, world_root):
