@@ -77,6 +77,23 @@ def caption_score(truth: list[shapes.ShapeObject], predicted: list[shapes.ShapeO
     return matched / (len(ATTRIBUTES) * max(len(truth), len(predicted)))
 
 
+@torch.no_grad()
+def generation_ceiling(tokenizer, heldout: HeldOut, interface: str = "bpe", bpe_depth: int = 0) -> float:
+    """The analyser on the held-out images passed through the visual tokenizer (encode -> the codes
+    a generator emits -> decode): the same pixels `Evaluator.generation` scores for a generator that
+    gets every code right, so the most text -> image can score with these codes. `interface` bpe
+    decodes the pixel codes' depth `bpe_depth`, rvq every depth."""
+    scores = []
+    device = tokenizer_device(tokenizer)
+    for s in heldout.scenes:
+        img = torch.from_numpy(np.array(heldout.images[s["image"]])).permute(2, 0, 1).float().div(127.5).sub(1)
+        grid = tokenizer.encode(img.unsqueeze(0).to(device))["pixel"][0].cpu().numpy()  # (H, W, D)
+        codes = grid[..., bpe_depth] if interface == "bpe" else grid[:, :, None, :]  # (H, W) | (H, W, 1, D)
+        pixels = decode_pixels(tokenizer, codes, interface)
+        scores.append(analyser.match_score(list(shapes.Scene.from_dict(s["scene"]).objects), analyser.analyse(pixels)))
+    return float(np.mean(scores))
+
+
 def normalise(answer: str) -> str:
     return " ".join(answer.lower().strip().rstrip(".?!").split())
 
@@ -202,23 +219,13 @@ class Evaluator:
                                                    analyser.analyse(self.heldout.images[s["image"]]))
                               for s in self.heldout.scenes]))
 
-    @torch.no_grad()
     def generation_ceiling(self) -> float | None:
-        """The most text -> image can score with this visual tokenizer: the analyser on the held-out
-        images passed through it (encode -> the codes a generator emits -> decode), so the same
-        pixels `generation` scores for a generator that gets every code right. None for the
-        continuous interface (it does not generate)."""
+        """The most text -> image can score with this visual tokenizer (`generation_ceiling`); None for
+        the continuous interface (it does not generate)."""
         interface = self.builder.vocab.interface
         if interface == "continuous":
             return None
-        scores = []
-        for s in self.heldout.scenes:
-            row = self.image_row(s["image"])
-            grid = np.asarray(row["pixel_codes"][0]).reshape(row["grid_shapes"][0])  # (H, W, D)
-            codes = grid[..., self.builder.bpe_depth] if interface == "bpe" else grid[:, :, None, :]  # (H, W) | (H, W, 1, D)
-            pixels = decode_pixels(self.tokenizer, codes, interface)
-            scores.append(analyser.match_score(list(shapes.Scene.from_dict(s["scene"]).objects), analyser.analyse(pixels)))
-        return float(np.mean(scores))
+        return generation_ceiling(self.tokenizer, self.heldout, interface, self.builder.bpe_depth)
 
     def generation(self, limit: int, cfg_scale: float, temperature: float, top_k: int, seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,10 @@ a full grid: after `<|image_start|> <h=H> <w=W>`, the bpe interface allows exact
 that fit at the next free cell (`VisualBPE.start_decoding(...).valid_mask()`), and the rvq
 interface emits H*W cells whose codes come from the depth heads (a code per depth).
 CFG: `logits = uncond + scale * (cond - uncond)`, the unconditional branch being the same
-image continuation after `<bos>` alone (what caption dropout trained).
+image continuation after `<bos>` alone (what caption dropout trained), over the tokens the
+conditional branch finds plausible only (`rvq_heads.guided`): unconstrained, guidance lifts the
+tokens both branches rule out (a memorised caption drew 5-19 % of its own cells at scale 3, all of
+them at scale 1; README "Learning").
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 
 from tessera.model.mot import CACHE_ARG
-from tessera.model.rvq_heads import pick
+from tessera.model.rvq_heads import guided, pick
 from tessera.model.unified import TesseraModel
 from tessera.tokenize.tokenizer import tokenizer_device
 
@@ -92,7 +95,7 @@ def generate_text(model: TesseraModel, prompt_ids, prompt_codes: np.ndarray | No
 
 
 def _guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:
-    return cond if uncond is None else uncond + scale * (cond - uncond)
+    return guided(cond, uncond, scale) if uncond is not None else cond
 
 
 @torch.no_grad()
@@ -117,9 +120,9 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
         tiles = []
         lo = vocab.visual_base
         while not tiling.done:
-            logits = _guided(lc[lo:lo + bpe.vocab_size], None if lu is None else lu[lo:lo + bpe.vocab_size], cfg_scale)
-            valid = torch.from_numpy(tiling.valid_mask()).to(logits.device)
-            logits = logits.masked_fill(~valid, float("-inf"))
+            valid = torch.from_numpy(tiling.valid_mask()).to(lc.device)
+            allowed = lc[lo:lo + bpe.vocab_size].masked_fill(~valid, float("-inf"))  # plausible tiles are valid ones
+            logits = _guided(allowed, None if lu is None else lu[lo:lo + bpe.vocab_size], cfg_scale)
             tile = int(pick(logits.unsqueeze(0), temperature, top_k, generator)[0])
             anchor = np.asarray([tiling.next_cell()])
             tiling.push(tile)

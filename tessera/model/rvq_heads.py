@@ -79,10 +79,23 @@ class DepthHead(nn.Module):
             h = self._run(self._inputs(x, codes))
             logits = self.classifiers[d](h[:, d]).float()
             if uncond is not None:
-                logits = logits[n:] + scale * (logits[:n] - logits[n:])
+                logits = guided(logits[:n], logits[n:], scale)
             code = pick(logits, temperature, top_k, generator)
             codes = torch.cat([codes, (code if uncond is None else code.repeat(2)).unsqueeze(1)], dim=1)
         return codes[:n]
+
+
+PLAUSIBLE = 0.1
+"""Guidance keeps the tokens whose conditional probability is at least this share of the most likely one's."""
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float, alpha: float = PLAUSIBLE) -> torch.Tensor:
+    """Classifier-free guidance `uncond + scale * (cond - uncond)` over the conditional's plausible tokens:
+    those with p_cond >= alpha * max p_cond (the adaptive plausibility constraint of contrastive decoding,
+    Li et al. 2023); the rest -inf. Without it, a token both branches rule out, the unconditional one more
+    firmly, gets the largest guided logit: (..., V) -> (..., V)."""
+    plausible = cond >= cond.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(alpha, dtype=cond.dtype))
+    return (uncond + scale * (cond - uncond)).masked_fill(~plausible, float("-inf"))
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:

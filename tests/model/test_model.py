@@ -261,6 +261,24 @@ def test_constrained_generation_always_decodes_to_a_full_grid(interface, bpe):
             assert all(codes[..., c, :].max() < k for c, k in enumerate(SIZES))
 
 
+def test_guidance_keeps_to_what_the_conditional_branch_finds_plausible():
+    """A memorised caption: the conditional branch is sure of token 0; the unconditional one rules out
+    token 3 more firmly than the conditional does. Plain `u + s * (c - u)` would pick token 3 (the
+    tail lifted by guidance); guidance over the plausible set keeps token 0, and with two plausible
+    tokens it still moves toward the one the caption favours."""
+    from tessera.model.rvq_heads import guided
+
+    cond = torch.tensor([[0.0, -6.0, -8.0, -15.0]])
+    uncond = torch.tensor([[-1.0, -1.0, -1.0, -40.0]])
+    plain = uncond + 3.0 * (cond - uncond)
+    assert int(plain.argmax()) == 3
+    out = guided(cond, uncond, 3.0)
+    assert int(out.argmax()) == 0 and torch.isinf(out[0, 1:]).all()
+    both = guided(torch.tensor([[0.0, -0.5, -9.0]]), torch.tensor([[-0.5, 0.0, -1.0]]), 2.0)
+    assert torch.isfinite(both[0, :2]).all() and torch.isinf(both[0, 2])
+    assert both[0, 0] - both[0, 1] > 1.0, "guidance widens the caption's preference (0.5 -> 1.5)"
+
+
 @pytest.mark.parametrize("interface", ["bpe", "rvq"])
 def test_kv_cache_generation_equals_full_recompute(interface, bpe):
     model = make_model(interface, bpe, mot=True).eval()
