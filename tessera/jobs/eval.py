@@ -143,7 +143,7 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
     analyser_accuracy, ceiling = ev.analyser_accuracy(), ev.generation_ceiling()
     generates = ec.num_generate and ev.model.vocab.interface != "continuous"  # a generated code has no encoder feature to read
     gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed) if generates else \
-        {"generation_accuracy": None, "generated": 0, "samples": []}
+        {"generation_accuracy": None, "generation_chance": None, "generated": 0, "samples": []}
     seconds["generation"] = round(time.perf_counter() - t, 2)
     png = plot_generations(gen.pop("samples"), os.path.join(out, "generated.png")) if gen["generated"] else None
     ppl = ev.perplexity(heldout_rows(ev, held), 1024)
@@ -157,7 +157,8 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
                  "generation_accuracy": gen["generation_accuracy"], "analyser_accuracy": analyser_accuracy,
                  "generation_ceiling": ceiling,
                  "vqa_by_type": q["vqa_by_type"], "valid_answer_rate": q["valid_answer_rate"], **ppl},
-        "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists), **chance_levels(held.questions)},
+        "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists), **chance_levels(held.questions),
+                   "generation_accuracy": gen["generation_chance"]},
         "counts": {"captions": captions["captions"], "questions": q["questions"], "generated": gen["generated"]},
         "examples": {"captions": captions["caption_examples"], "questions": q["question_examples"]},
         "generated_png": png,
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
         if has_shapes_suite(e):
             console.print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc "
                           f"{e['pope_accuracy']:.3f} F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation "
-                          f"{_figure(e['generation_accuracy'])} of at most {_figure(e.get('generation_ceiling'))} "
+                          f"{_figure(e['generation_accuracy'])} (chance {_figure(report['chance'].get('generation_accuracy'))}, "
+                          f"at most {_figure(e.get('generation_ceiling'))}) "
                           f"(analyser {e['analyser_accuracy']:.3f})")
             chance = report["chance"]["uniform_by_type"]
             console.print("[tessera] eval VQA by type (uniform chance): "

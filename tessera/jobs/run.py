@@ -72,7 +72,8 @@ def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str
         lines += [f"| caption attribute accuracy | {_fmt(e['caption_accuracy'])} |",
                   f"| VQA accuracy | {_fmt(e['vqa_accuracy'])} |",
                   f"| POPE accuracy / F1 / yes-ratio | {_fmt(e['pope_accuracy'])} / {_fmt(e['pope_f1'])} / {_fmt(e['pope_yes_ratio'])} |",
-                  f"| generation accuracy (analyser) | {_fmt(e['generation_accuracy'])} |",
+                  f"| generation accuracy (analyser; caption-shuffled chance) | {_fmt(e['generation_accuracy'])} "
+                  f"({_fmt(report.get('chance', {}).get('generation_accuracy'))}) |",
                   f"| generation ceiling (analyser on the tokenizer's round trip) | {_fmt(e.get('generation_ceiling'))} |",
                   f"| analyser accuracy on real held-out images | {_fmt(e['analyser_accuracy'])} |",
                   f"| perplexity text / image | {_fmt(e['text_perplexity'])} / {_fmt(e['image_perplexity'])} |"]
@@ -155,7 +156,8 @@ def summary_lines(report: dict, reports: dict, report_uri: str, md: str) -> list
               f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}"]
     if has_shapes_suite(e):
         lines += [f"  eval: captions {e['caption_accuracy']:.3f}, VQA {e['vqa_accuracy']:.3f}, POPE acc {e['pope_accuracy']:.3f} "
-                  f"F1 {e['pope_f1']:.3f}, generation {_fmt(e['generation_accuracy'])} of at most {_fmt(e.get('generation_ceiling'))} "
+                  f"F1 {e['pope_f1']:.3f}, generation {_fmt(e['generation_accuracy'])} (chance {_fmt(report.get('chance', {}).get('generation_accuracy'))}, "
+                  f"at most {_fmt(e.get('generation_ceiling'))}) "
                   f"(analyser {e['analyser_accuracy']:.3f})",
                   "  VQA by type: " + ", ".join(f"{t} {a:.2f} (chance {report['chance']['uniform_by_type'].get(t, 0):.2f})"
                                                 for t, a in e.get("vqa_by_type", {}).items())]

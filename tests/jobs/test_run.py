@@ -20,7 +20,7 @@ E2E_TRAIN = [
     "'{root}/synth/heldout/vqa.jsonl'}, {name: captions, kind: captions, uri: '{root}/synth/heldout/captions.jsonl', limit: 4}]",
 ]
 KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eval.pope_f1", "eval.generation_accuracy",
-        "eval.analyser_accuracy", "eval.generation_ceiling", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
+        "eval.analyser_accuracy", "eval.generation_ceiling", "chance.generation_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
         "time.train", "time.eval", "time.prepare"]
 
 
@@ -111,9 +111,18 @@ def test_a_generator_that_emits_the_true_codes_scores_the_generation_ceiling(run
 
     monkeypatch.setattr(evaluate, "generate_image", true_codes)
     ceiling = ev.generation_ceiling()
-    assert ev.generation(len(held.scenes), 3.0, 0.7, 0, 0)["generation_accuracy"] == pytest.approx(ceiling)
+    gen = ev.generation(len(held.scenes), 3.0, 0.7, 0, 0)
+    assert gen["generation_accuracy"] == pytest.approx(ceiling)
     assert next(scenes, None) is None and 0.0 <= ceiling <= 1.0
     assert run_report["eval"]["generation_ceiling"] == pytest.approx(ceiling)
+    # chance: each of those images against the next scene's objects, what ignoring the caption scores
+    from tessera.pipelines import analyser, shapes
+
+    truths = [list(shapes.Scene.from_dict(s["scene"]).objects) for s in held.scenes]
+    found = [analyser.analyse(pixels) for _, pixels in gen["samples"]]
+    assert gen["generation_chance"] == pytest.approx(
+        np.mean([analyser.match_score(truths[(i + 1) % len(found)], f) for i, f in enumerate(found)]))
+    assert run_report["chance"]["generation_accuracy"] is not None
 
 
 def test_trained_model_answers_heldout_questions_in_the_task_vocabulary(run_report, world_root):
