@@ -181,8 +181,9 @@ def set_summary(s: dict) -> str:
     return f"CIDEr-D {s['cider']:.3f} BLEU-4 {s['bleu4']:.3f} ({s['captions']} images)"
 
 
-def _figure(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+def figure(v) -> str:
+    """A report figure for people: three decimals, `n/a` for a figure not measured."""
+    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -195,8 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         if has_shapes_suite(e):
             console.print(f"[tessera] eval: captions {e['caption_accuracy']:.3f}  VQA {e['vqa_accuracy']:.3f}  POPE acc "
                           f"{e['pope_accuracy']:.3f} F1 {e['pope_f1']:.3f} yes-ratio {e['pope_yes_ratio']:.2f}  generation "
-                          f"{_figure(e['generation_accuracy'])} (chance {_figure(report['chance'].get('generation_accuracy'))}, "
-                          f"at most {_figure(e.get('generation_ceiling'))}) "
+                          f"{figure(e['generation_accuracy'])} (chance {figure(report['chance'].get('generation_accuracy'))}, "
+                          f"at most {figure(e.get('generation_ceiling'))}) "
                           f"(analyser {e['analyser_accuracy']:.3f})")
             chance = report["chance"]["uniform_by_type"]
             console.print("[tessera] eval VQA by type (uniform chance): "

@@ -14,7 +14,7 @@ import time
 from tessera import storage
 from tessera.console import Console
 from tessera.jobs.common import logs_dir, parse_args, preflight, ray_session, resubmit_record
-from tessera.jobs.eval import evaluate_model, has_shapes_suite, set_summary
+from tessera.jobs.eval import evaluate_model, figure, has_shapes_suite, set_summary
 from tessera.jobs.fit_bpe import fit_bpe
 from tessera.jobs.prepare import prepare
 from tessera.jobs.synth import run_synth
@@ -58,10 +58,6 @@ def build_report(cfg, stages: dict, reports: dict, total_s: float) -> dict:
     }
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
 def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str:
     """report.md: the figures, the PNGs (paths relative to the run root) and the ablation table."""
     root = os.path.dirname(os.path.abspath(path))
@@ -69,19 +65,19 @@ def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str
     e, t, b = report["eval"], report["tokenizer"], report["bpe"]
     lines = [f"# Tessera run `{report['run']}`", "", "| figure | value |", "|---|---|"]
     if has_shapes_suite(e):
-        lines += [f"| caption attribute accuracy | {_fmt(e['caption_accuracy'])} |",
-                  f"| VQA accuracy | {_fmt(e['vqa_accuracy'])} |",
-                  f"| POPE accuracy / F1 / yes-ratio | {_fmt(e['pope_accuracy'])} / {_fmt(e['pope_f1'])} / {_fmt(e['pope_yes_ratio'])} |",
-                  f"| generation accuracy (analyser; caption-shuffled chance) | {_fmt(e['generation_accuracy'])} "
-                  f"({_fmt(report.get('chance', {}).get('generation_accuracy'))}) |",
-                  f"| generation ceiling (analyser on the tokenizer's round trip) | {_fmt(e.get('generation_ceiling'))} |",
-                  f"| analyser accuracy on real held-out images | {_fmt(e['analyser_accuracy'])} |",
-                  f"| perplexity text / image | {_fmt(e['text_perplexity'])} / {_fmt(e['image_perplexity'])} |"]
+        lines += [f"| caption attribute accuracy | {figure(e['caption_accuracy'])} |",
+                  f"| VQA accuracy | {figure(e['vqa_accuracy'])} |",
+                  f"| POPE accuracy / F1 / yes-ratio | {figure(e['pope_accuracy'])} / {figure(e['pope_f1'])} / {figure(e['pope_yes_ratio'])} |",
+                  f"| generation accuracy (analyser; caption-shuffled chance) | {figure(e['generation_accuracy'])} "
+                  f"({figure(report['chance'].get('generation_accuracy'))}) |",
+                  f"| generation ceiling (analyser on the tokenizer's round trip) | {figure(e.get('generation_ceiling'))} |",
+                  f"| analyser accuracy on real held-out images | {figure(e['analyser_accuracy'])} |",
+                  f"| perplexity text / image | {figure(e['text_perplexity'])} / {figure(e['image_perplexity'])} |"]
     lines += [f"| eval set `{name}` ({s['kind']}) | {set_summary(s)} |" for name, s in e.get("sets", {}).items()]
-    lines += [f"| tokenizer PSNR / SSIM / LPIPS | {_fmt(t['psnr'])} dB / {_fmt(t['ssim'])} / {_fmt(t['lpips'])} |",
-              f"| visual BPE tokens per image | {_fmt(b['tokens_per_image_before'])} -> {_fmt(b['tokens_per_image_after'])} |",
-              f"| training | {report['train']['steps']} steps, final loss {_fmt(report['train']['final_loss'])}, "
-              f"{_fmt(report['train']['mean_tokens_per_s'])} tokens/s, packing {_fmt(report['train']['mean_packing_efficiency'])} |",
+    lines += [f"| tokenizer PSNR / SSIM / LPIPS | {figure(t['psnr'])} dB / {figure(t['ssim'])} / {figure(t['lpips'])} |",
+              f"| visual BPE tokens per image | {figure(b['tokens_per_image_before'])} -> {figure(b['tokens_per_image_after'])} |",
+              f"| training | {report['train']['steps']} steps, final loss {figure(report['train']['final_loss'])}, "
+              f"{figure(report['train']['mean_tokens_per_s'])} tokens/s, packing {figure(report['train']['mean_packing_efficiency'])} |",
               f"| wall time | {report['time']['total_s']:.0f} s |", "",
               "VQA by question type: " + ", ".join(f"{k} {v:.2f}" for k, v in e.get("vqa_by_type", {}).items()), "",
               "## Time per stage", "", "| stage | seconds | skipped |", "|---|---|---|"]
@@ -156,8 +152,8 @@ def summary_lines(report: dict, reports: dict, report_uri: str, md: str) -> list
               f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}"]
     if has_shapes_suite(e):
         lines += [f"  eval: captions {e['caption_accuracy']:.3f}, VQA {e['vqa_accuracy']:.3f}, POPE acc {e['pope_accuracy']:.3f} "
-                  f"F1 {e['pope_f1']:.3f}, generation {_fmt(e['generation_accuracy'])} (chance {_fmt(report.get('chance', {}).get('generation_accuracy'))}, "
-                  f"at most {_fmt(e.get('generation_ceiling'))}) "
+                  f"F1 {e['pope_f1']:.3f}, generation {figure(e['generation_accuracy'])} (chance {figure(report['chance'].get('generation_accuracy'))}, "
+                  f"at most {figure(e.get('generation_ceiling'))}) "
                   f"(analyser {e['analyser_accuracy']:.3f})",
                   "  VQA by type: " + ", ".join(f"{t} {a:.2f} (chance {report['chance']['uniform_by_type'].get(t, 0):.2f})"
                                                 for t, a in e.get("vqa_by_type", {}).items())]

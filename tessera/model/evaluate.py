@@ -77,6 +77,11 @@ def caption_score(truth: list[shapes.ShapeObject], predicted: list[shapes.ShapeO
     return matched / (len(ATTRIBUTES) * max(len(truth), len(predicted)))
 
 
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (R, R, 3) -> float (1, 3, R, R) in [-1, 1], what the visual tokenizer encodes."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
+
+
 @torch.no_grad()
 def generation_ceiling(tokenizer, heldout: HeldOut, interface: str = "bpe", bpe_depth: int = 0) -> float:
     """The analyser on the held-out images passed through the visual tokenizer (encode -> the codes
@@ -86,8 +91,7 @@ def generation_ceiling(tokenizer, heldout: HeldOut, interface: str = "bpe", bpe_
     scores = []
     device = tokenizer_device(tokenizer)
     for s in heldout.scenes:
-        img = torch.from_numpy(np.array(heldout.images[s["image"]])).permute(2, 0, 1).float().div(127.5).sub(1)
-        grid = tokenizer.encode(img.unsqueeze(0).to(device))["pixel"][0].cpu().numpy()  # (H, W, D)
+        grid = tokenizer.encode(image_tensor(heldout.images[s["image"]]).to(device))["pixel"][0].cpu().numpy()  # (H, W, D)
         codes = grid[..., bpe_depth] if interface == "bpe" else grid[:, :, None, :]  # (H, W) | (H, W, 1, D)
         pixels = decode_pixels(tokenizer, codes, interface)
         scores.append(analyser.match_score(list(shapes.Scene.from_dict(s["scene"]).objects), analyser.analyse(pixels)))
@@ -117,7 +121,7 @@ class Evaluator:
     def image_row(self, image_path: str) -> dict:
         """A token row holding one held-out image, encoded by the visual tokenizer."""
         if image_path not in self._rows:
-            img = torch.from_numpy(np.array(self.images[image_path])).permute(2, 0, 1).float().div(127.5).sub(1).unsqueeze(0)
+            img = image_tensor(self.images[image_path])
             continuous = self.builder.vocab.interface == "continuous"  # the encoder's features, not only its codes
             img = img.to(tokenizer_device(self.tokenizer))
             codes = self.tokenizer.encode(img, features=True) if continuous else self.tokenizer.encode(img)

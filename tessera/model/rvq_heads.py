@@ -11,6 +11,8 @@ per depth (mean over depths and codebooks).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -94,7 +96,7 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float, alpha: float 
     those with p_cond >= alpha * max p_cond (the adaptive plausibility constraint of contrastive decoding,
     Li et al. 2023); the rest -inf. Without it, a token both branches rule out, the unconditional one more
     firmly, gets the largest guided logit: (..., V) -> (..., V)."""
-    plausible = cond >= cond.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(alpha, dtype=cond.dtype))
+    plausible = cond >= cond.max(dim=-1, keepdim=True).values + math.log(alpha)
     return (uncond + scale * (cond - uncond)).masked_fill(~plausible, float("-inf"))
 
 
