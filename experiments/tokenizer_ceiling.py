@@ -1,28 +1,49 @@
 """The most text -> image can score with a visual tokenizer: the analyser on held-out images after
 their round trip through it (`Evaluator.generation_ceiling`, what `tessera eval` reports as
-`eval.generation_ceiling`), for several trained tokenizers side by side, no model needed.
+`eval.generation_ceiling`), for several trained tokenizers side by side, no model needed; with
+`--breakdown`, also which attribute the round trip loses (colour-only and shape-only recall, the match by
+object size: `generation_sweep.py`'s breakdown for a model, so the two compare).
 
-    PYTHONPATH=. python experiments/tokenizer_ceiling.py runs/demo/synth/heldout runs/demo/tokenizer [more tokenizer dirs]
+    PYTHONPATH=. python experiments/tokenizer_ceiling.py runs/demo/synth/heldout runs/demo/tokenizer [more tokenizer dirs] [--breakdown]
 """
 
 import json
 import sys
 
+import numpy as np
 import torch
 
-from tessera.model.evaluate import HeldOut, generation_ceiling
+from generation_sweep import attribute_recall, recall_by_size
+from tessera.model.evaluate import HeldOut, generation_ceiling, image_tensor
+from tessera.model.generate import decode_pixels
+from tessera.pipelines import analyser, shapes
 from tessera.tokenize.tokenizer import load_tokenizer
+
+
+def breakdown(tokenizer, held: HeldOut) -> dict:
+    """What the round trip (pixel codes of depth 0, as `generation_ceiling` with the bpe interface) loses,
+    by attribute and object size."""
+    truths, founds = [], []
+    for s in held.scenes:
+        grid = tokenizer.encode(image_tensor(held.images[s["image"]]))["pixel"][0].numpy()  # (H, W, D)
+        founds.append(analyser.analyse(decode_pixels(tokenizer, grid[..., 0], "bpe")))
+        truths.append(list(shapes.Scene.from_dict(s["scene"]).objects))
+    return {"colour": round(float(np.mean([attribute_recall(t, f, "colour") for t, f in zip(truths, founds)])), 3),
+            "shape": round(float(np.mean([attribute_recall(t, f, "shape") for t, f in zip(truths, founds)])), 3),
+            **{f"{size}_objects": round(r, 3) for size, r in recall_by_size(truths, founds).items()}}
 
 
 def main() -> None:
     torch.set_num_threads(2)
-    heldout_dir, tokenizers = sys.argv[1], sys.argv[2:]
+    args = [a for a in sys.argv[1:] if a != "--breakdown"]
+    heldout_dir, tokenizers = args[0], args[1:]
     for path in tokenizers:
         tokenizer, tcfg, _ = load_tokenizer(path, "cpu")
         held = HeldOut.load(heldout_dir, tcfg.image_size)
         report = json.load(open(f"{path}/report.json"))
         print(json.dumps({"tokenizer": path, "steps": report.get("steps"), "psnr": round(report["metrics"]["psnr"], 2),
-                          "train_s": report["seconds"]["train"], "generation_ceiling": round(generation_ceiling(tokenizer, held), 3)}), flush=True)
+                          "train_s": report["seconds"]["train"], "generation_ceiling": round(generation_ceiling(tokenizer, held), 3),
+                          **(breakdown(tokenizer, held) if "--breakdown" in sys.argv else {})}), flush=True)
 
 
 if __name__ == "__main__":
