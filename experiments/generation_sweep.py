@@ -20,33 +20,18 @@ from tessera.jobs.eval import _evaluator
 from tessera.pipelines import analyser, shapes
 
 
-def attribute_recall(truth: list, found: list, attribute: str) -> float:
-    """Share of the true objects whose `attribute` (colour | shape) is among the found objects' (each
-    found object used once), the one-attribute analogue of `analyser.match_score`."""
-    if not truth:
-        return 1.0
-    pool = [getattr(o, attribute) for o in found]
-    hits = 0
-    for o in truth:
-        if getattr(o, attribute) in pool:
-            pool.remove(getattr(o, attribute))
-            hits += 1
-    return hits / len(truth)
-
-
-def recall_by_size(truths: list, founds: list) -> dict[str, float]:
-    """Share of the true objects of each size whose colour and shape are drawn (`match_score`'s rule,
-    the found objects pooled per image), to tell whether large objects, drawn across many tiles, fail
-    more often than small ones."""
-    hits, totals = {}, {}
+def misses(truths: list[list], founds: list[list]) -> dict[str, float]:
+    """What a set of drawn images gets right of their scenes' objects: the share whose colour alone, or
+    shape alone, is found (`analyser.match_score` with one attribute), and the colour-and-shape match of
+    the large and of the small objects (`analyser.matched` grouped by size), to tell whether objects drawn
+    across many tiles fail more often."""
+    hits = {}
     for truth, found in zip(truths, founds):
-        pool = [(o.colour, o.shape) for o in found]
-        for o in truth:
-            totals[o.size] = totals.get(o.size, 0) + 1
-            if (o.colour, o.shape) in pool:
-                pool.remove((o.colour, o.shape))
-                hits[o.size] = hits.get(o.size, 0) + 1
-    return {size: hits.get(size, 0) / n for size, n in sorted(totals.items())}
+        for o, hit in zip(truth, analyser.matched(truth, found)):
+            hits.setdefault(o.size, []).append(hit)
+    return {"colour": float(np.mean([analyser.match_score(t, f, key=lambda o: o.colour) for t, f in zip(truths, founds)])),
+            "shape": float(np.mean([analyser.match_score(t, f, key=lambda o: o.shape) for t, f in zip(truths, founds)])),
+            **{f"{size}_objects": float(np.mean(h)) for size, h in sorted(hits.items())}}
 
 
 def main() -> None:
@@ -69,12 +54,8 @@ def main() -> None:
         t0, runs = time.time(), []
         for seed in range(a.seeds):
             g = ev.generation(a.captions, scale, temperature, 0, seed)
-            found = [analyser.analyse(pixels) for _, pixels in g["samples"]]
             runs.append({"accuracy": g["generation_accuracy"], "chance": g["generation_chance"],
-                         "colour": np.mean([attribute_recall(t, f, "colour") for t, f in zip(truths, found)]),
-                         "shape": np.mean([attribute_recall(t, f, "shape") for t, f in zip(truths, found)]),
-                         "objects": np.mean([len(f) for f in found]),
-                         **{f"{size}_objects": r for size, r in recall_by_size(truths, found).items()}})
+                         **misses(truths, g["found"]), "objects": np.mean([len(f) for f in g["found"]])})
         mean = {k: round(float(np.mean([r[k] for r in runs])), 3) for k in runs[0]}
         print(json.dumps({"model": a.model, "cfg_scale": scale, "temperature": temperature, "captions": a.captions,
                           "seeds": a.seeds, "accuracy_by_seed": [round(r["accuracy"], 3) for r in runs], **mean,

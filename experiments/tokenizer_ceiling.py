@@ -10,27 +10,19 @@ object size: `generation_sweep.py`'s breakdown for a model, so the two compare).
 import json
 import sys
 
-import numpy as np
 import torch
 
-from generation_sweep import attribute_recall, recall_by_size
-from tessera.model.evaluate import HeldOut, generation_ceiling, image_tensor
-from tessera.model.generate import decode_pixels
-from tessera.pipelines import analyser, shapes
+from generation_sweep import misses
+from tessera.model.evaluate import HeldOut, generation_ceiling, round_trip_objects
+from tessera.pipelines import shapes
 from tessera.tokenize.tokenizer import load_tokenizer
 
 
 def breakdown(tokenizer, held: HeldOut) -> dict:
-    """What the round trip (pixel codes of depth 0, as `generation_ceiling` with the bpe interface) loses,
+    """What the round trip loses (`round_trip_objects`, as `generation_ceiling` with the bpe interface),
     by attribute and object size."""
-    truths, founds = [], []
-    for s in held.scenes:
-        grid = tokenizer.encode(image_tensor(held.images[s["image"]]))["pixel"][0].numpy()  # (H, W, D)
-        founds.append(analyser.analyse(decode_pixels(tokenizer, grid[..., 0], "bpe")))
-        truths.append(list(shapes.Scene.from_dict(s["scene"]).objects))
-    return {"colour": round(float(np.mean([attribute_recall(t, f, "colour") for t, f in zip(truths, founds)])), 3),
-            "shape": round(float(np.mean([attribute_recall(t, f, "shape") for t, f in zip(truths, founds)])), 3),
-            **{f"{size}_objects": round(r, 3) for size, r in recall_by_size(truths, founds).items()}}
+    truths = [list(shapes.Scene.from_dict(s["scene"]).objects) for s in held.scenes]
+    return {k: round(v, 3) for k, v in misses(truths, round_trip_objects(tokenizer, held)).items()}
 
 
 def main() -> None:

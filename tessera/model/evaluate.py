@@ -88,14 +88,22 @@ def generation_ceiling(tokenizer, heldout: HeldOut, interface: str = "bpe", bpe_
     a generator emits -> decode): the same pixels `Evaluator.generation` scores for a generator that
     gets every code right, so the most text -> image can score with these codes. `interface` bpe
     decodes the pixel codes' depth `bpe_depth`, rvq every depth."""
-    scores = []
+    found = round_trip_objects(tokenizer, heldout, interface, bpe_depth)
+    return float(np.mean([analyser.match_score(list(shapes.Scene.from_dict(s["scene"]).objects), f)
+                          for s, f in zip(heldout.scenes, found)]))
+
+
+@torch.no_grad()
+def round_trip_objects(tokenizer, heldout: HeldOut, interface: str = "bpe", bpe_depth: int = 0) -> list[list[shapes.ShapeObject]]:
+    """The analyser's objects in each held-out image after encode -> the codes a generator emits -> decode
+    (`generation_ceiling`'s round trip), one list per scene."""
+    found = []
     device = tokenizer_device(tokenizer)
     for s in heldout.scenes:
         grid = tokenizer.encode(image_tensor(heldout.images[s["image"]]).to(device))["pixel"][0].cpu().numpy()  # (H, W, D)
         codes = grid[..., bpe_depth] if interface == "bpe" else grid[:, :, None, :]  # (H, W) | (H, W, 1, D)
-        pixels = decode_pixels(tokenizer, codes, interface)
-        scores.append(analyser.match_score(list(shapes.Scene.from_dict(s["scene"]).objects), analyser.analyse(pixels)))
-    return float(np.mean(scores))
+        found.append(analyser.analyse(decode_pixels(tokenizer, codes, interface)))
+    return found
 
 
 def normalise(answer: str) -> str:
@@ -235,7 +243,7 @@ class Evaluator:
         """Held-out captions -> images -> the analyser's match with their scenes (`generation_accuracy`),
         and the same images against the *next* scene's objects (`generation_chance`): the match a
         generator reaches without following its caption (the score ignores extra objects, so scattered
-        coloured blobs score above 0)."""
+        coloured blobs score above 0). `found`: the analyser's objects in each generated image."""
         g = torch.Generator().manual_seed(seed)
         first = self.image_row(self.heldout.scenes[0]["image"])
         H, W = first["grid_shapes"][0][:2]
@@ -253,7 +261,8 @@ class Evaluator:
         scores = [analyser.match_score(t, f) for t, f in zip(truths, found)]
         shuffled = [analyser.match_score(truths[(i + 1) % n], f) for i, f in enumerate(found)]
         return {"generation_accuracy": float(np.mean(scores)) if n else 0.0,
-                "generation_chance": float(np.mean(shuffled)) if n > 1 else None, "generated": n, "samples": samples}
+                "generation_chance": float(np.mean(shuffled)) if n > 1 else None, "generated": n, "samples": samples,
+                "found": found}
 
     @torch.no_grad()
     def perplexity(self, rows: list[dict], seq_len: int) -> dict:

@@ -54,14 +54,23 @@ def analyse(image: np.ndarray, min_area_frac: float = 0.004, saturation: int = 7
     return [o for _, o in sorted(found, key=lambda t: -t[0])]
 
 
-def match_score(truth: list[shapes.ShapeObject], found: list[shapes.ShapeObject]) -> float:
-    """Share of the true objects whose colour and shape appear among the found objects."""
+def matched(truth: list[shapes.ShapeObject], found: list[shapes.ShapeObject],
+            key=lambda o: (o.colour, o.shape)) -> list[bool]:
+    """For each true object, whether one of the found objects has its `key` (colour and shape unless
+    told otherwise), each found object used at most once."""
+    pool = [key(o) for o in found]
+    hits = []
+    for o in truth:
+        hit = key(o) in pool
+        if hit:
+            pool.remove(key(o))
+        hits.append(hit)
+    return hits
+
+
+def match_score(truth: list[shapes.ShapeObject], found: list[shapes.ShapeObject],
+                key=lambda o: (o.colour, o.shape)) -> float:
+    """Share of the true objects whose colour and shape (or `key`) appear among the found objects."""
     if not truth:
         return 1.0
-    pool = [(o.colour, o.shape) for o in found]
-    hits = 0
-    for o in truth:
-        if (o.colour, o.shape) in pool:
-            pool.remove((o.colour, o.shape))
-            hits += 1
-    return hits / len(truth)
+    return sum(matched(truth, found, key)) / len(truth)
