@@ -537,6 +537,12 @@ class ModelConfig:
     embeddings over its columns, so a tile is placed by the cells it covers, not by its top-left
     corner (a 1x1 tile gets exactly its `2d` embedding). `1d`: sequence positions only (the `bpe`
     model then loads with plain `transformers`)."""
+    next_cell: bool = False
+    """Each position also gets learned row and column embeddings of the cell the *next* visual token
+    will be anchored at (the first free cell of the grid, a function of the tiles before it; none
+    after an image's last tile), added to its input embedding. A position predicts the next token,
+    so this says where the tile it emits goes; without it the LM must work out the next free cell of
+    a raster of variable-size tiles itself (README "Learning", "Text -> image")."""
     grid_encoder: GridEncoderConfig = field(default_factory=GridEncoderConfig)
     init: Literal["mean", "he"] = "mean"
     """New embedding rows: mean of the existing rows plus noise, or He (Being-VL)."""

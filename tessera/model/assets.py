@@ -113,7 +113,7 @@ def _save_model(model: TesseraModel, directory: str, identities: dict | None, ex
     from safetensors.torch import save_file
 
     plain = (model.vocab.interface == "bpe" and not model.cfg.mot and model.cfg.visual_positions == "1d"
-             and not model.cfg.grid_encoder.layers)
+             and not model.cfg.grid_encoder.layers and not model.cfg.next_cell)
     state = {k: v.detach().cpu().contiguous() for k, v in (model.lm.state_dict() if plain else model.state_dict()).items()}
     if plain:
         model.lm.save_pretrained(directory, safe_serialization=True)

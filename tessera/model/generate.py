@@ -31,6 +31,7 @@ class Decoder:
         self.ids: list[int] = []
         self.codes: list[np.ndarray] = []
         self.cells: list[np.ndarray] = []
+        self.next_cells: list[np.ndarray] = []
         self.past = None
         self.n_codebooks = model.code_slots
 
@@ -40,11 +41,17 @@ class Decoder:
         return torch.from_numpy(np.stack(codes)).to(self.device).unsqueeze(0)
 
     @torch.no_grad()
-    def feed(self, ids, codes: np.ndarray | None = None, cells: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def feed(self, ids, codes: np.ndarray | None = None, cells: np.ndarray | None = None,
+             next_cells: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (n,), codes (n, C, D) | None, cells (n, 2) | None (anchor cells of visual tokens, -1
-        elsewhere) -> last hidden (H,), last logits (V,) in float32."""
+        elsewhere), next_cells (n, 2) | None (the anchor of the token after each one, -1 = none; by
+        default read off `cells`, so the chunk's last token gets none) -> last hidden (H,), last logits
+        (V,) in float32."""
         ids = [int(i) for i in np.atleast_1d(ids)]
         cells = np.full((len(ids), 2), -1, np.int64) if cells is None else np.asarray(cells, np.int64).reshape(len(ids), 2)
+        if next_cells is None:
+            next_cells = np.concatenate([cells[1:], np.full((1, 2), -1, np.int64)])
+        next_cells = np.asarray(next_cells, np.int64).reshape(len(ids), 2)
         if self.n_codebooks:
             if codes is None:
                 codes = np.zeros((len(ids), self.n_codebooks, self.model.depth), np.int64)
@@ -55,16 +62,18 @@ class Decoder:
         self.ids += ids
         self.codes += new_codes
         self.cells += list(cells)
+        self.next_cells += list(next_cells)
         if self.use_cache:
-            run_ids, run_codes, run_cells, first = ids, new_codes, list(cells), start
+            run_ids, run_codes, run_cells, run_next, first = ids, new_codes, list(cells), list(next_cells), start
         else:
-            run_ids, run_codes, run_cells, first, self.past = self.ids, self.codes, self.cells, 0, None
+            run_ids, run_codes, run_cells, run_next, first, self.past = self.ids, self.codes, self.cells, self.next_cells, 0, None
         x = torch.tensor([run_ids], device=self.device)
         pos = torch.arange(first, first + len(run_ids), device=self.device).unsqueeze(0)
         cells_t = torch.from_numpy(np.stack(run_cells)).to(self.device).unsqueeze(0)
+        next_t = torch.from_numpy(np.stack(run_next)).to(self.device).unsqueeze(0)
         with autocast(self.device):
             out = self.model(x, pos, codes=self._codes_tensor(run_codes), past_key_values=self.past,
-                             use_cache=self.use_cache, cells=cells_t)
+                             use_cache=self.use_cache, cells=cells_t, next_cells=next_t)
         self.past = getattr(out, CACHE_ARG) if self.use_cache else None
         return out.last_hidden_state[0, -1].float(), out.logits[0, -1].float()
 
@@ -111,8 +120,13 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
     header = [vocab.image_start, vocab.height_token(H), vocab.width_token(W)]
     cond = Decoder(model, use_cache)
     uncond = Decoder(model, use_cache) if cfg_scale != 1.0 else None
-    hc, lc = cond.feed(list(prompt_ids) + header)
-    hu, lu = uncond.feed([vocab.bos_id] + header) if uncond else (None, None)
+    def header_next(n: int) -> np.ndarray:  # the header's last token predicts the tile at (0, 0)
+        out = np.full((n, 2), -1, np.int64)
+        out[-1] = 0
+        return out
+
+    hc, lc = cond.feed(list(prompt_ids) + header, next_cells=header_next(len(prompt_ids) + len(header)))
+    hu, lu = uncond.feed([vocab.bos_id] + header, next_cells=header_next(1 + len(header))) if uncond else (None, None)
     if vocab.interface == "bpe":
         if bpe is None:
             raise ValueError("the bpe interface needs the VisualBPE to constrain tiles")
@@ -127,9 +141,10 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
             anchor = np.asarray([tiling.next_cell()])
             tiling.push(tile)
             tiles.append(tile)
-            hc, lc = cond.feed([lo + tile], cells=anchor)
+            following = np.asarray([(-1, -1) if tiling.done else tiling.next_cell()])
+            hc, lc = cond.feed([lo + tile], cells=anchor, next_cells=following)
             if uncond:
-                hu, lu = uncond.feed([lo + tile], cells=anchor)
+                hu, lu = uncond.feed([lo + tile], cells=anchor, next_cells=following)
         return bpe.decode(np.asarray(tiles, np.int32), (H, W))
     cells = []
     for i in range(H * W):
@@ -137,9 +152,10 @@ def generate_image(model: TesseraModel, prompt_ids, grid: tuple[int, int], bpe=N
                                      generator)[0].cpu().numpy() for head in model.depth_heads])  # (C, D)
         cells.append(cell)
         anchor = np.asarray([divmod(i, W)])
-        hc, lc = cond.feed([vocab.cell], cell[None], anchor)
+        following = np.asarray([divmod(i + 1, W) if i + 1 < H * W else (-1, -1)])
+        hc, lc = cond.feed([vocab.cell], cell[None], anchor, following)
         if uncond:
-            hu, lu = uncond.feed([vocab.cell], cell[None], anchor)
+            hu, lu = uncond.feed([vocab.cell], cell[None], anchor, following)
     return np.stack(cells).reshape(H, W, len(model.depth_heads), model.depth)
 
 

@@ -35,7 +35,7 @@ def _embedding_params(model: TesseraModel) -> list[nn.Parameter]:
 
 
 def _interface_params(model: TesseraModel) -> list[nn.Parameter]:
-    mods = [getattr(model, n) for n in ("code_embed", "depth_heads", "feature_proj", "grid_rows", "grid_cols", "grid_encoder") if hasattr(model, n)]
+    mods = [getattr(model, n) for n in ("code_embed", "depth_heads", "feature_proj", "grid_rows", "grid_cols", "next_rows", "next_cols", "grid_encoder") if hasattr(model, n)]
     return [p for m in mods for p in m.parameters()]
 
 

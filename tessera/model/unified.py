@@ -13,6 +13,8 @@
     grid_rows,    visual_positions `2d`: learned embeddings of a visual token's anchor row and
     grid_cols     column, added to its input embedding; `extent`: their means over the rows and
                   the columns its BPE tile covers (`tile_shapes` (V, 2): each tile's height, width)
+    next_rows,    `next_cell`: learned embeddings of the row and column where the *next* visual
+    next_cols     token will be anchored, added to the input embedding of the position that predicts it
     grid_encoder  bpe interface with `grid_encoder.layers > 0`: a CNN over the base-code grid of each
                   image the model reads, added to its tiles' input embeddings (`GridEncoder`)
 
@@ -162,6 +164,13 @@ def tile_shapes_of(tile_codes: torch.Tensor) -> torch.Tensor:
     return torch.stack([inside.any(2).sum(1), inside.any(1).sum(1)], dim=1).to(torch.int64)
 
 
+def next_anchor_cells(cells: torch.Tensor) -> torch.Tensor:
+    """(B, L, 2) anchor cells (-1 = not visual) -> (B, L, 2): position t gets token t+1's anchor, -1 where
+    token t+1 is not visual or t is the last position. Token t+1's anchor is the first free cell after
+    the tiles up to t, so feeding it to position t leaks nothing about token t+1 itself."""
+    return torch.cat([cells[:, 1:], torch.full_like(cells[:, :1], -1)], dim=1)
+
+
 class TesseraModel(nn.Module):
     def __init__(self, lm, vocab: Vocabulary, cfg: ModelConfig, codebook_sizes: list[int] | None = None, depth: int = 1,
                  tile_codes: torch.Tensor | None = None, tile_shapes: torch.Tensor | None = None):
@@ -189,6 +198,12 @@ class TesseraModel(nn.Module):
             self.grid_rows = nn.Embedding(cfg.max_grid, hidden)
             self.grid_cols = nn.Embedding(cfg.max_grid, hidden)
             for emb in (self.grid_rows, self.grid_cols):
+                nn.init.normal_(emb.weight, std=0.02)
+        if cfg.next_cell:
+            hidden = lm.config.hidden_size
+            self.next_rows = nn.Embedding(cfg.max_grid, hidden)
+            self.next_cols = nn.Embedding(cfg.max_grid, hidden)
+            for emb in (self.next_rows, self.next_cols):
                 nn.init.normal_(emb.weight, std=0.02)
         if cfg.visual_positions == "extent":
             if vocab.interface != "bpe" or (tile_codes is None and tile_shapes is None):
@@ -225,9 +240,10 @@ class TesseraModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def embed(self, input_ids: torch.Tensor, codes: torch.Tensor | None, cells: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None) -> torch.Tensor:
+              labels: torch.Tensor | None = None, next_cells: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids [+ (B, L, C, D) codes] [+ (B, L, 2) anchor cells, -1 = none] [+ (B, L) labels: which
-        images are targets, for the grid encoder] -> (B, L, hidden).
+        images are targets, for the grid encoder] [+ (B, L, 2) the next token's anchor cell, -1 = none;
+        by default `next_anchor_cells(cells)`] -> (B, L, hidden).
         Rows are checked where they are built (`SequenceBuilder` names the sample); here an asynchronous
         device assertion guards the embedding lookup without making the host wait for the device."""
         in_vocabulary = ((input_ids >= 0) & (input_ids < self.vocab.size)).all()
@@ -249,6 +265,11 @@ class TesseraModel(nn.Module):
             else:
                 place = self.grid_rows(rc[..., 0]) + self.grid_cols(rc[..., 1])
             embeds = embeds + placed * place.to(embeds.dtype)
+        if hasattr(self, "next_rows") and (next_cells is not None or cells is not None):
+            nxt = next_anchor_cells(cells) if next_cells is None else next_cells
+            placed = (nxt[..., 0] >= 0).unsqueeze(-1)
+            rc = nxt.clamp(min=0, max=self.cfg.max_grid - 1)
+            embeds = embeds + placed * (self.next_rows(rc[..., 0]) + self.next_cols(rc[..., 1])).to(embeds.dtype)
         if cells is not None and hasattr(self, "grid_encoder"):
             embeds = self._add_grid_features(embeds, input_ids, cells, labels)
         return embeds
@@ -303,10 +324,13 @@ class TesseraModel(nn.Module):
                 codes: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                 attention_mask: torch.Tensor | None = None, turn_ids: torch.Tensor | None = None,
                 cells: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                target_codes: torch.Tensor | None = None) -> TesseraOutput:
+                target_codes: torch.Tensor | None = None, next_cells: torch.Tensor | None = None) -> TesseraOutput:
         """Logits (B, L, V) for packed rows; with `labels` (B, L) also the mean loss over targets
-        (and for the rvq interface the depth loss of each `<|cell|>` target's `target_codes`)."""
-        embeds = self.embed(input_ids, codes, cells, labels)
+        (and for the rvq interface the depth loss of each `<|cell|>` target's `target_codes`).
+        `next_cells` (B, L, 2): where each position's next visual token goes (`model.next_cell`); by
+        default read off `cells`, which holds for whole rows but not for the last position of a
+        chunk fed to a KV cache, which incremental decoding passes itself."""
+        embeds = self.embed(input_ids, codes, cells, labels, next_cells)
         if attention_mask is None and doc_ids is not None:
             attention_mask = packed_attention_mask(doc_ids, turn_ids)
         routing = {"visual_mask": self.visual_mask(input_ids)} if self.cfg.mot else {}

@@ -279,9 +279,9 @@ def test_guidance_keeps_to_what_the_conditional_branch_finds_plausible():
     assert both[0, 0] - both[0, 1] > 1.0, "guidance widens the caption's preference (0.5 -> 1.5)"
 
 
-@pytest.mark.parametrize("interface", ["bpe", "rvq"])
-def test_kv_cache_generation_equals_full_recompute(interface, bpe):
-    model = make_model(interface, bpe, mot=True).eval()
+@pytest.mark.parametrize("interface,next_cell", [("bpe", False), ("rvq", False), ("bpe", True), ("rvq", True)])
+def test_kv_cache_generation_equals_full_recompute(interface, next_cell, bpe):
+    model = make_model(interface, bpe, True, 0, f"model.next_cell={str(next_cell).lower()}").eval()
     b = builder_for(model, bpe)
     prompt = b.image_prefix(token_row("p"))
     with_cache = generate_text(model, prompt.ids, prompt.codes, max_new_tokens=12, use_cache=True)
@@ -360,3 +360,54 @@ def test_extent_positions_need_the_bpe_interface():
 
     with pytest.raises(ConfigError, match="visual_positions"):
         load_config(None, ["model.interface=rvq", "model.visual_positions=extent"])
+
+
+@pytest.mark.parametrize("interface", ["bpe", "rvq"])
+def test_next_cell_generation_sees_what_training_saw(interface, bpe):
+    """`model.next_cell`: position t gets the anchor of token t+1. Training reads it off the row's
+    cells; generation, fed one token at a time, passes the next free cell of its tiling. For a
+    caption-first pair the two agree cell for cell, and decoding token by token gives the full
+    forward's logits at every image position (so the model generates with what it learnt from)."""
+    from tessera.model.generate import Decoder
+    from tessera.model.unified import next_anchor_cells
+
+    model = make_model(interface, bpe, False, 0, "model.next_cell=true").eval()
+    with torch.no_grad():
+        for emb in (model.next_rows, model.next_cols):
+            emb.weight.normal_()  # std 0.02 at init: make the embedding matter
+    seq = builder_for(model, bpe).build(token_row("gen"), "all", t2i_rate=1.0)
+    cells = torch.from_numpy(seq.cells).unsqueeze(0)
+    nxt = next_anchor_cells(cells)[0].numpy()
+    assert np.array_equal(nxt[:-1], seq.cells[1:]) and (nxt[-1] == -1).all()
+
+    v = model.vocab
+    first = int(np.flatnonzero(seq.ids == v.image_start)[0]) + 3  # <|image_start|> <h> <w>, then the first visual token
+    last = int(np.flatnonzero(seq.ids == v.image_end)[0])
+    H, W = GRID
+    if interface == "bpe":  # the anchors a tiling gives while it decodes the row's own tiles
+        tiling, anchors = bpe.start_decoding(GRID), []
+        for t in seq.ids[first:last]:
+            anchors.append(tiling.next_cell())
+            tiling.push(int(t) - v.visual_base)
+        assert tiling.done
+    else:
+        anchors = [divmod(i, W) for i in range(H * W)]
+    assert np.array_equal(np.asarray(anchors), seq.cells[first:last])
+
+    codes = None if seq.codes is None else torch.from_numpy(seq.codes).unsqueeze(0)
+    with torch.no_grad():
+        full = model(torch.from_numpy(seq.ids).unsqueeze(0), torch.arange(len(seq.ids)).unsqueeze(0),
+                     codes=codes, cells=cells).logits[0]
+        dec = Decoder(model)
+        header_next = np.full((first, 2), -1)
+        header_next[-1] = anchors[0]
+        _, logits = dec.feed(seq.ids[:first], None if seq.codes is None else seq.codes[:first], seq.cells[:first], header_next)
+        torch.testing.assert_close(logits, full[first - 1])
+        for k, t in enumerate(range(first, last)):
+            following = np.asarray([anchors[k + 1] if k + 1 < len(anchors) else (-1, -1)])
+            _, logits = dec.feed(seq.ids[t:t + 1], None if seq.codes is None else seq.codes[t:t + 1],
+                                 seq.cells[t:t + 1], following)
+            torch.testing.assert_close(logits, full[t])
+        plain = model(torch.from_numpy(seq.ids).unsqueeze(0), torch.arange(len(seq.ids)).unsqueeze(0), codes=codes,
+                      cells=cells, next_cells=torch.full_like(cells, -1)).logits[0]
+    assert not torch.allclose(plain[first - 1:last], full[first - 1:last]), "the next cell changes what is predicted"
