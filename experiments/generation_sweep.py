@@ -5,7 +5,9 @@ object), its caption-shuffled chance, and what the misses are made of: the share
 whose colour alone, or shape alone, is drawn, the match by object size, and the objects found per image.
 
     PYTHONPATH=. python experiments/generation_sweep.py runs/d15 runs/d15/gen-only-model \
-        [--captions 48] [--seeds 2] [--settings 3:0.7,1:0.7,5:0.7,3:1.0] [--set KEY=VALUE ...]
+        [--captions 48] [--seeds 2] [--settings 3:0.7,1:0.7,5:0.7,3:1.0] [--set KEY=VALUE ...] [--png OUT.png [--png-count 16]]
+
+`--png` draws the first setting's first-seed images beside their captions (`evaluate.plot_generations`).
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 
 from tessera.config import load_config
 from tessera.jobs.eval import _evaluator
+from tessera.model.evaluate import plot_generations
 from tessera.pipelines import analyser, shapes
 
 
@@ -44,6 +47,8 @@ def main() -> None:
     ap.add_argument("--settings", default="3:0.7,1:0.7,5:0.7,3:1.0", help="comma-separated guidance:temperature pairs")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--png", default="", help="draw the first setting's first-seed samples here")
+    ap.add_argument("--png-count", type=int, default=16)
     a = ap.parse_args()
     cfg = load_config(a.config, [f"run.root={a.root}"] + a.set)
     ev, held = _evaluator(cfg, a.model)
@@ -54,6 +59,8 @@ def main() -> None:
         t0, runs = time.time(), []
         for seed in range(a.seeds):
             g = ev.generation(a.captions, scale, temperature, 0, seed)
+            if a.png and not runs and setting == a.settings.split(",")[0]:
+                print(plot_generations(g["samples"][:a.png_count], a.png), flush=True)
             runs.append({"accuracy": g["generation_accuracy"], "chance": g["generation_chance"],
                          **misses(truths, g["found"]), "objects": np.mean([len(f) for f in g["found"]])})
         mean = {k: round(float(np.mean([r[k] for r in runs])), 3) for k in runs[0]}
