@@ -18,7 +18,7 @@ import torch
 
 from tessera.model.mot import CACHE_ARG
 from tessera.model.rvq_heads import guided, pick
-from tessera.model.unified import TesseraModel
+from tessera.model.unified import TesseraModel, next_anchor_cells
 from tessera.tokenize.tokenizer import tokenizer_device
 
 
@@ -50,7 +50,7 @@ class Decoder:
         ids = [int(i) for i in np.atleast_1d(ids)]
         cells = np.full((len(ids), 2), -1, np.int64) if cells is None else np.asarray(cells, np.int64).reshape(len(ids), 2)
         if next_cells is None:
-            next_cells = np.concatenate([cells[1:], np.full((1, 2), -1, np.int64)])
+            next_cells = next_anchor_cells(torch.from_numpy(cells)[None])[0].numpy()
         next_cells = np.asarray(next_cells, np.int64).reshape(len(ids), 2)
         if self.n_codebooks:
             if codes is None:

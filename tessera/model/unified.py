@@ -258,21 +258,21 @@ class TesseraModel(nn.Module):
             feats = torch.where(at_code, features_from_bits(codes[..., 0, :]), 0.0)  # no NaN bits off the codes
             embeds = torch.where(at_code, self.feature_proj(feats).to(embeds.dtype), embeds)
         if cells is not None and hasattr(self, "grid_rows"):
-            placed = (cells[..., 0] >= 0).unsqueeze(-1)
-            rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)
-            if hasattr(self, "tile_shapes"):
-                place = self.extent_embedding(input_ids, rc)
-            else:
-                place = self.grid_rows(rc[..., 0]) + self.grid_cols(rc[..., 1])
-            embeds = embeds + placed * place.to(embeds.dtype)
+            extent = (lambda rc: self.extent_embedding(input_ids, rc)) if hasattr(self, "tile_shapes") else None
+            embeds = embeds + self._cell_embedding(cells, self.grid_rows, self.grid_cols, extent).to(embeds.dtype)
         if hasattr(self, "next_rows") and (next_cells is not None or cells is not None):
             nxt = next_anchor_cells(cells) if next_cells is None else next_cells
-            placed = (nxt[..., 0] >= 0).unsqueeze(-1)
-            rc = nxt.clamp(min=0, max=self.cfg.max_grid - 1)
-            embeds = embeds + placed * (self.next_rows(rc[..., 0]) + self.next_cols(rc[..., 1])).to(embeds.dtype)
+            embeds = embeds + self._cell_embedding(nxt, self.next_rows, self.next_cols).to(embeds.dtype)
         if cells is not None and hasattr(self, "grid_encoder"):
             embeds = self._add_grid_features(embeds, input_ids, cells, labels)
         return embeds
+
+    def _cell_embedding(self, cells: torch.Tensor, rows: nn.Embedding, cols: nn.Embedding, place=None) -> torch.Tensor:
+        """(B, L, 2) cells (-1 = none) -> (B, L, hidden): row + column embedding (or `place(clamped cells)`),
+        zero where there is no cell."""
+        placed = (cells[..., 0] >= 0).unsqueeze(-1)
+        rc = cells.clamp(min=0, max=self.cfg.max_grid - 1)
+        return placed * (place(rc) if place else rows(rc[..., 0]) + cols(rc[..., 1]))
 
     def extent_embedding(self, input_ids: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
         """(B, L) ids, (B, L, 2) anchor cells (>= 0) -> (B, L, hidden): the mean row embedding over the
