@@ -194,17 +194,9 @@ class TesseraModel(nn.Module):
             self.code_embed = CodeEmbedding(self.codebook_sizes, depth, dh.dim, hidden)
             self.depth_heads = nn.ModuleList(DepthHead(hidden, k, depth, dh.dim, dh.layers, dh.heads) for k in self.codebook_sizes)
         if cfg.visual_positions in ("2d", "extent"):
-            hidden = lm.config.hidden_size
-            self.grid_rows = nn.Embedding(cfg.max_grid, hidden)
-            self.grid_cols = nn.Embedding(cfg.max_grid, hidden)
-            for emb in (self.grid_rows, self.grid_cols):
-                nn.init.normal_(emb.weight, std=0.02)
+            self.grid_rows, self.grid_cols = self._row_column_tables()
         if cfg.next_cell:
-            hidden = lm.config.hidden_size
-            self.next_rows = nn.Embedding(cfg.max_grid, hidden)
-            self.next_cols = nn.Embedding(cfg.max_grid, hidden)
-            for emb in (self.next_rows, self.next_cols):
-                nn.init.normal_(emb.weight, std=0.02)
+            self.next_rows, self.next_cols = self._row_column_tables()
         if cfg.visual_positions == "extent":
             if vocab.interface != "bpe" or (tile_codes is None and tile_shapes is None):
                 raise ValueError("visual_positions extent needs the bpe interface and its tiles' codes (tile_codes)")
@@ -216,6 +208,13 @@ class TesseraModel(nn.Module):
             apply_mot(lm, attention=cfg.mot_attention)
 
     # ------------------------------------------------------------------ construction
+
+    def _row_column_tables(self) -> tuple[nn.Embedding, nn.Embedding]:
+        """Learned row and column embeddings of a grid cell, (max_grid, hidden) each, std 0.02."""
+        tables = tuple(nn.Embedding(self.cfg.max_grid, self.lm.config.hidden_size) for _ in range(2))
+        for emb in tables:
+            nn.init.normal_(emb.weight, std=0.02)
+        return tables
 
     def attach_grid_encoder(self, tile_codes: torch.Tensor | None) -> None:
         """A `GridEncoder` as `self.cfg.grid_encoder` sizes it, over the BPE tiles' codes (V, T, T)."""
