@@ -622,6 +622,11 @@ class StageConfig:
     """This stage's share of image-text pairs shown caption-first (their image tokens become
     targets under `answers`); None = `train.t2i_rate`. Understanding stages set 0 so the loss
     stays on text answers; a generation stage raises it."""
+    image_loss_weight: Optional[float] = None
+    """None: the loss is one mean over the step's targets, so in a stage that mixes caption-first pairs
+    (~100 image targets each) with answers (a few text targets) the image tiles take nearly all of it.
+    A number w: the mean over the step's text targets plus w times the mean over its image targets (a
+    modality with no targets in the step adds nothing), so a generation stage can rehearse answers."""
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
     questions: Optional[str] = None
     """A regular expression over question text: in conversations of independent questions (documents
@@ -643,6 +648,8 @@ class StageConfig:
                f"a share in (0, 1], got {self.questions_rate}")
         _check(self.lr > 0, "lr", f"> 0, got {self.lr}")
         _check(self.seq_len >= 16, "seq_len", f">= 16, got {self.seq_len}")
+        _check(self.image_loss_weight is None or self.image_loss_weight >= 0, f"train.stages[{self.name}].image_loss_weight",
+               f"a weight >= 0 or null, got {self.image_loss_weight}")
         _check(self.t2i_rate is None or 0.0 <= self.t2i_rate <= 1.0, f"train.stages[{self.name}].t2i_rate",
                f"a share in [0, 1] or null, got {self.t2i_rate}")
         _check(bool(self.mixture.weights) and all(w >= 0 for w in self.mixture.weights.values()) and sum(self.mixture.weights.values()) > 0,

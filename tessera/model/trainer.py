@@ -170,13 +170,21 @@ class StageTrainer:
         self.wrapped.train()
         micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
         total_targets = sum((b["labels"] != -100).sum() for b in micro_batches).clamp(min=1)
+        weighted = self.stage.image_loss_weight is not None
+        if weighted:  # each modality's mean over the whole step, so accumulation equals one big batch
+            text_size = self.model.vocab.text_size
+            n_text = sum(((b["labels"] != -100) & (b["labels"] < text_size)).sum() for b in micro_batches).clamp(min=1)
+            n_image = sum((b["labels"] >= text_size).sum() for b in micro_batches).clamp(min=1)
         sums = {k: torch.zeros((), device=self.device) for k in ("loss", "text_loss", "image_loss")}
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         for b in micro_batches:
             with self.autocast():
                 out = self.wrapped(**b)
             share = out.num_targets / total_targets
-            (out.loss * share).backward()
+            if weighted:
+                (out.text_loss_sum / n_text + self.stage.image_loss_weight * out.image_loss_sum / n_image).backward()
+            else:
+                (out.loss * share).backward()
             for k in sums:
                 sums[k] += getattr(out, k).detach().float() * share
             tokens += (b["doc_ids"] > 0).sum()

@@ -56,13 +56,17 @@ class TesseraOutput(CausalLMOutputWithPast):
     """`CausalLMOutputWithPast` (loss, logits (B, L, V), the KV cache: `past_key_values`, or `cache` from
     transformers 5.24 on, see `mot.CACHE_ARG`) plus what training logs:
     the loss over text targets and over image targets, the number of targets (all on device,
-    detached), and the final hidden states (B, L, H) that the rvq depth heads read."""
+    detached), and the final hidden states (B, L, H) that the rvq depth heads read.
+    `text_loss_sum` / `image_loss_sum` are the summed losses of each modality's targets *with* their
+    graph, for a trainer that weighs the two means itself (`train.stages[].image_loss_weight`)."""
 
     last_hidden_state: torch.FloatTensor | None = None
     text_loss: torch.FloatTensor | None = None
     image_loss: torch.FloatTensor | None = None
     num_targets: torch.LongTensor | None = None
     num_text_targets: torch.LongTensor | None = None
+    text_loss_sum: torch.FloatTensor | None = None
+    image_loss_sum: torch.FloatTensor | None = None
 
 
 def build_base_lm(cfg: ModelConfig, text_size: int, seed: int = 0):
@@ -348,7 +352,7 @@ class TesseraModel(nn.Module):
         is_text = valid & (labels < self.vocab.text_size)
         is_image = valid & ~is_text
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none").view_as(labels)
-        total, image_sum = (ce * valid).sum(), (ce * is_image).sum()
+        total, text_sum, image_sum = (ce * valid).sum(), (ce * is_text).sum(), (ce * is_image).sum()
         if self.vocab.interface == "rvq":
             # the depth heads run on every position and a mask keeps the `<|cell|>` targets' losses: boolean
             # indexing would give a data-dependent shape and a host sync per step
@@ -359,8 +363,9 @@ class TesseraModel(nn.Module):
             d_sum = (per_cell * is_cell).sum()
             total, image_sum = total + d_sum, image_sum + d_sum
         n, n_text = valid.sum(), is_text.sum()
-        out.loss = total / n.clamp(min=1)
-        out.text_loss = ((ce * is_text).sum() / n_text.clamp(min=1)).detach()
+        out.loss = total / n.clamp(min=1)  # one sum, not text + image: the default loss stays bit-identical
+        out.text_loss_sum, out.image_loss_sum = text_sum, image_sum
+        out.text_loss = (text_sum / n_text.clamp(min=1)).detach()
         out.image_loss = (image_sum / is_image.sum().clamp(min=1)).detach()
         out.num_targets, out.num_text_targets = n.detach(), n_text.detach()
 

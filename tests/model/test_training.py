@@ -91,22 +91,29 @@ def test_state_dict_round_trip_continues_identically(bpe):
         assert torch.equal(p, q), n
 
 
-def test_gradient_accumulation_matches_one_big_batch(bpe):
+def record_gradients(trainer: StageTrainer, grads: dict, name: str) -> None:
+    """Keep a copy of every trainable parameter's gradient in `grads[name]` as the optimizer steps."""
+    step = trainer.optimizer.step
+
+    def record(*args, **kwargs):
+        grads[name] = [None if p.grad is None else p.grad.clone() for p in trainer.params]
+        return step(*args, **kwargs)
+    trainer.optimizer.step = record
+
+
+@pytest.mark.parametrize("image_loss_weight", [None, 2.0])
+def test_gradient_accumulation_matches_one_big_batch(bpe, image_loss_weight):
     """Accumulation decides the gradient; compare it before the optimizer step. (Adam's first step is
     about lr * sign(grad), so a parameter whose gradient is ~0 can flip sign on float noise: comparing
-    parameters after the step fails on one element in a thousand on some CPUs.)"""
+    parameters after the step fails on one element in a thousand on some CPUs.) With an image loss
+    weight each modality's mean is over the whole step's targets, so the halves still equal the whole."""
     a, b = make_model("bpe", bpe), make_model("bpe", bpe)
-    stage = StageConfig(name="s", steps=3, trainable="all", lr=1e-2, warmup_steps=1)
+    stage = StageConfig(name="s", steps=3, trainable="all", lr=1e-2, warmup_steps=1, image_loss_weight=image_loss_weight)
     ta = StageTrainer(a, stage, 0.0, 0.0, torch.device("cpu"))
     tb = StageTrainer(b, stage, 0.0, 0.0, torch.device("cpu"))
     grads = {}
-    for name, trainer in (("whole", ta), ("halves", tb)):
-        step = trainer.optimizer.step
-
-        def record(*args, _name=name, _trainer=trainer, _step=step, **kwargs):
-            grads[_name] = [None if p.grad is None else p.grad.clone() for p in _trainer.params]
-            return _step(*args, **kwargs)
-        trainer.optimizer.step = record
+    record_gradients(ta, grads, "whole")
+    record_gradients(tb, grads, "halves")
     _, b1, _ = batch_of(a, bpe, n=2, seq_len=96, packed=False)
     whole = ta.train_step([b1])
     halves = tb.train_step([{k: v[:1] for k, v in b1.items()}, {k: v[1:] for k, v in b1.items()}])
@@ -117,6 +124,34 @@ def test_gradient_accumulation_matches_one_big_batch(bpe):
         assert (g is None) == (h is None)
         if g is not None:
             torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("interface", ["bpe", "rvq"])
+def test_image_loss_weight_adds_the_two_modalities_means(interface, bpe):
+    """`image_loss_weight: w` trains on mean(text targets) + w * mean(image targets): its gradient is
+    the text-only loss's plus w times the image-only loss's (each the model's own `loss` with the other
+    modality's labels ignored), where the default weighs every target alike."""
+    model = make_model(interface, bpe)
+    _, batch, _ = batch_of(model, bpe, n=2, seq_len=96, packed=False)
+    labels = batch["labels"]
+    is_image = labels >= model.vocab.text_size
+    assert is_image.any() and ((labels != -100) & ~is_image).any(), "the batch must hold both modalities"
+
+    def gradient(labels):
+        model.zero_grad(set_to_none=True)
+        model(**{**batch, "labels": labels}).loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    text_only = gradient(labels.masked_fill(is_image, -100))
+    image_only = gradient(labels.masked_fill(~is_image, -100))
+    model.zero_grad(set_to_none=True)
+
+    stage = StageConfig(name="s", steps=1, trainable="all", lr=1e-2, warmup_steps=1, image_loss_weight=3.0)
+    trainer, grads = StageTrainer(model, stage, 0.0, 0.0, torch.device("cpu")), {}
+    assert trainer.params == list(model.parameters())
+    record_gradients(trainer, grads, "weighted")
+    trainer.train_step([batch])
+    for g, t, i in zip(grads["weighted"], text_only, image_only):
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(t), t + 3.0 * i, atol=1e-6, rtol=1e-4)
 
 
 def test_mixture_proportions_and_curriculum_order():
