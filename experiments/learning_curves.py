@@ -18,7 +18,7 @@ import csv
 import math
 
 TYPES = ("colour", "shape", "size", "position", "count")
-CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2, "position": 1 / 9, "count": 1 / 3}
+CHANCE = {"colour": 1 / 6, "shape": 1 / 4, "size": 1 / 2, "position": 1 / 9, "count": 1 / 3, "exists": 1 / 2}
 
 
 def probes(path: str) -> list[tuple[int, dict]]:
@@ -27,6 +27,11 @@ def probes(path: str) -> list[tuple[int, dict]]:
         if r.get("probe_colour"):
             out.append((int(r["step"]), {t: float(r[f"probe_{t}"]) for t in TYPES}))
     return out
+
+
+def existence(path: str) -> list[tuple[int, float]]:
+    """The existence probe (POPE's question, `Is there ...?`), drawn beside the five VQA types."""
+    return [(int(r["step"]), float(r["probe_exists"])) for r in csv.DictReader(open(path)) if r.get("probe_exists")]
 
 
 def projection(points: list[tuple[int, dict]], target: float) -> tuple[float, float, float | None]:
@@ -51,7 +56,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="LABEL=path/to/metrics.csv")
     ap.add_argument("--target", type=float, default=0.9)
     args = ap.parse_args()
-    fig, grid = plt.subplots(2, 3, figsize=(12, 7), sharey=True)
+    fig, grid = plt.subplots(2, 4, figsize=(16, 7), sharey=True)
     axes = list(grid.ravel())
     for spec in args.runs:
         label, path = spec.split("=", 1)
@@ -59,17 +64,20 @@ def main() -> None:
         steps = [s for s, _ in pts]
         for ax, t in zip(axes, TYPES):
             ax.plot(steps, [p[t] for _, p in pts], marker=".", label=label)
+        exists = existence(path)
+        axes[5].plot([s for s, _ in exists], [v for _, v in exists], marker=".", label=label)
         mean = [sum(p.values()) / len(p) for _, p in pts]
         axes[-1].plot(steps, mean, marker=".", label=label)
         a, b, at = projection(pts, args.target)
         last = steps[-1]
         print(f"{label}: last probe mean {mean[-1]:.3f} at step {last}; tail fit {a:.3f} + {b:.3f} log2(step): "
               + (f"reaches {args.target} at ~{at:,.0f} steps ({at / last:.1f}x this run)" if at else "flat or falling: never"))
-    for ax, t in zip(axes, TYPES):
+    axes[6].set_visible(False)
+    for ax, t in zip(axes, TYPES + ("exists",)):
         ax.axhline(CHANCE[t], color="grey", ls=":", lw=1)
         ax.set_title(f"{t} (chance {CHANCE[t]:.2f})", fontsize=9)
         ax.set_xlabel("global step")
-    axes[-1].axhline(sum(CHANCE.values()) / len(CHANCE), color="grey", ls=":", lw=1)
+    axes[-1].axhline(sum(CHANCE[t] for t in TYPES) / len(TYPES), color="grey", ls=":", lw=1)
     axes[-1].axhline(args.target, color="red", ls="--", lw=1)
     axes[-1].set_title(f"mean of 5 types (goal {args.target})", fontsize=9)
     for ax in grid[:, 0]:
