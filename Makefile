@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-t2i test bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml constraints.txt setup.py tessera/bpe/_core.cpp
 
 demo: venv
 	$(BIN)/tessera run --config configs/demo.yaml
+
+# the demo with text -> image in its budget (~45 min on 2 cores; README "Learning", "Text -> image")
+demo-t2i: venv
+	$(BIN)/tessera run --config configs/demo-t2i.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q --durations=20 tests

@@ -94,6 +94,11 @@ def test_extends_merges_base_config_and_the_shipped_configs_load(tmp_path):
         cfg = load_config(f"configs/{name}.yaml")
         assert (cfg.synth.backgrounds, cfg.synth.num_instruct, cfg.tokenizer.vq.encoder_norm, cfg.run.root) == ("varied", 768, "group", root), \
             "the previous demo's world, which README 'Learning' and 'Ablations' measured, beside the demo's runs"
+    t2i = load_config("configs/demo-t2i.yaml")
+    assert (t2i.synth.num_image_text, t2i.tokenizer.train.steps, t2i.model.next_cell, t2i.synth.num_instruct) == (8192, 2400, True, 7680), \
+        "the demo's world and recipe with README's text -> image budget on top"
+    assert [(s.name, t2i.train.t2i_rate_of(s), s.image_loss_weight) for s in t2i.train.stages][2:] == \
+        [("draw", 1.0, 3.0), ("shape", 0.0, None), ("all", 0.5, None)]
     bagel = load_config("configs/bagel-4stage.yaml")
     assert bagel.model.mot and [s.name for s in bagel.train.stages] == ["alignment", "pretraining", "continued", "sft"]
     assert load_config("configs/being-vl-3stage.yaml").train.stages[1].trainable.layers == [2, 3]
