@@ -172,9 +172,9 @@ class StageTrainer:
         total_targets = sum((b["labels"] != -100).sum() for b in micro_batches).clamp(min=1)
         weighted = self.stage.image_loss_weight is not None
         if weighted:  # each modality's mean over the whole step, so accumulation equals one big batch
-            text_size = self.model.vocab.text_size
-            n_text = sum(((b["labels"] != -100) & (b["labels"] < text_size)).sum() for b in micro_batches).clamp(min=1)
-            n_image = sum((b["labels"] >= text_size).sum() for b in micro_batches).clamp(min=1)
+            masks = [self.model.target_masks(b["labels"]) for b in micro_batches]
+            n_text = sum(text.sum() for _, text, _ in masks).clamp(min=1)
+            n_image = sum(image.sum() for _, _, image in masks).clamp(min=1)
         sums = {k: torch.zeros((), device=self.device) for k in ("loss", "text_loss", "image_loss")}
         tokens = torch.zeros((), dtype=torch.int64, device=self.device)
         for b in micro_batches:

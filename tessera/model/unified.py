@@ -346,11 +346,16 @@ class TesseraModel(nn.Module):
             self._add_loss(result, labels, target_codes)
         return result
 
-    def _add_loss(self, out: TesseraOutput, labels: torch.Tensor, target_codes: torch.Tensor | None) -> None:
-        """Masked sums instead of boolean indexing: no data-dependent shapes, no host sync (bpe interface)."""
+    def target_masks(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(valid, text, image) boolean masks of `labels` (B, L): which positions are targets, and of
+        those which are text tokens and which visual ones (tiles, `<|cell|>`, image markers)."""
         valid = labels != IGNORE
         is_text = valid & (labels < self.vocab.text_size)
-        is_image = valid & ~is_text
+        return valid, is_text, valid & ~is_text
+
+    def _add_loss(self, out: TesseraOutput, labels: torch.Tensor, target_codes: torch.Tensor | None) -> None:
+        """Masked sums instead of boolean indexing: no data-dependent shapes, no host sync (bpe interface)."""
+        valid, is_text, is_image = self.target_masks(labels)
         ce = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none").view_as(labels)
         total, text_sum, image_sum = (ce * valid).sum(), (ce * is_text).sum(), (ce * is_image).sum()
         if self.vocab.interface == "rvq":
