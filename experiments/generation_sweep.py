@@ -5,7 +5,12 @@ object), its caption-shuffled chance, and what the misses are made of: the share
 whose colour alone, or shape alone, is drawn, the match by object size, and the objects found per image.
 
     PYTHONPATH=. python experiments/generation_sweep.py runs/d15 runs/d15/gen-only-model \
-        [--captions 48] [--seeds 2] [--settings 3:0.7,1:0.7,5:0.7,3:1.0] [--set KEY=VALUE ...] [--png OUT.png [--png-count 16]]
+        [--captions 48] [--seeds 2] [--settings 3:0.7,1:0.7,5:0.7,3:1.0] [--candidates N] [--set KEY=VALUE ...]
+        [--png OUT.png [--png-count 16]]
+
+`--candidates N`: best-of-N, the model keeping the drawing under which it finds the caption most likely
+(`Evaluator.generation`); `single` is then one sample's score over all N candidates, `best_possible` a
+perfect chooser's.
 
 `--png` draws the first setting's first-seed images beside their captions (`evaluate.plot_generations`).
 """
@@ -45,6 +50,7 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=48)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--settings", default="3:0.7,1:0.7,5:0.7,3:1.0", help="comma-separated guidance:temperature pairs")
+    ap.add_argument("--candidates", type=int, default=1, help="best-of-N by the model's own caption likelihood")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--png", default="", help="draw the first setting's first-seed samples here")
@@ -58,14 +64,15 @@ def main() -> None:
         scale, temperature = (float(x) for x in setting.split(":"))
         t0, runs = time.time(), []
         for seed in range(a.seeds):
-            g = ev.generation(a.captions, scale, temperature, 0, seed)
+            g = ev.generation(a.captions, scale, temperature, 0, seed, a.candidates)
             if a.png and not runs and setting == a.settings.split(",")[0]:
                 print(plot_generations(g["samples"][:a.png_count], a.png), flush=True)
             runs.append({"accuracy": g["generation_accuracy"], "chance": g["generation_chance"],
+                         "single": g["generation_accuracy_single"], "best_possible": g["generation_accuracy_best_possible"],
                          **misses(truths, g["found"]), "objects": np.mean([len(f) for f in g["found"]])})
         mean = {k: round(float(np.mean([r[k] for r in runs])), 3) for k in runs[0]}
         print(json.dumps({"model": a.model, "cfg_scale": scale, "temperature": temperature, "captions": a.captions,
-                          "seeds": a.seeds, "accuracy_by_seed": [round(r["accuracy"], 3) for r in runs], **mean,
+                          "candidates": a.candidates, "seeds": a.seeds, "accuracy_by_seed": [round(r["accuracy"], 3) for r in runs], **mean,
                           "seconds": round(time.time() - t0, 1)}), flush=True)
 
 

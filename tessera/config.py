@@ -643,17 +643,17 @@ class StageConfig:
             try:
                 re.compile(self.questions)
             except re.error as e:
-                _check(False, f"train.stages[{self.name}].questions", f"a regular expression, got {self.questions!r} ({e})")
-        _check(0.0 < self.questions_rate <= 1.0, f"train.stages[{self.name}].questions_rate",
+                _check(False, "questions", f"a regular expression, got {self.questions!r} ({e})")
+        _check(0.0 < self.questions_rate <= 1.0, "questions_rate",
                f"a share in (0, 1], got {self.questions_rate}")
         _check(self.lr > 0, "lr", f"> 0, got {self.lr}")
         _check(self.seq_len >= 16, "seq_len", f">= 16, got {self.seq_len}")
-        _check(self.image_loss_weight is None or self.image_loss_weight >= 0, f"train.stages[{self.name}].image_loss_weight",
+        _check(self.image_loss_weight is None or self.image_loss_weight >= 0, "image_loss_weight",
                f"a weight >= 0 or null, got {self.image_loss_weight}")
-        _check(self.t2i_rate is None or 0.0 <= self.t2i_rate <= 1.0, f"train.stages[{self.name}].t2i_rate",
+        _check(self.t2i_rate is None or 0.0 <= self.t2i_rate <= 1.0, "t2i_rate",
                f"a share in [0, 1] or null, got {self.t2i_rate}")
         _check(bool(self.mixture.weights) and all(w >= 0 for w in self.mixture.weights.values()) and sum(self.mixture.weights.values()) > 0,
-               f"train.stages[{self.name}].mixture.weights", f"non-negative weights with a positive sum, got {self.mixture.weights}")
+               "mixture.weights", f"non-negative weights with a positive sum, got {self.mixture.weights}")
         for sel in self.mixture.weights:
             _check(sel == "all" or "=" in sel, f"mixture.weights.{sel}", "'all' or a 'key=value' tag")
 
@@ -766,6 +766,10 @@ class EvalConfig:
     temperature: float = 0.7
     top_k: int = 0
     seed: int = 0
+    generation_candidates: int = 1
+    """Best-of-n text -> image: each caption drawn n times, the model keeping the drawing under which it
+    finds the caption most likely (it captions its own drawings; `Evaluator.generation`). 1 = one sample.
+    The report also gives one sample's score over all n (`generation_accuracy_single`)."""
     sets: list[EvalSetConfig] = field(default_factory=list)
     """Held-out sets in published formats, each scored into report.json under `eval.sets.<name>`."""
 
@@ -774,6 +778,7 @@ class EvalConfig:
         _check(len(names) == len(set(names)), "sets", f"unique set names, got {names}")
         for key in ("num_captions", "num_questions", "num_generate"):
             _check(getattr(self, key) >= 0, key, f">= 0, got {getattr(self, key)}")
+        _check(self.generation_candidates >= 1, "generation_candidates", f">= 1 (1 = one sample), got {self.generation_candidates}")
         _check(self.cfg_scale >= 1.0, "cfg_scale", f">= 1 (1 = no guidance), got {self.cfg_scale}")
         _check(self.temperature >= 0, "temperature", f">= 0 (0 = greedy), got {self.temperature}")
 

@@ -33,6 +33,11 @@ def test_defaults_and_demo_config_load():
         ("tokenizer.vq.rvq.decay=1.5", "tokenizer.vq.rvq.decay", "in (0, 1)"),
         ("train.stages=[{name: a, steps: 0}]", "train.stages[0].steps", ">= 1"),
         ("prepare.text.min_chars=-1", "prepare.text", "min_chars <= max_chars"),
+        ("eval.generation_candidates=0", "eval.generation_candidates", ">= 1"),
+        # a stage's own checks too: the key once, not the section's path twice
+        ("train.stages=[{name: draw, steps: 5, image_loss_weight: -1}]", "train.stages[0].image_loss_weight", ">= 0"),
+        ("train.stages=[{name: draw, steps: 5, t2i_rate: 2}]", "train.stages[0].t2i_rate", "[0, 1]"),
+        ("train.stages=[{name: a, steps: 5, questions: '('}]", "train.stages[0].questions", "regular expression"),
     ],
 )
 def test_bad_values_name_the_key(override, key, expected):
@@ -99,6 +104,7 @@ def test_extends_merges_base_config_and_the_shipped_configs_load(tmp_path):
         "the demo's world and recipe with README's text -> image budget on top"
     assert [(s.name, t2i.train.t2i_rate_of(s), s.image_loss_weight) for s in t2i.train.stages][2:] == \
         [("draw", 1.0, 3.0), ("shape", 0.0, None), ("all", 0.5, None)]
+    assert (t2i.eval.generation_candidates, load_config("configs/demo.yaml").eval.generation_candidates) == (8, 1)
     bagel = load_config("configs/bagel-4stage.yaml")
     assert bagel.model.mot and [s.name for s in bagel.train.stages] == ["alignment", "pretraining", "continued", "sft"]
     assert load_config("configs/being-vl-3stage.yaml").train.stages[1].trainable.layers == [2, 3]

@@ -14,7 +14,7 @@ import time
 from tessera import storage
 from tessera.console import Console
 from tessera.jobs.common import logs_dir, parse_args, preflight, ray_session, resubmit_record
-from tessera.jobs.eval import evaluate_model, figure, has_shapes_suite, set_summary
+from tessera.jobs.eval import evaluate_model, figure, generation_summary, has_shapes_suite, set_summary
 from tessera.jobs.fit_bpe import fit_bpe
 from tessera.jobs.prepare import prepare
 from tessera.jobs.synth import run_synth
@@ -70,6 +70,9 @@ def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str
                   f"| POPE accuracy / F1 / yes-ratio | {figure(e['pope_accuracy'])} / {figure(e['pope_f1'])} / {figure(e['pope_yes_ratio'])} |",
                   f"| generation accuracy (analyser; caption-shuffled chance) | {figure(e['generation_accuracy'])} "
                   f"({figure(report['chance'].get('generation_accuracy'))}) |",
+                  *([f"| generation: best of {e['generation_candidates']} by the model's caption likelihood; one sample | "
+                     f"{figure(e['generation_accuracy'])}; {figure(e.get('generation_accuracy_single'))} |"]
+                    if (e.get("generation_candidates") or 1) > 1 else []),
                   f"| generation ceiling (analyser on the tokenizer's round trip) | {figure(e.get('generation_ceiling'))} |",
                   f"| analyser accuracy on real held-out images | {figure(e['analyser_accuracy'])} |",
                   f"| perplexity text / image | {figure(e['text_perplexity'])} / {figure(e['image_perplexity'])} |"]
@@ -152,8 +155,7 @@ def summary_lines(report: dict, reports: dict, report_uri: str, md: str) -> list
               f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}"]
     if has_shapes_suite(e):
         lines += [f"  eval: captions {e['caption_accuracy']:.3f}, VQA {e['vqa_accuracy']:.3f}, POPE acc {e['pope_accuracy']:.3f} "
-                  f"F1 {e['pope_f1']:.3f}, generation {figure(e['generation_accuracy'])} (chance {figure(report['chance'].get('generation_accuracy'))}, "
-                  f"at most {figure(e.get('generation_ceiling'))}) "
+                  f"F1 {e['pope_f1']:.3f}, generation {generation_summary(report)} "
                   f"(analyser {e['analyser_accuracy']:.3f})",
                   "  VQA by type: " + ", ".join(f"{t} {a:.2f} (chance {report['chance']['uniform_by_type'].get(t, 0):.2f})"
                                                 for t, a in e.get("vqa_by_type", {}).items())]

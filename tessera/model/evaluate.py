@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tessera.model.generate import decode_pixels, generate_image, generate_text
+from tessera.model.generate import decode_pixels, generate_image, generate_text, text_log_prob
 from tessera.model.sequence import SequenceBuilder
 from tessera.model.unified import TesseraModel
 from tessera.pipelines import analyser, shapes
@@ -239,30 +239,62 @@ class Evaluator:
             return None
         return generation_ceiling(self.tokenizer, self.heldout, interface, self.builder.bpe_depth)
 
-    def generation(self, limit: int, cfg_scale: float, temperature: float, top_k: int, seed: int) -> dict:
+    def caption_log_prob(self, pixels: np.ndarray, caption: str) -> float:
+        """log p(caption | <bos> + the image) under the model (`generate.text_log_prob`), the image
+        uint8 (R, R, 3) encoded by the visual tokenizer as any held-out image is: the model reads the
+        picture it drew as it reads a photograph."""
+        key = "\0candidate"  # not a path, so it cannot meet a held-out image's key
+        self.images[key] = pixels
+        self._rows.pop(key, None)
+        try:
+            prefix = self.prompt(key, None)
+            return text_log_prob(self.model, prefix.ids, self.encode_text(caption), prefix.codes, prefix.cells)
+        finally:
+            self.images.pop(key), self._rows.pop(key, None)
+
+    def generation(self, limit: int, cfg_scale: float, temperature: float, top_k: int, seed: int,
+                   candidates: int = 1) -> dict:
         """Held-out captions -> images -> the analyser's match with their scenes (`generation_accuracy`),
         and the same images against the *next* scene's objects (`generation_chance`): the match a
         generator reaches without following its caption (the score ignores extra objects, so scattered
-        coloured blobs score above 0). `found`: the analyser's objects in each generated image."""
+        coloured blobs score above 0). `found`: the analyser's objects in each generated image.
+
+        `candidates` n > 1: best-of-n. Each caption is drawn n times and the model keeps the image under
+        which it finds the caption most likely (`caption_log_prob`: it captions its own drawings; the
+        analyser never chooses). Beside the kept images' score: `generation_accuracy_single`, the mean
+        score over all n candidates (what one sample scores, on n times the images) and
+        `generation_accuracy_best_possible`, the best candidate's (what a perfect chooser would keep)."""
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
         g = torch.Generator().manual_seed(seed)
         first = self.image_row(self.heldout.scenes[0]["image"])
         H, W = first["grid_shapes"][0][:2]
         scenes = self.heldout.scenes[:limit]
-        found, samples = [], []
-        for s in scenes:
-            prompt = [self.model.vocab.bos_id] + self.encode_text(s["caption"])
-            codes = generate_image(self.model, prompt, (H, W), bpe=self.builder.bpe, cfg_scale=cfg_scale,
-                                   temperature=temperature, top_k=top_k, generator=g)
-            pixels = decode_pixels(self.tokenizer, codes, self.model.vocab.interface)
-            found.append(analyser.analyse(pixels))
-            samples.append((s["caption"], pixels))
         truths = [list(shapes.Scene.from_dict(s["scene"]).objects) for s in scenes]
+        found, samples, single, best_possible = [], [], [], []
+        for s, truth in zip(scenes, truths):
+            prompt = [self.model.vocab.bos_id] + self.encode_text(s["caption"])
+            drawn = []  # (the model's caption log-prob, pixels, the analyser's objects)
+            for _ in range(candidates):
+                codes = generate_image(self.model, prompt, (H, W), bpe=self.builder.bpe, cfg_scale=cfg_scale,
+                                       temperature=temperature, top_k=top_k, generator=g)
+                pixels = decode_pixels(self.tokenizer, codes, self.model.vocab.interface)
+                score = self.caption_log_prob(pixels, s["caption"]) if candidates > 1 else 0.0
+                drawn.append((score, pixels, analyser.analyse(pixels)))
+            kept = max(range(candidates), key=lambda i: drawn[i][0])  # the first on ties (and when n = 1)
+            matches = [analyser.match_score(truth, d[2]) for d in drawn]
+            single.append(float(np.mean(matches)))
+            best_possible.append(max(matches))
+            found.append(drawn[kept][2])
+            samples.append((s["caption"], drawn[kept][1]))
         n = len(found)
         scores = [analyser.match_score(t, f) for t, f in zip(truths, found)]
         shuffled = [analyser.match_score(truths[(i + 1) % n], f) for i, f in enumerate(found)]
         return {"generation_accuracy": float(np.mean(scores)) if n else 0.0,
                 "generation_chance": float(np.mean(shuffled)) if n > 1 else None, "generated": n, "samples": samples,
-                "found": found}
+                "found": found, "candidates": candidates,
+                "generation_accuracy_single": float(np.mean(single)) if n else 0.0,
+                "generation_accuracy_best_possible": float(np.mean(best_possible)) if n else 0.0}
 
     @torch.no_grad()
     def perplexity(self, rows: list[dict], seq_len: int) -> dict:

@@ -42,11 +42,11 @@ class Decoder:
 
     @torch.no_grad()
     def feed(self, ids, codes: np.ndarray | None = None, cells: np.ndarray | None = None,
-             next_cells: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             next_cells: np.ndarray | None = None, all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """ids (n,), codes (n, C, D) | None, cells (n, 2) | None (anchor cells of visual tokens, -1
         elsewhere), next_cells (n, 2) | None (the anchor of the token after each one, -1 = none; by
         default read off `cells`, so the chunk's last token gets none) -> last hidden (H,), last logits
-        (V,) in float32."""
+        (V,) in float32; with `all_logits` the logits of every fed position, (n, V)."""
         ids = [int(i) for i in np.atleast_1d(ids)]
         cells = np.full((len(ids), 2), -1, np.int64) if cells is None else np.asarray(cells, np.int64).reshape(len(ids), 2)
         if next_cells is None:
@@ -75,7 +75,8 @@ class Decoder:
             out = self.model(x, pos, codes=self._codes_tensor(run_codes), past_key_values=self.past,
                              use_cache=self.use_cache, cells=cells_t, next_cells=next_t)
         self.past = getattr(out, CACHE_ARG) if self.use_cache else None
-        return out.last_hidden_state[0, -1].float(), out.logits[0, -1].float()
+        logits = out.logits[0, -len(ids):] if all_logits else out.logits[0, -1]
+        return out.last_hidden_state[0, -1].float(), logits.float()
 
 
 def autocast(device: torch.device):
@@ -101,6 +102,22 @@ def generate_text(model: TesseraModel, prompt_ids, prompt_codes: np.ndarray | No
         out.append(token)
         _, logits = dec.feed([token])
     return out
+
+
+@torch.no_grad()
+def text_log_prob(model: TesseraModel, prompt_ids, text_ids, prompt_codes: np.ndarray | None = None,
+                  prompt_cells: np.ndarray | None = None) -> float:
+    """log p(text_ids + <eos> | prompt), summed over the text's tokens and its <eos>: the likelihood the
+    model's own forward (`labels` on those tokens) gives them. With the prompt <bos> + an image it is
+    how well the model finds a caption describes that image, which ranks the candidates of
+    `Evaluator.generation` (best-of-n by the model's own captioning)."""
+    targets = [int(t) for t in text_ids] + [model.vocab.eos_id]
+    dec = Decoder(model)
+    _, first = dec.feed(prompt_ids, prompt_codes, prompt_cells)
+    _, rest = dec.feed(targets[:-1], all_logits=True) if len(targets) > 1 else (None, first[:0])
+    logits = torch.cat([first[None], rest.reshape(-1, first.shape[-1])])  # (len(targets), V): each predicts its target
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)].sum())
 
 
 def _guided(cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> torch.Tensor:

@@ -20,7 +20,7 @@ E2E_TRAIN = [
     "'{root}/synth/heldout/vqa.jsonl'}, {name: captions, kind: captions, uri: '{root}/synth/heldout/captions.jsonl', limit: 4}]",
 ]
 KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eval.pope_f1", "eval.generation_accuracy",
-        "eval.analyser_accuracy", "eval.generation_ceiling", "chance.generation_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
+        "eval.analyser_accuracy", "eval.generation_ceiling", "eval.generation_candidates", "eval.generation_accuracy_single", "chance.generation_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
         "time.train", "time.eval", "time.prepare"]
 
 
@@ -123,6 +123,58 @@ def test_a_generator_that_emits_the_true_codes_scores_the_generation_ceiling(run
     assert gen["generation_chance"] == pytest.approx(
         np.mean([analyser.match_score(truths[(i + 1) % len(found)], f) for i, f in enumerate(found)]))
     assert run_report["chance"]["generation_accuracy"] is not None
+
+
+def test_best_of_n_keeps_the_drawing_under_which_the_model_finds_its_caption_most_likely(run_report, world_root,
+                                                                                          monkeypatch):
+    """`eval.generation_candidates` n: each caption is drawn n times and the kept image is the candidate
+    with the highest `caption_log_prob` (the model's own likelihood of the caption, never the analyser);
+    `generation_accuracy_single` is the analyser's mean over all candidates, `..._best_possible` its best.
+    The candidates here are the caption's own image (its true codes) and the next scene's, so the two
+    differ; with n = 1 the model is never asked."""
+    import numpy as np
+
+    from tessera.config import load_config
+    from tessera.jobs.eval import _evaluator
+    from tessera.model import evaluate
+    from tessera.pipelines import analyser, shapes
+
+    argv = [*TINY, *TINY_TOKENIZER, *TINY_BPE, *E2E_TRAIN, f"run.root={world_root}"]
+    cfg = load_config(None, argv)
+    ev, held = _evaluator(cfg, cfg.resolve(cfg.eval.model))
+    n = len(held.scenes)
+    drawn = iter(range(10 ** 6))
+
+    def own_then_next(model, prompt, grid, **kwargs):  # candidate k of caption j: scene j + k's codes
+        i = next(drawn)
+        row = ev.image_row(held.scenes[(i // 2 + i % 2) % n]["image"])
+        return np.asarray(row["pixel_codes"][0]).reshape(row["grid_shapes"][0])[..., 0]
+
+    asked, real_score = [], ev.caption_log_prob
+
+    def spy(pixels, caption):
+        asked.append((real_score(pixels, caption), pixels))
+        return asked[-1][0]
+
+    monkeypatch.setattr(evaluate, "generate_image", own_then_next)
+    monkeypatch.setattr(ev, "caption_log_prob", spy)
+    gen = ev.generation(n, 3.0, 0.7, 0, 0, candidates=2)
+    assert len(asked) == 2 * n and gen["candidates"] == 2
+    truths = [list(shapes.Scene.from_dict(s["scene"]).objects) for s in held.scenes]
+    matches = []
+    for j in range(n):
+        (s0, p0), (s1, p1) = asked[2 * j], asked[2 * j + 1]
+        assert np.isfinite(s0) and np.isfinite(s1) and s0 != s1
+        assert np.array_equal(gen["samples"][j][1], p0 if s0 >= s1 else p1)
+        matches.append([analyser.match_score(truths[j], analyser.analyse(p)) for p in (p0, p1)])
+    assert gen["generation_accuracy_single"] == pytest.approx(np.mean(matches))
+    assert gen["generation_accuracy_best_possible"] == pytest.approx(np.mean([max(m) for m in matches]))
+    assert gen["generation_accuracy"] == pytest.approx(
+        np.mean([m[0] if asked[2 * j][0] >= asked[2 * j + 1][0] else m[1] for j, m in enumerate(matches)]))
+    asked.clear()
+    one = ev.generation(n, 3.0, 0.7, 0, 0)
+    assert not asked and one["generation_accuracy_single"] == pytest.approx(one["generation_accuracy"])
+    assert run_report["eval"]["generation_candidates"] == 1
 
 
 def test_trained_model_answers_heldout_questions_in_the_task_vocabulary(run_report, world_root):

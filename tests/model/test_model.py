@@ -10,7 +10,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from tessera.bpe.model import VisualBPE
 from tessera.config import load_config
 from tessera.model.assets import load_model, save_model
-from tessera.model.generate import generate_image, generate_text
+from tessera.model.generate import generate_image, generate_text, text_log_prob
 from tessera.model.packing import collate, pack, pad
 from tessera.model.sequence import BadSample, SequenceBuilder
 from tessera.model.unified import TesseraModel
@@ -290,6 +290,27 @@ def test_kv_cache_generation_equals_full_recompute(interface, next_cell, bpe):
     a = generate_image(model, [1, 10], (2, 3), bpe=bpe, temperature=0, use_cache=True)
     c = generate_image(model, [1, 10], (2, 3), bpe=bpe, temperature=0, use_cache=False)
     assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("interface,next_cell", [("bpe", False), ("rvq", False), ("bpe", True)])
+def test_text_log_prob_is_the_models_own_caption_loss(interface, next_cell, bpe):
+    """`text_log_prob` (the best-of-n chooser's score) is minus the summed loss the model's forward
+    gives a caption shown image-first: the same targets (caption ids and <eos>), read through the KV
+    cache instead of one packed row."""
+    model = make_model(interface, bpe, False, 0, f"model.next_cell={str(next_cell).lower()}").eval()
+    b = builder_for(model, bpe)
+    row = token_row("cap", text_len=7)
+    seq = b.build(row, "text", t2i_rate=0.0)
+    rows, _ = pad([seq], 128, model.vocab.pad_id)
+    batch = collate(rows)
+    with torch.no_grad():
+        out = model(**batch)
+    assert int(out.num_targets) == 8  # seven caption ids and <eos>
+    prefix = b.image_prefix(row)
+    logp = text_log_prob(model, prefix.ids, row["text_ids"][1], prefix.codes, prefix.cells)
+    assert logp == pytest.approx(-float(out.loss) * 8, rel=1e-4)
+    other = text_log_prob(model, prefix.ids, list(reversed(row["text_ids"][1])), prefix.codes, prefix.cells)
+    assert other != pytest.approx(logp)
 
 
 @pytest.mark.parametrize("interface,mot", [("bpe", False), ("bpe", True), ("rvq", False)])
