@@ -127,22 +127,26 @@ class Evaluator:
     # ------------------------------------------------------------------ inputs
 
     def image_row(self, image_path: str) -> dict:
-        """A token row holding one held-out image, encoded by the visual tokenizer."""
+        """A token row holding one held-out image, encoded by the visual tokenizer (once per path)."""
         if image_path not in self._rows:
-            img = image_tensor(self.images[image_path])
-            continuous = self.builder.vocab.interface == "continuous"  # the encoder's features, not only its codes
-            img = img.to(tokenizer_device(self.tokenizer))
-            codes = self.tokenizer.encode(img, features=True) if continuous else self.tokenizer.encode(img)
-            row = {"sample_id": image_path, "is_image": [True], "grid_shapes": [], "pixel_codes": [], "semantic_codes": []}
-            for name in ("pixel", "semantic"):
-                if name in codes:
-                    grid = codes[name][0].cpu().numpy()
-                    row[f"{name}_codes"] = [grid.reshape(-1).tolist()]
-                    row["grid_shapes"] = [list(grid.shape)]
-            if continuous:
-                row["pixel_features"] = [codes["features"][0].float().cpu().numpy().reshape(-1).tolist()]
-            self._rows[image_path] = row
+            self._rows[image_path] = self.encode_image(self.images[image_path], image_path)
         return self._rows[image_path]
+
+    def encode_image(self, image: np.ndarray, sample_id: str) -> dict:
+        """uint8 (R, R, 3) -> a token row holding it, encoded by the visual tokenizer."""
+        img = image_tensor(image)
+        continuous = self.builder.vocab.interface == "continuous"  # the encoder's features, not only its codes
+        img = img.to(tokenizer_device(self.tokenizer))
+        codes = self.tokenizer.encode(img, features=True) if continuous else self.tokenizer.encode(img)
+        row = {"sample_id": sample_id, "is_image": [True], "grid_shapes": [], "pixel_codes": [], "semantic_codes": []}
+        for name in ("pixel", "semantic"):
+            if name in codes:
+                grid = codes[name][0].cpu().numpy()
+                row[f"{name}_codes"] = [grid.reshape(-1).tolist()]
+                row["grid_shapes"] = [list(grid.shape)]
+        if continuous:
+            row["pixel_features"] = [codes["features"][0].float().cpu().numpy().reshape(-1).tolist()]
+        return row
 
     def add_images(self, images: dict) -> None:
         """{key: uint8 (R, R, 3)} that `answer` may then be asked about (R = the tokenizer's image size)."""
@@ -243,14 +247,8 @@ class Evaluator:
         """log p(caption | <bos> + the image) under the model (`generate.text_log_prob`), the image
         uint8 (R, R, 3) encoded by the visual tokenizer as any held-out image is: the model reads the
         picture it drew as it reads a photograph."""
-        key = "\0candidate"  # not a path, so it cannot meet a held-out image's key
-        self.images[key] = pixels
-        self._rows.pop(key, None)
-        try:
-            prefix = self.prompt(key, None)
-            return text_log_prob(self.model, prefix.ids, self.encode_text(caption), prefix.codes, prefix.cells)
-        finally:
-            self.images.pop(key), self._rows.pop(key, None)
+        prefix = self.builder.image_prefix(self.encode_image(pixels, "candidate"))
+        return text_log_prob(self.model, prefix.ids, self.encode_text(caption), prefix.codes, prefix.cells)
 
     def generation(self, limit: int, cfg_scale: float, temperature: float, top_k: int, seed: int,
                    candidates: int = 1) -> dict:
@@ -271,7 +269,7 @@ class Evaluator:
         H, W = first["grid_shapes"][0][:2]
         scenes = self.heldout.scenes[:limit]
         truths = [list(shapes.Scene.from_dict(s["scene"]).objects) for s in scenes]
-        found, samples, single, best_possible = [], [], [], []
+        found, samples, scores, single, best_possible = [], [], [], [], []
         for s, truth in zip(scenes, truths):
             prompt = [self.model.vocab.bos_id] + self.encode_text(s["caption"])
             drawn = []  # (the model's caption log-prob, pixels, the analyser's objects)
@@ -283,12 +281,12 @@ class Evaluator:
                 drawn.append((score, pixels, analyser.analyse(pixels)))
             kept = max(range(candidates), key=lambda i: drawn[i][0])  # the first on ties (and when n = 1)
             matches = [analyser.match_score(truth, d[2]) for d in drawn]
+            scores.append(matches[kept])
             single.append(float(np.mean(matches)))
             best_possible.append(max(matches))
             found.append(drawn[kept][2])
             samples.append((s["caption"], drawn[kept][1]))
         n = len(found)
-        scores = [analyser.match_score(t, f) for t, f in zip(truths, found)]
         shuffled = [analyser.match_score(truths[(i + 1) % n], f) for i, f in enumerate(found)]
         return {"generation_accuracy": float(np.mean(scores)) if n else 0.0,
                 "generation_chance": float(np.mean(shuffled)) if n > 1 else None, "generated": n, "samples": samples,
