@@ -313,10 +313,16 @@ class VQConfig:
     encoder_padding: Literal["zeros", "replicate"] = "zeros"
     """Padding of the encoder's convolutions: `replicate` keeps a flat region flat up to the border."""
     rvq: RVQConfig = field(default_factory=RVQConfig)
+    merge_tolerance: float = 1.0
+    """After training, retire a code that lies within this many RMS quantisation errors of another code (the
+    error measured on training images): k-means splits a flat background along its pixel noise into codes
+    that decode alike, which BPE cannot merge and a generator must choose between (README "Learning",
+    "Text -> image", item 10). 0 keeps every code."""
 
     def __post_init__(self):
         _check(self.channels % 8 == 0 and self.channels >= 8, "channels", f"a multiple of 8, got {self.channels}")
         _check(1 <= self.num_down <= 5, "num_down", f"1..5, got {self.num_down}")
+        _check(self.merge_tolerance >= 0, "merge_tolerance", f">= 0, got {self.merge_tolerance}")
 
 
 @dataclass

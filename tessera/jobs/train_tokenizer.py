@@ -2,6 +2,7 @@
 
     samples/*.parquet --Ray Data: one row per image (held-out split removed)--> TorchTrainer (DDP)
     [dual: align the ViT first, SigLIP sigmoid loss on image-text pairs, on the driver]
+    [vq: retire duplicate codes, measured on the first training images, on the driver]
     -> <output>/model.safetensors + config.json, report.json, reconstructions.png, codebook_usage.png
 
 Re-running the same command resumes from the latest Ray Train checkpoint (same
@@ -197,6 +198,7 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
         run_cfg, model, steps, final_metrics = _fit(cfg, tok_cfg, files, out)
     seconds["train"] = round(time.perf_counter() - t, 2)
     fault_point("train-tokenizer:after_fit")
+    merge = _merge_duplicate_codes(model, tc, files, cfg.run.seed) if tc.preset == "vq" and tc.vq.merge_tolerance > 0 else None
     weights_hash = save_tokenizer(model, run_cfg, out, {"trained_steps": steps})
 
     t = time.perf_counter()
@@ -206,11 +208,35 @@ def train_tokenizer(cfg: TesseraConfig) -> dict:
     report = {
         "job": "train-tokenizer", "preset": tc.preset, "steps": steps, "grid": [h, w],
         "heldout_images": len(images), "heldout_is_disjoint": truly_heldout, "tokenizer": {"path": out, "hash": weights_hash},
-        "metrics": ev, "final_train_metrics": final_metrics, "seconds": seconds,
+        "metrics": ev, "merged_codes": merge, "final_train_metrics": final_metrics, "seconds": seconds,
         "wall_time_s": round(time.perf_counter() - t0, 2), "pngs": pngs, "config": cfg.to_dict(),
     }
     state.finish(report)
     return report
+
+
+MERGE_IMAGES = 256
+"""Training images whose encoder features measure the quantisation error and code usage for the merge."""
+
+
+def _merge_duplicate_codes(model, tc, files: list[str], seed: int) -> dict:
+    """Retire the trained codebook's near-duplicate codes (`ResidualVQ.merge_duplicates`), measured on the
+    first `MERGE_IMAGES` training images in the run's order (never the held-out ones the report scores).
+    Deterministic: a resumed job re-merges the same checkpoint the same way."""
+    import torch
+
+    from tessera.tokenize.images import first_in_order, to_tensor
+
+    rows = _exploded(files, tc.image_size, "train", seed).map_batches(
+        first_in_order, fn_kwargs={"n": MERGE_IMAGES}, batch_format="numpy", num_cpus=0.5).take_all()
+    rows = sorted(rows, key=lambda r: r["order"])[:MERGE_IMAGES]
+    if not rows:
+        return {"images": 0, "depths": []}
+    images = to_tensor(np.stack([r["image"] for r in rows]))
+    with torch.no_grad():
+        features = model.encode(images, features=True)["features"]
+    depths = model.quantizer.merge_duplicates(features, tc.vq.merge_tolerance)
+    return {"images": len(rows), "tolerance": tc.vq.merge_tolerance, "depths": depths}
 
 
 def _heldout_evaluation(model, tc, files: list[str], out: str):
@@ -303,6 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
         m = report["metrics"]
         console.print(f"[tessera] tokenizer ({report['preset']}): held-out PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, "
                       f"LPIPS {m['lpips']:.3f}, pixel codebook usage {m['pixel_usage']}")
+        for depth, merged in enumerate((report.get("merged_codes") or {}).get("depths", [])):
+            console.print(f"[tessera] depth {depth}: {merged['retired']} duplicate codes retired, {merged['active']} left "
+                          f"(closer than {report['merged_codes']['tolerance']} x the RMS quantisation error {merged['scale']:.4f})")
         console.print(f"[tessera] reconstructions: {report['pngs']['reconstructions']}")
         console.print(f"[tessera] report: {cfg.resolve(cfg.tokenizer.output)}/report.json")
     return report

@@ -8,8 +8,12 @@ Choices that matter:
 - dead-code restart: a code whose EMA usage falls below `dead_threshold` x the mean usage is replaced by a
   random vector of the current batch (at that depth's residual), so codebook usage stays high;
 - optional k-means initialisation from the first batch;
-- commitment loss `||x - sg(q)||²` per depth; the straight-through estimator passes gradients.
-Codebooks are buffers, not parameters: the optimiser never touches them.
+- commitment loss `||x - sg(q)||²` per depth; the straight-through estimator passes gradients;
+- after training, `merge_duplicates` retires codes that sit closer to another code than the features sit to
+  their own codes: k-means spends spare codes splitting the largest cluster (a flat background) along
+  its pixel noise, so one surface would otherwise be written with several interchangeable codes.
+Codebooks are buffers, not parameters: the optimiser never touches them. A retired code keeps its vector
+(anything that names it still decodes) but is never chosen again (`active`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ class ResidualVQ(nn.Module):
         self.register_buffer("ema_sum", self.codebooks.clone())
         self.register_buffer("initialized", torch.tensor(not cfg.kmeans_init))
         self.register_buffer("restarts", torch.zeros(D, dtype=torch.long))
+        self.register_buffer("active", torch.ones(D, K, dtype=torch.bool))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # tokenizers saved before `active` existed chose among all their codes
+        state_dict.setdefault(prefix + "active", torch.ones_like(self.active))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ search
 
@@ -106,7 +116,7 @@ class ResidualVQ(nn.Module):
         # inference (eval, no grad) needs only the codes: skip the loss and diagnostics
         stats = self.training or torch.is_grad_enabled()
         # depth d's norms stay valid until depth d's own EMA update, which comes after its search
-        code_norms = self.codebooks.pow(2).sum(-1)  # (D, K)
+        code_norms = self.codebooks.pow(2).sum(-1).masked_fill(~self.active, float("inf"))  # (D, K); retired never win
         codes, commit, norms = [], flat.new_zeros(()), [flat.detach().pow(2).sum(-1).mean()] if stats else []
         for d in range(cfg.depth):
             cb = self.codebooks[d]
@@ -125,6 +135,43 @@ class ResidualVQ(nn.Module):
         codes_t = torch.stack(codes, dim=-1).reshape(*shape[:-1], cfg.depth)
         info = {"commitment": commit / cfg.depth, "residual_norms": torch.stack(norms) if norms else flat.new_zeros(0)}
         return out.reshape(shape).to(x.dtype), codes_t, info
+
+    @torch.no_grad()
+    def merge_duplicates(self, features: torch.Tensor, tolerance: float) -> list[dict]:
+        """Retire near-duplicate codes, depth by depth, on features (N, C) the encoder wrote for training images.
+
+        At each depth the scale is the RMS distance from a feature (its residual) to its code. While the two
+        closest used codes lie within `tolerance` x that scale, the less used is retired and the other moves to
+        their usage-weighted mean (centroid agglomeration). Returns per depth {"scale", "retired", "active"}."""
+        if self.training:
+            raise RuntimeError("merge_duplicates runs on a trained quantizer in eval mode")
+        residual = features.reshape(-1, self.cfg.dim).float()
+        report = []
+        for d in range(self.cfg.depth):
+            cb, active = self.codebooks[d], self.active[d]
+            code_norms = cb.pow(2).sum(-1).masked_fill(~active, float("inf"))
+            idx = self.nearest(residual, cb, code_norms)
+            scale = float((residual - cb[idx]).pow(2).sum(-1).mean().sqrt())
+            weight = torch.bincount(idx, minlength=self.cfg.codebook_size).to(cb.dtype)
+            used = (weight > 0).nonzero().flatten().tolist()
+            retired = 0
+            while len(used) > 1:
+                dist = torch.cdist(cb[used], cb[used])
+                dist.fill_diagonal_(float("inf"))
+                flat = int(dist.argmin())
+                a, b = used[flat // len(used)], used[flat % len(used)]
+                if float(dist.flatten()[flat]) >= tolerance * scale:
+                    break
+                keep, drop = (a, b) if (weight[a], -a) >= (weight[b], -b) else (b, a)
+                cb[keep] = (weight[keep] * cb[keep] + weight[drop] * cb[drop]) / (weight[keep] + weight[drop])
+                weight[keep] += weight[drop]
+                active[drop] = False
+                used.remove(drop)
+                retired += 1
+            code_norms = cb.pow(2).sum(-1).masked_fill(~active, float("inf"))
+            residual = residual - cb[self.nearest(residual, cb, code_norms)]
+            report.append({"scale": round(scale, 6), "retired": retired, "active": int(active.sum())})
+        return report
 
     @torch.no_grad()
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -211,4 +212,9 @@ def evaluate(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> di
         out[f"{name}_usage"] = stats["usage"]
         out[f"{name}_perplexity"] = stats["perplexity"]
         out[f"{name}_restarts"] = quantizer.restarts.tolist()
+    if "pixel" in codes_all:  # how spread one image's first-depth codes are: a split background leaves BPE less to merge
+        grids = torch.cat(codes_all["pixel"])[..., 0].flatten(1)  # (N, h*w)
+        distinct = [torch.unique(g, return_counts=True)[1] for g in grids]
+        out["pixel_codes_per_image"] = float(np.mean([len(c) for c in distinct]))
+        out["pixel_top_code_share"] = float(np.mean([int(c.max()) / grids.shape[1] for c in distinct]))
     return out | {"reconstructions": torch.cat(recs)}
