@@ -38,6 +38,7 @@ def test_defaults_and_demo_config_load():
         ("train.stages=[{name: draw, steps: 5, image_loss_weight: -1}]", "train.stages[0].image_loss_weight", ">= 0"),
         ("train.stages=[{name: draw, steps: 5, t2i_rate: 2}]", "train.stages[0].t2i_rate", "[0, 1]"),
         ("train.stages=[{name: a, steps: 5, questions: '('}]", "train.stages[0].questions", "regular expression"),
+        ("tokenizer.vq.merge_tolerance=-1", "tokenizer.vq.merge_tolerance", ">= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, key, expected):

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from tessera.tokenize.tokenizer import load_tokenizer
@@ -14,6 +15,14 @@ from tests.tokenize.test_tokenizers import TINY as TINY_TOKENIZER
 
 JOB = [*TINY_TOKENIZER, "tokenizer.train.steps=12", "tokenizer.train.checkpoint_every=6", "tokenizer.train.batch_size=8",
        "tokenizer.train.cpus_per_worker=1.0", "tokenizer.train.heldout_images=8"]
+
+
+def _prepared_images(root):
+    """Every image of the prepared samples (the tiny world may hold no held-out one), (N, 3, H, W)."""
+    from tessera.tokenize.images import explode_images, to_tensor
+
+    tables = [pq.read_table(f) for f in sorted((root / "prepare" / "samples").glob("*.parquet"))]
+    return to_tensor(np.concatenate([explode_images(t, 32, "all")["image"] for t in tables]))
 
 
 def _run(root, ray_address, fault=None):
@@ -49,8 +58,17 @@ def test_train_tokenizer_job_writes_a_loadable_tokenizer_resumes_and_repeats(pre
     assert 0 < m["psnr"] < 100 and len(m["pixel_usage"]) == 1
     for png in report["pngs"].values():
         assert os.path.getsize(png) > 1000
+    assert 0 < m["pixel_codes_per_image"] <= 64 and 1 / 64 <= m["pixel_top_code_share"] <= 1
     model, cfg, meta = load_tokenizer(str(root / "tokenizer"))
     assert cfg.preset == "vq" and meta["weights_sha256"] == report["tokenizer"]["hash"]
+    # duplicate codes were retired on training images, and the saved tokenizer never writes them
+    merged = report["merged_codes"]
+    assert merged["images"] > 0 and merged["tolerance"] == cfg.vq.merge_tolerance > 0
+    assert merged["depths"][0]["active"] == int(model.quantizer.active[0].sum()) == cfg.vq.rvq.codebook_size - merged["depths"][0]["retired"]
+    assert f"{merged['depths'][0]['retired']} duplicate codes retired" in out
+    images = _prepared_images(root)
+    written = model.encode(images)["pixel"][..., 0].unique()
+    assert bool(model.quantizer.active[0][written].all())
     # complete: a third run does nothing
     code, out = _run(root, ray_cluster)
     assert code == 0 and "nothing to do" in out, out
