@@ -106,6 +106,8 @@ def test_extends_merges_base_config_and_the_shipped_configs_load(tmp_path):
     assert [(s.name, t2i.train.t2i_rate_of(s), s.image_loss_weight) for s in t2i.train.stages][2:] == \
         [("draw", 1.0, 3.0), ("shape", 0.0, None), ("all", 0.5, None)]
     assert (t2i.eval.generation_candidates, load_config("configs/demo.yaml").eval.generation_candidates) == (8, 1)
+    # demo-t2i retires duplicate codes (the default); the demo keeps its measured codebook (README item 10)
+    assert (t2i.tokenizer.vq.merge_tolerance, load_config("configs/demo.yaml").tokenizer.vq.merge_tolerance) == (1.0, 0.0)
     bagel = load_config("configs/bagel-4stage.yaml")
     assert bagel.model.mot and [s.name for s in bagel.train.stages] == ["alignment", "pretraining", "continued", "sft"]
     assert load_config("configs/being-vl-3stage.yaml").train.stages[1].trainable.layers == [2, 3]

@@ -141,6 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def _merged_codes(tokenizer_report: dict) -> str:
+    """", 70 duplicate codes retired (186 active)" for a tokenizer that merged its codebook, else ""."""
+    depths = (tokenizer_report.get("merged_codes") or {}).get("depths") or []
+    if not depths:
+        return ""
+    return (f", {sum(d['retired'] for d in depths)} duplicate codes retired ({'/'.join(str(d['active']) for d in depths)} active), "
+            f"the commonest code {tokenizer_report['metrics']['pixel_top_code_share']:.2f} of an image")
+
+
 def summary_lines(report: dict, reports: dict, report_uri: str, md: str) -> list[str]:
     """The run's summary as the console ends it."""
     prep, tok, toks, bpe = (reports[n] for n in ("prepare", "train-tokenizer", "tokenize", "fit-bpe"))
@@ -149,7 +158,7 @@ def summary_lines(report: dict, reports: dict, report_uri: str, md: str) -> list
     lines += [f"  {name:<16} {'skipped (complete)' if s['skipped'] else 'ran'} in {s['seconds']:.1f}s" for name, s in report["stages"].items()]
     lines += [f"  samples: {prep['rows_out']}   rejects: {prep['rejects']} {prep['rejects_by_reason']}",
               f"  tokenizer: held-out PSNR {tok['metrics']['psnr']:.2f} dB, SSIM {tok['metrics']['ssim']:.3f}, "
-              f"codebook usage {tok['metrics']['pixel_usage']}",
+              f"codebook usage {tok['metrics']['pixel_usage']}{_merged_codes(tok)}",
               f"  tokens: {toks['rows_out']} rows, {toks['images']} images, {toks['text_tokens']} text tokens",
               f"  visual BPE: {bpe['merges_done']} merges, tokens per image {bpe['tokens_per_image_before']} -> {bpe['tokens_per_image_after']}",
               f"  model: {report['train']['steps']} steps, final loss {report['train']['final_loss']}"]

@@ -2,6 +2,7 @@
 and found complete), training through two stages, the eval suite and the run report."""
 
 import json
+import re
 
 import pytest
 
@@ -57,6 +58,7 @@ def test_the_console_shows_one_line_per_stage_and_logs_the_rest(run_and_console,
         assert " done in " in final and final.endswith(f"log {world_root / 'logs' / stage}.log"), final
     assert not any(word in console for word in ("INFO", "WARNING", "Traceback", "pid=", "Running Dataset")), console
     assert "== tessera run: summary ==" in console and "VQA by type:" in console
+    assert re.search(r"codebook usage \[[0-9.]+\], \d+ duplicate codes retired \(\d+ active\), the commonest code [0-9.]+ of an image", console)
     train_log = (world_root / "logs" / "train.log").read_text()
     assert "[train] stage 1 'all': mixture" in train_log and "[train] stage 1 'all': mixture" not in console
 
