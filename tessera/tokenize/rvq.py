@@ -142,7 +142,8 @@ class ResidualVQ(nn.Module):
 
         At each depth the scale is the RMS distance from a feature (its residual) to its code. While the two
         closest used codes lie within `tolerance` x that scale, the less used is retired and the other moves to
-        their usage-weighted mean (centroid agglomeration). Returns per depth {"scale", "retired", "active"}."""
+        their usage-weighted mean (centroid agglomeration). Returns per depth {"scale", "retired", "active"}.
+        The last step of training: the EMA statistics are left as they were, and retired codes stay retired."""
         if self.training:
             raise RuntimeError("merge_duplicates runs on a trained quantizer in eval mode")
         residual = features.reshape(-1, self.cfg.dim).float()
@@ -162,7 +163,7 @@ class ResidualVQ(nn.Module):
                 a, b = used[flat // len(used)], used[flat % len(used)]
                 if float(dist.flatten()[flat]) >= tolerance * scale:
                     break
-                keep, drop = (a, b) if (weight[a], -a) >= (weight[b], -b) else (b, a)
+                keep, drop = (a, b) if (float(weight[a]), -a) >= (float(weight[b]), -b) else (b, a)  # ties: the lower index stays
                 cb[keep] = (weight[keep] * cb[keep] + weight[drop] * cb[drop]) / (weight[keep] + weight[drop])
                 weight[keep] += weight[drop]
                 active[drop] = False
