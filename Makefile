@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt setup.py tessera/bpe/_core.cpp
 demo: venv
 	$(BIN)/tessera run --config configs/demo.yaml
 
-# the demo with text -> image in its budget (~45 min on 2 cores; README "Learning", "Text -> image", items 7-10)
+# the demo with text -> image in its budget (~48 min on 2 cores; README "Learning", "Text -> image", items 7-10)
 demo-t2i: venv
 	$(BIN)/tessera run --config configs/demo-t2i.yaml
 
