@@ -8,23 +8,18 @@ between (README "Learning", "Text -> image", item 9).
 
 import sys
 
-import numpy as np
 import torch
 
 from tessera.model.evaluate import HeldOut, image_tensor
 from tessera.tokenize.tokenizer import load_tokenizer
+from tessera.tokenize.trainer import code_spread
 
 
 @torch.no_grad()
 def spread(tokenizer, held: HeldOut) -> tuple[float, float]:
     """(distinct pixel codes an image, share of its 16x16 grid the most common code takes), held-out means."""
-    distinct, top = [], []
-    for s in held.scenes:
-        grid = tokenizer.encode(image_tensor(held.images[s["image"]]))["pixel"][0][..., 0].numpy().ravel()
-        _, counts = np.unique(grid, return_counts=True)
-        distinct.append(len(counts))
-        top.append(counts.max() / grid.size)
-    return float(np.mean(distinct)), float(np.mean(top))
+    images = torch.cat([image_tensor(held.images[s["image"]]) for s in held.scenes])
+    return code_spread(tokenizer.encode(images)["pixel"][..., 0])
 
 
 def main() -> None:

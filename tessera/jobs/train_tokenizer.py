@@ -87,12 +87,19 @@ def _first_heldout_images(files: list[str], image_size: int, n: int) -> tuple[li
     """The held-out split's n images first in order seed 0 (not the run's: every seed is measured on the
     same images), in one pass and without a sort; (rows, True). A tiny corpus may have no sample in
     the held-out split: then the training split's n first, (rows, False), and the report says so."""
+    rows = _first_images(files, image_size, "all", 0, n)
+    held = [r for r in rows if r["heldout"]]
+    return (held or rows)[:n], bool(held)
+
+
+def _first_images(files: list[str], image_size: int, split: str, seed: int, n: int) -> list[dict]:
+    """Up to n first images of each of the held-out and training parts of `split`, as rows with a "heldout"
+    column, sorted by their order under `seed`: one pass, no sort (`tessera.tokenize.images.first_in_order`)."""
     from tessera.tokenize.images import first_in_order
 
-    rows = _exploded(files, image_size, "all", 0).map_batches(first_in_order, fn_kwargs={"n": n}, batch_format="numpy",
-                                                            num_cpus=0.5).take_all()
-    held = [r for r in rows if r["heldout"]]
-    return sorted(held or rows, key=lambda r: r["order"])[:n], bool(held)
+    rows = _exploded(files, image_size, split, seed).map_batches(first_in_order, fn_kwargs={"n": n}, batch_format="numpy",
+                                                                num_cpus=0.5).take_all()
+    return sorted(rows, key=lambda r: r["order"])
 
 
 ALIGN_BATCH = 32
@@ -225,11 +232,9 @@ def _merge_duplicate_codes(model, tc, files: list[str], seed: int) -> dict:
     Deterministic: a resumed job re-merges the same checkpoint the same way."""
     import torch
 
-    from tessera.tokenize.images import first_in_order, to_tensor
+    from tessera.tokenize.images import to_tensor
 
-    rows = _exploded(files, tc.image_size, "train", seed).map_batches(
-        first_in_order, fn_kwargs={"n": MERGE_IMAGES}, batch_format="numpy", num_cpus=0.5).take_all()
-    rows = sorted(rows, key=lambda r: r["order"])[:MERGE_IMAGES]
+    rows = _first_images(files, tc.image_size, "train", seed, MERGE_IMAGES)[:MERGE_IMAGES]
     if not rows:
         return {"images": 0, "depths": []}
     images = to_tensor(np.stack([r["image"] for r in rows]))

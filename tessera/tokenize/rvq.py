@@ -154,21 +154,26 @@ class ResidualVQ(nn.Module):
             idx = self.nearest(residual, cb, code_norms)
             scale = float((residual - cb[idx]).pow(2).sum(-1).mean().sqrt())
             weight = torch.bincount(idx, minlength=self.cfg.codebook_size).to(cb.dtype)
-            used = (weight > 0).nonzero().flatten().tolist()
+            used = (weight > 0).nonzero().flatten()
+            # pairwise distances among the used codes, computed once; a merge updates the kept code's row
+            # and column and closes the retired one's
+            dist = torch.cdist(cb[used], cb[used])
+            dist.fill_diagonal_(float("inf"))
             retired = 0
-            while len(used) > 1:
-                dist = torch.cdist(cb[used], cb[used])
-                dist.fill_diagonal_(float("inf"))
-                flat = int(dist.argmin())
-                a, b = used[flat // len(used)], used[flat % len(used)]
-                if float(dist.flatten()[flat]) >= tolerance * scale:
+            while True:
+                i, j = divmod(int(dist.argmin()), len(used))
+                if float(dist[i, j]) >= tolerance * scale:  # also when no pair is left (all inf)
                     break
-                keep, drop = (a, b) if (float(weight[a]), -a) >= (float(weight[b]), -b) else (b, a)  # ties: the lower index stays
+                a, b = int(used[i]), int(used[j])
+                (keep, k), (drop, r) = ((a, i), (b, j)) if (float(weight[a]), -a) >= (float(weight[b]), -b) else ((b, j), (a, i))  # ties: the lower index stays
                 cb[keep] = (weight[keep] * cb[keep] + weight[drop] * cb[drop]) / (weight[keep] + weight[drop])
                 weight[keep] += weight[drop]
                 active[drop] = False
-                used.remove(drop)
                 retired += 1
+                dist[r, :] = dist[:, r] = float("inf")
+                row = torch.cdist(cb[keep][None], cb[used])[0].masked_fill(~active[used], float("inf"))
+                row[k] = float("inf")
+                dist[k, :] = dist[:, k] = row
             code_norms = cb.pow(2).sum(-1).masked_fill(~active, float("inf"))
             residual = residual - cb[self.nearest(residual, cb, code_norms)]
             report.append({"scale": round(scale, 6), "retired": retired, "active": int(active.sum())})

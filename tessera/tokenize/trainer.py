@@ -212,9 +212,13 @@ def evaluate(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> di
         out[f"{name}_usage"] = stats["usage"]
         out[f"{name}_perplexity"] = stats["perplexity"]
         out[f"{name}_restarts"] = quantizer.restarts.tolist()
-    if "pixel" in codes_all:  # how spread one image's first-depth codes are: a split background leaves BPE less to merge
-        grids = torch.cat(codes_all["pixel"])[..., 0].flatten(1)  # (N, h*w)
-        distinct = [torch.unique(g, return_counts=True)[1] for g in grids]
-        out["pixel_codes_per_image"] = float(np.mean([len(c) for c in distinct]))
-        out["pixel_top_code_share"] = float(np.mean([int(c.max()) / grids.shape[1] for c in distinct]))
+    if "pixel" in codes_all:
+        out["pixel_codes_per_image"], out["pixel_top_code_share"] = code_spread(torch.cat(codes_all["pixel"])[..., 0])
     return out | {"reconstructions": torch.cat(recs)}
+
+
+def code_spread(grids: torch.Tensor) -> tuple[float, float]:
+    """First-depth code grids (N, h, w) -> (distinct codes an image, the share of its grid the commonest code
+    takes), means over the images: a background split over several codes leaves BPE less to merge."""
+    counts = [torch.unique(g, return_counts=True)[1] for g in grids.flatten(1)]
+    return float(np.mean([len(c) for c in counts])), float(np.mean([int(c.max()) / c.sum().item() for c in counts]))
