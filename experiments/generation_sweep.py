@@ -10,7 +10,8 @@ whose colour alone, or shape alone, is drawn, the match by object size, and the 
 
 `--candidates N`: best-of-N, the model keeping the drawing under which it finds the caption most likely
 (`Evaluator.generation`); `single` is then one sample's score over all N candidates, `best_possible` a
-perfect chooser's.
+perfect chooser's, and `best_of_K` what the model's choice among the first K drawings scores (K = 1, 2,
+4, ..., N: one run gives the whole best-of-K curve).
 
 `--png` draws the first setting's first-seed images beside their captions (`evaluate.plot_generations`).
 """
@@ -70,6 +71,7 @@ def main() -> None:
             runs.append({"accuracy": g["generation_accuracy"], "chance": g["generation_chance"],
                          "single": g["generation_accuracy_single"], "best_possible": g["generation_accuracy_best_possible"],
                          **misses(truths, g["found"]), "objects": np.mean([len(f) for f in g["found"]])})
+            runs[-1].update({f"best_of_{k}": v for k, v in g["generation_accuracy_best_of"].items()})
         mean = {k: round(float(np.mean([r[k] for r in runs])), 3) for k in runs[0]}
         print(json.dumps({"model": a.model, "cfg_scale": scale, "temperature": temperature, "captions": a.captions,
                           "candidates": a.candidates, "seeds": a.seeds, "accuracy_by_seed": [round(r["accuracy"], 3) for r in runs], **mean,

@@ -260,8 +260,10 @@ class Evaluator:
         `candidates` n > 1: best-of-n. Each caption is drawn n times and the model keeps the image under
         which it finds the caption most likely (`caption_log_prob`: it captions its own drawings; the
         analyser never chooses). Beside the kept images' score: `generation_accuracy_single`, the mean
-        score over all n candidates (what one sample scores, on n times the images) and
-        `generation_accuracy_best_possible`, the best candidate's (what a perfect chooser would keep)."""
+        score over all n candidates (what one sample scores, on n times the images),
+        `generation_accuracy_best_possible`, the best candidate's (what a perfect chooser would keep), and
+        `generation_accuracy_best_of` {k: score}: what the same chooser keeps among each caption's first k
+        candidates, for k = 1, 2, 4, ... and n, so one run shows what each doubling of the drawings buys."""
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         g = torch.Generator().manual_seed(seed)
@@ -270,6 +272,8 @@ class Evaluator:
         scenes = self.heldout.scenes[:limit]
         truths = [list(shapes.Scene.from_dict(s["scene"]).objects) for s in scenes]
         found, samples, scores, single, best_possible = [], [], [], [], []
+        sizes = sorted({min(2 ** i, candidates) for i in range(candidates.bit_length() + 1)})  # 1, 2, 4, ..., n
+        best_of = {k: [] for k in sizes}
         for s, truth in zip(scenes, truths):
             prompt = [self.model.vocab.bos_id] + self.encode_text(s["caption"])
             drawn = []  # (the model's caption log-prob, pixels, the analyser's objects)
@@ -281,6 +285,8 @@ class Evaluator:
                 drawn.append((score, pixels, analyser.analyse(pixels)))
             kept = max(range(candidates), key=lambda i: drawn[i][0])  # the first on ties (and when n = 1)
             matches = [analyser.match_score(truth, d[2]) for d in drawn]
+            for k in sizes:
+                best_of[k].append(matches[max(range(k), key=lambda i: drawn[i][0])])
             scores.append(matches[kept])
             single.append(float(np.mean(matches)))
             best_possible.append(max(matches))
@@ -292,7 +298,8 @@ class Evaluator:
                 "generation_chance": float(np.mean(shuffled)) if n > 1 else None, "generated": n, "samples": samples,
                 "found": found, "candidates": candidates,
                 "generation_accuracy_single": float(np.mean(single)) if n else 0.0,
-                "generation_accuracy_best_possible": float(np.mean(best_possible)) if n else 0.0}
+                "generation_accuracy_best_possible": float(np.mean(best_possible)) if n else 0.0,
+                "generation_accuracy_best_of": {k: float(np.mean(v)) if n else 0.0 for k, v in best_of.items()}}
 
     @torch.no_grad()
     def perplexity(self, rows: list[dict], seq_len: int) -> dict:

@@ -173,6 +173,9 @@ def test_best_of_n_keeps_the_drawing_under_which_the_model_finds_its_caption_mos
     assert gen["generation_accuracy_best_possible"] == pytest.approx(np.mean([max(m) for m in matches]))
     assert gen["generation_accuracy"] == pytest.approx(
         np.mean([m[0] if asked[2 * j][0] >= asked[2 * j + 1][0] else m[1] for j, m in enumerate(matches)]))
+    # best of k among the first k candidates: k = 1 is the first drawing's score, k = n the kept one's
+    assert gen["generation_accuracy_best_of"] == pytest.approx(
+        {1: np.mean([m[0] for m in matches]), 2: gen["generation_accuracy"]})
     asked.clear()
     one = ev.generation(n, 3.0, 0.7, 0, 0)
     assert not asked and one["generation_accuracy_single"] == pytest.approx(one["generation_accuracy"])
