@@ -88,7 +88,8 @@ def build_base_lm(cfg: ModelConfig, text_size: int, seed: int = 0):
 
 def extend_vocabulary(lm, new_size: int, init: str, noise: float, seed: int = 0) -> int:
     """Grow input and output embeddings to `new_size` rows. Old rows are copied bit-exactly; new
-    rows are `mean` of the old rows plus N(0, noise) or `he` (N(0, 2/hidden)). Returns the old size."""
+    rows are `mean` of the old rows plus N(0, noise) or `he` (N(0, 2/hidden)), drawn on the CPU from
+    `seed` whatever device the model is on (the same rows on a GPU). Returns the old size."""
     emb = lm.get_input_embeddings()
     old = emb.weight.shape[0]
     if new_size <= old:
@@ -98,20 +99,21 @@ def extend_vocabulary(lm, new_size: int, init: str, noise: float, seed: int = 0)
     def grow(weight: torch.Tensor) -> torch.Tensor:
         n, d = new_size - old, weight.shape[1]
         if init == "mean":
-            rows = weight.detach().float().mean(0, keepdim=True) + noise * torch.randn(n, d, generator=gen)
+            rows = weight.detach().float().mean(0, keepdim=True).cpu() + noise * torch.randn(n, d, generator=gen)
         else:
             rows = torch.randn(n, d, generator=gen) * math.sqrt(2.0 / d)
-        return torch.cat([weight.detach(), rows.to(weight.dtype)], dim=0)
+        return torch.cat([weight.detach(), rows.to(weight.device, weight.dtype)], dim=0)
 
     tied = lm.get_output_embeddings() is not None and lm.get_output_embeddings().weight is emb.weight
-    new_in = nn.Embedding(new_size, emb.weight.shape[1], dtype=emb.weight.dtype)
+    new_in = nn.Embedding(new_size, emb.weight.shape[1], dtype=emb.weight.dtype, device=emb.weight.device)
     new_in.weight.data.copy_(grow(emb.weight))
     lm.set_input_embeddings(new_in)
     out = lm.get_output_embeddings()
     if tied:
         out.weight = new_in.weight
     else:
-        new_out = nn.Linear(out.in_features, new_size, bias=out.bias is not None, dtype=out.weight.dtype)
+        new_out = nn.Linear(out.in_features, new_size, bias=out.bias is not None, dtype=out.weight.dtype,
+                            device=out.weight.device)
         new_out.weight.data.copy_(grow(out.weight))
         if out.bias is not None:
             new_out.bias.data.copy_(torch.cat([out.bias.detach(), out.bias.detach().new_zeros(new_size - old)]))
