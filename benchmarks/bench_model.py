@@ -7,7 +7,7 @@ same length spread:
     .venv/bin/python benchmarks/bench_model.py [--root runs/demo] [--device cpu|cuda] [--hidden 192]
 
 "Useful tokens/s" counts only real (non-padding) tokens: padding is computed but wasted. Generation is
-timed on its second run over the same lengths: on CUDA the first step at each new length picks its kernels
+timed on its second run over the same lengths: on CUDA the first pass loads and chooses its kernels
 (~8x slower on an H200), a cost an evaluation pays once, not per caption.
 """
 
@@ -122,8 +122,8 @@ def main() -> None:
         def once():
             return generate_text(model, prompt, max_new_tokens=args.gen_tokens, use_cache=use_cache,
                                  temperature=1.0, generator=torch.Generator().manual_seed(0))
-        once()  # warm-up over the same lengths: on CUDA each new sequence length's first step picks its
-        # kernels (measured on an H200: 25 tokens/s cold, ~190 warm), which an evaluation pays once, not per image
+        once()  # warm-up over the same lengths: on CUDA the first pass loads and chooses its kernels
+        # (measured on an H200: 25 tokens/s cold, ~190 warm), which an evaluation pays once, not per image
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
