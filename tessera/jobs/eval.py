@@ -158,7 +158,9 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
                  "generation_accuracy": gen["generation_accuracy"], "analyser_accuracy": analyser_accuracy,
                  "generation_ceiling": ceiling, "generation_candidates": gen["candidates"],
                  "generation_accuracy_single": gen["generation_accuracy_single"],
-                 "generation_accuracy_best_of": gen.get("generation_accuracy_best_of"),
+                 # string keys, as JSON writes them: the report in memory equals the one read back
+                 "generation_accuracy_best_of": {str(k): v for k, v in gen["generation_accuracy_best_of"].items()}
+                 if gen.get("generation_accuracy_best_of") else None,
                  "vqa_by_type": q["vqa_by_type"], "valid_answer_rate": q["valid_answer_rate"], **ppl},
         "chance": {"pope_accuracy": max(n_yes, n_exists - n_yes) / max(1, n_exists), **chance_levels(held.questions),
                    "generation_accuracy": gen["generation_chance"]},
