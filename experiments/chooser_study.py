@@ -28,6 +28,7 @@ import torch
 
 from tessera.config import load_config
 from tessera.jobs.eval import _evaluator
+from tessera.model.evaluate import best_of_sizes
 from tessera.model.generate import decode_pixels, generate_image, text_log_prob
 from tessera.pipelines import analyser, shapes
 
@@ -49,7 +50,7 @@ def report(arrays: dict, meta: dict) -> None:
     """arrays {matches_S, own_S, others_S} per sampling seed S -> one JSON line per seed and their mean."""
     seeds = sorted(int(k.split("_")[1]) for k in arrays if k.startswith("matches_"))
     n = arrays[f"matches_{seeds[0]}"].shape[1]
-    sizes = sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+    sizes = best_of_sizes(n)
     rows = []
     for seed in seeds:
         matches = arrays[f"matches_{seed}"]
@@ -115,7 +116,7 @@ def main() -> None:
             s = held.scenes[i]
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
             truth = list(shapes.Scene.from_dict(s["scene"]).objects)
-            distractors = [c for c in (pool[(i + 1 + j) % len(pool)] for j in range(len(pool))) if c != s["caption"]][:a.distractors]
+            distractors = [c for c in pool[i + 1:] + pool[:i] if c != s["caption"]][:a.distractors]  # the scenes after i, wrapping
             prompt = [ev.model.vocab.bos_id] + ev.encode_text(s["caption"])
             texts = [ev.encode_text(c) for c in [s["caption"], *distractors]]
             for n in range(a.candidates):

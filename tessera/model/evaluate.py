@@ -110,6 +110,11 @@ def normalise(answer: str) -> str:
     return " ".join(answer.lower().strip().rstrip(".?!").split())
 
 
+def best_of_sizes(n: int) -> list[int]:
+    """The k of a best-of-n curve: 1, 2, 4, ... below n, and n."""
+    return sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)})
+
+
 class Evaluator:
     def __init__(self, model: TesseraModel | None, builder: SequenceBuilder, text_tokenizer, tokenizer, heldout: HeldOut | None,
                  device: torch.device | str = "cpu", image_size: int | None = None, question_first: str = ""):
@@ -272,8 +277,7 @@ class Evaluator:
         scenes = self.heldout.scenes[:limit]
         truths = [list(shapes.Scene.from_dict(s["scene"]).objects) for s in scenes]
         found, samples, scores, single, best_possible = [], [], [], [], []
-        sizes = sorted({min(2 ** i, candidates) for i in range(candidates.bit_length() + 1)})  # 1, 2, 4, ..., n
-        best_of = {k: [] for k in sizes}
+        best_of = {k: [] for k in best_of_sizes(candidates)}
         for s, truth in zip(scenes, truths):
             prompt = [self.model.vocab.bos_id] + self.encode_text(s["caption"])
             drawn = []  # (the model's caption log-prob, pixels, the analyser's objects)
@@ -283,10 +287,13 @@ class Evaluator:
                 pixels = decode_pixels(self.tokenizer, codes, self.model.vocab.interface)
                 score = self.caption_log_prob(pixels, s["caption"]) if candidates > 1 else 0.0
                 drawn.append((score, pixels, analyser.analyse(pixels)))
-            kept = max(range(candidates), key=lambda i: drawn[i][0])  # the first on ties (and when n = 1)
+            def chosen(k: int) -> int:  # the first k drawings' most likely one; the first on ties (and when k = 1)
+                return max(range(k), key=lambda i: drawn[i][0])
+
+            kept = chosen(candidates)
             matches = [analyser.match_score(truth, d[2]) for d in drawn]
-            for k in sizes:
-                best_of[k].append(matches[max(range(k), key=lambda i: drawn[i][0])])
+            for k in best_of:
+                best_of[k].append(matches[chosen(k)])
             scores.append(matches[kept])
             single.append(float(np.mean(matches)))
             best_possible.append(max(matches))

@@ -109,11 +109,10 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits.float(), dim=-1)
-    if generator is not None and generator.device != probs.device:
-        # the caller's seeded stream lives on its own device (the evaluator's is a CPU generator): draw there,
-        # so one seed gives one sequence of draws on any device (torch.multinomial refuses a generator elsewhere)
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(1).to(logits.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    # a seeded stream lives on its own device (the evaluator's is a CPU generator): draw there, so one seed gives
+    # one sequence of draws on any device (torch.multinomial refuses a generator on another device)
+    device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(device), 1, generator=generator).squeeze(1).to(logits.device)
 
 
 def depth_loss(logits: torch.Tensor, codes: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
