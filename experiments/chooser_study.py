@@ -3,10 +3,16 @@
 Each held-out caption is drawn N times (`generate_image`, the eval's sampler and seeds). Every drawing is
 scored by the analyser against its scene (the figure, never shown to a chooser) and by the model itself:
 
-- `likelihood`: log p(caption | drawing), what `eval.generation_candidates` keeps today (`caption_log_prob`);
+- `caption`: log p(caption | drawing), what `eval.generation_chooser: caption` keeps (`caption_log_prob`);
 - `contrastive`: log p(caption | drawing) - log sum over {caption + K other captions} p(. | drawing), the
   model used as a classifier that must pick the prompt's caption out of K others (other held-out
-  captions, text only). A drawing that makes every caption likely (a blob of colours) scores low.
+  captions, text only). A drawing that makes every caption likely (a blob of colours) scores low;
+- `self_shape`, `self_colour`, `self_exists` and their sum `self_check`: the model answering the held-out
+  VQA's questions about each object of the caption on its own drawing (`self_check`), the log-prob of the
+  caption's answer; `self_check+caption` adds the caption's log-prob;
+- `drawing`, `drawing_prior`: log p(drawing | caption) and log p(drawing) (`Evaluator.image_log_prob`), how
+  likely the model finds the re-encoded drawing's tokens with and without its caption; `drawing` is what
+  `eval.generation_chooser: drawing` keeps; `drawing+caption` adds the caption's log-prob.
 
 For each chooser it prints what it keeps among each caption's first k drawings, k = 1, 2, 4, ..., N, beside
 one sample's mean and a perfect chooser's, over `--seeds` sampling seeds; `--save FILE.npz` keeps every
@@ -38,12 +44,44 @@ def chosen(scores: np.ndarray, matches: np.ndarray, k: int) -> float:
     return float(np.mean(matches[np.arange(len(matches)), np.argmax(scores[:, :k], axis=1)]))
 
 
-def choosers(own: np.ndarray, others: np.ndarray) -> dict[str, np.ndarray]:
-    """own (captions, N), others (captions, N, K) log-probs -> each chooser's score (captions, N)."""
+CHECKS = ("shape", "colour", "exists")
+
+
+def self_check(ev, pixels: np.ndarray, caption: str) -> dict[str, float]:
+    """The model asked about its own drawing: for each object the caption names, log p(its shape | "What
+    shape is at <its place>?"), log p(its colour | "What colour is the <shape> at <its place>?") and
+    log p(yes | "Is there a <colour> <shape> in the image?"), summed over the objects per question type (the
+    held-out VQA's own questions, asked after the drawing as the VQA asks them)."""
+    row = ev.encode_image(pixels, "candidate")
+    objects = shapes.parse_caption(caption)
+    scene = shapes.Scene(tuple(objects), (0, 0, 0), (0, 0, 0), False, 0)
+    out = {name: 0.0 for name in CHECKS}
+    for o in objects:
+        asked = {q["type"]: q for q in shapes.object_questions(scene, o)}
+        asked["exists"] = shapes.existence_question(o.colour, o.shape, True)
+        for kind in out:
+            prefix = ev.row_prompt(row, asked[kind]["question"])
+            out[kind] += text_log_prob(ev.model, prefix.ids, ev.encode_text(asked[kind]["answer"]), prefix.codes, prefix.cells)
+    return out
+
+
+def choosers(own: np.ndarray, others: np.ndarray, checks: np.ndarray | None = None,
+             image: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """own (captions, N), others (captions, N, K) log-probs, checks (captions, N, len(CHECKS)) the
+    self-check's log-probs, image (captions, N, 2) log p(drawing | caption) and log p(drawing) -> each
+    chooser's score (captions, N)."""
     both = np.concatenate([own[..., None], others], axis=-1)
     top = both.max(-1, keepdims=True)
     lse = (top + np.log(np.exp(both - top).sum(-1, keepdims=True)))[..., 0]
-    return {"likelihood": own, "contrastive": own - lse}
+    out = {"caption": own, "contrastive": own - lse}
+    if checks is not None:
+        out.update({f"self_{name}": checks[..., i] for i, name in enumerate(CHECKS)})
+        out["self_check"] = checks.sum(-1)
+        out["self_check+caption"] = checks.sum(-1) + own
+    if image is not None:
+        out["drawing"], out["drawing_prior"] = image[..., 0], image[..., 1]
+        out["drawing+caption"] = image[..., 0] + own
+    return out
 
 
 def report(arrays: dict, meta: dict) -> None:
@@ -56,13 +94,14 @@ def report(arrays: dict, meta: dict) -> None:
         matches = arrays[f"matches_{seed}"]
         row = {"seed": seed, "captions": len(matches), "single": round(float(matches.mean()), 4),
                "best_possible": round(float(matches.max(1).mean()), 4)}
-        for name, score in choosers(arrays[f"own_{seed}"], arrays[f"others_{seed}"]).items():
+        for name, score in choosers(arrays[f"own_{seed}"], arrays[f"others_{seed}"], arrays.get(f"checks_{seed}"),
+                                    arrays.get(f"image_{seed}")).items():
             row[name] = {k: round(chosen(score, matches, k), 4) for k in sizes}
         print(json.dumps(row), flush=True)
         rows.append(row)
     mean = {**meta, "seeds": len(seeds), "candidates": n,
             **{k: round(float(np.mean([r[k] for r in rows])), 4) for k in ("single", "best_possible")}}
-    for name in ("likelihood", "contrastive"):
+    for name in [k for k in rows[0] if isinstance(rows[0][k], dict)]:
         mean[name] = {k: round(float(np.mean([r[name][k] for r in rows])), 4) for k in sizes}
     print(json.dumps(mean), flush=True)
 
@@ -112,6 +151,8 @@ def main() -> None:
         matches = np.zeros((len(indices), a.candidates))
         own = np.zeros((len(indices), a.candidates))
         others = np.zeros((len(indices), a.candidates, a.distractors))
+        checks = np.zeros((len(indices), a.candidates, len(CHECKS)))
+        image = np.zeros((len(indices), a.candidates, 2))
         for row, i in enumerate(indices):
             s = held.scenes[i]
             g = torch.Generator().manual_seed(seed * 1_000_003 + i)
@@ -127,7 +168,11 @@ def main() -> None:
                 prefix = ev.builder.image_prefix(ev.encode_image(pixels, "candidate"))
                 logps = [text_log_prob(ev.model, prefix.ids, t, prefix.codes, prefix.cells) for t in texts]
                 own[row, n], others[row, n] = logps[0], logps[1:]
-        arrays.update({f"matches_{seed}": matches, f"own_{seed}": own, f"others_{seed}": others})
+                check = self_check(ev, pixels, s["caption"])
+                checks[row, n] = [check[name] for name in CHECKS]
+                image[row, n] = ev.image_log_prob(pixels, s["caption"]), ev.image_log_prob(pixels, None)
+        arrays.update({f"matches_{seed}": matches, f"own_{seed}": own, f"others_{seed}": others, f"checks_{seed}": checks,
+                       f"image_{seed}": image})
     print(f"# {len(indices)} captions x {a.candidates} drawings x {a.seeds} seeds in {time.time() - t0:.0f} s", flush=True)
     report(arrays, meta)
     if a.save:

@@ -8,8 +8,9 @@ whose colour alone, or shape alone, is drawn, the match by object size, and the 
         [--captions 48] [--seeds 2] [--settings 3:0.7,1:0.7,5:0.7,3:1.0] [--candidates N] [--set KEY=VALUE ...]
         [--png OUT.png [--png-count 16]]
 
-`--candidates N`: best-of-N, the model keeping the drawing under which it finds the caption most likely
-(`Evaluator.generation`); `single` is then one sample's score over all N candidates, `best_possible` a
+`--candidates N`: best-of-N, the model keeping the drawing `--chooser` picks (`caption`: the one under which
+it finds the caption most likely; `drawing`: the one it finds most likely after the caption;
+`Evaluator.generation`); `single` is then one sample's score over all N candidates, `best_possible` a
 perfect chooser's, and `best_of_K` what the model's choice among the first K drawings scores (K = 1, 2,
 4, ..., N: one run gives the whole best-of-K curve).
 
@@ -51,7 +52,8 @@ def main() -> None:
     ap.add_argument("--captions", type=int, default=48)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--settings", default="3:0.7,1:0.7,5:0.7,3:1.0", help="comma-separated guidance:temperature pairs")
-    ap.add_argument("--candidates", type=int, default=1, help="best-of-N by the model's own caption likelihood")
+    ap.add_argument("--candidates", type=int, default=1, help="best-of-N, kept by --chooser")
+    ap.add_argument("--chooser", default="caption", help="eval.generation_chooser: caption | drawing")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--png", default="", help="draw the first setting's first-seed samples here")
@@ -65,7 +67,7 @@ def main() -> None:
         scale, temperature = (float(x) for x in setting.split(":"))
         t0, runs = time.time(), []
         for seed in range(a.seeds):
-            g = ev.generation(a.captions, scale, temperature, 0, seed, a.candidates)
+            g = ev.generation(a.captions, scale, temperature, 0, seed, a.candidates, a.chooser)
             if a.png and not runs and setting == a.settings.split(",")[0]:
                 print(plot_generations(g["samples"][:a.png_count], a.png), flush=True)
             runs.append({"accuracy": g["generation_accuracy"], "chance": g["generation_chance"],
@@ -74,7 +76,7 @@ def main() -> None:
             runs[-1].update({f"best_of_{k}": v for k, v in g["generation_accuracy_best_of"].items()})
         mean = {k: round(float(np.mean([r[k] for r in runs])), 3) for k in runs[0]}
         print(json.dumps({"model": a.model, "cfg_scale": scale, "temperature": temperature, "captions": a.captions,
-                          "candidates": a.candidates, "seeds": a.seeds, "accuracy_by_seed": [round(r["accuracy"], 3) for r in runs], **mean,
+                          "candidates": a.candidates, "chooser": a.chooser, "seeds": a.seeds, "accuracy_by_seed": [round(r["accuracy"], 3) for r in runs], **mean,
                           "seconds": round(time.time() - t0, 1)}), flush=True)
 
 

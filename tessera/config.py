@@ -753,6 +753,10 @@ class EvalSetConfig:
         _check(self.limit >= 0, "limit", f">= 0, got {self.limit}")
 
 
+GENERATION_CHOOSERS = ("caption", "drawing")
+"""How best-of-n text -> image keeps one of a caption's drawings (`EvalConfig.generation_chooser`)."""
+
+
 @dataclass
 class EvalConfig:
     """`tessera eval`: the held-out shapes-world suite (when its held-out set exists) and every set of `sets`."""
@@ -776,6 +780,11 @@ class EvalConfig:
     """Best-of-n text -> image: each caption drawn n times, the model keeping the drawing under which it
     finds the caption most likely (it captions its own drawings; `Evaluator.generation`). 1 = one sample.
     The report also gives one sample's score over all n (`generation_accuracy_single`)."""
+    generation_chooser: str = "caption"
+    """Which of the n drawings best-of-n keeps (`Evaluator.choice_score`; the analyser never chooses).
+    `caption`: the one under which the model finds the caption most likely (it captions its own drawings).
+    `drawing`: the one the model finds most likely given the caption (the likelihood of the drawing's
+    tokens, re-encoded from its pixels, after the caption)."""
     sets: list[EvalSetConfig] = field(default_factory=list)
     """Held-out sets in published formats, each scored into report.json under `eval.sets.<name>`."""
 
@@ -785,6 +794,8 @@ class EvalConfig:
         for key in ("num_captions", "num_questions", "num_generate"):
             _check(getattr(self, key) >= 0, key, f">= 0, got {getattr(self, key)}")
         _check(self.generation_candidates >= 1, "generation_candidates", f">= 1 (1 = one sample), got {self.generation_candidates}")
+        _check(self.generation_chooser in GENERATION_CHOOSERS, "generation_chooser",
+               f"one of {list(GENERATION_CHOOSERS)}, got {self.generation_chooser!r}")
         _check(self.cfg_scale >= 1.0, "cfg_scale", f">= 1 (1 = no guidance), got {self.cfg_scale}")
         _check(self.temperature >= 0, "temperature", f">= 0 (0 = greedy), got {self.temperature}")
 

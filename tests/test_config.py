@@ -34,6 +34,7 @@ def test_defaults_and_demo_config_load():
         ("train.stages=[{name: a, steps: 0}]", "train.stages[0].steps", ">= 1"),
         ("prepare.text.min_chars=-1", "prepare.text", "min_chars <= max_chars"),
         ("eval.generation_candidates=0", "eval.generation_candidates", ">= 1"),
+        ("eval.generation_chooser=analyser", "eval.generation_chooser", "one of ['caption', 'drawing']"),
         # a stage's own checks too: the key once, not the section's path twice
         ("train.stages=[{name: draw, steps: 5, image_loss_weight: -1}]", "train.stages[0].image_loss_weight", ">= 0"),
         ("train.stages=[{name: draw, steps: 5, t2i_rate: 2}]", "train.stages[0].t2i_rate", "[0, 1]"),
@@ -106,6 +107,7 @@ def test_extends_merges_base_config_and_the_shipped_configs_load(tmp_path):
     assert [(s.name, t2i.train.t2i_rate_of(s), s.image_loss_weight) for s in t2i.train.stages][2:] == \
         [("draw", 1.0, 3.0), ("shape", 0.0, None), ("all", 0.5, None)]
     assert (t2i.eval.generation_candidates, load_config("configs/demo.yaml").eval.generation_candidates) == (8, 1)
+    assert (t2i.eval.generation_chooser, load_config("configs/demo.yaml").eval.generation_chooser) == ("drawing", "caption")
     # demo-t2i retires duplicate codes (the default); the demo keeps its measured codebook (README item 10)
     assert (t2i.tokenizer.vq.merge_tolerance, load_config("configs/demo.yaml").tokenizer.vq.merge_tolerance) == (1.0, 0.0)
     bagel = load_config("configs/bagel-4stage.yaml")

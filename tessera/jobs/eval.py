@@ -142,9 +142,11 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
     seconds["questions"], t = round(time.perf_counter() - t, 2), time.perf_counter()
     analyser_accuracy, ceiling = ev.analyser_accuracy(), ev.generation_ceiling()
     generates = ec.num_generate and ev.model.vocab.interface != "continuous"  # a generated code has no encoder feature to read
-    gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed, ec.generation_candidates) \
+    gen = ev.generation(ec.num_generate, ec.cfg_scale, ec.temperature, ec.top_k, ec.seed, ec.generation_candidates,
+                        ec.generation_chooser) \
         if generates else {"generation_accuracy": None, "generation_chance": None, "generated": 0, "samples": [],
-                           "candidates": ec.generation_candidates, "generation_accuracy_single": None}
+                           "candidates": ec.generation_candidates, "chooser": ec.generation_chooser,
+                           "generation_accuracy_single": None}
     seconds["generation"] = round(time.perf_counter() - t, 2)
     png = plot_generations(gen.pop("samples"), os.path.join(out, "generated.png")) if gen["generated"] else None
     ppl = ev.perplexity(heldout_rows(ev, held), 1024)
@@ -157,6 +159,7 @@ def _run_suite(ev, held, ec, out: str) -> tuple[dict, dict]:
                  "pope_recall": q["pope_recall"], "pope_yes_ratio": q["pope_yes_ratio"],
                  "generation_accuracy": gen["generation_accuracy"], "analyser_accuracy": analyser_accuracy,
                  "generation_ceiling": ceiling, "generation_candidates": gen["candidates"],
+                 "generation_chooser": gen["chooser"],
                  "generation_accuracy_single": gen["generation_accuracy_single"],
                  # string keys, as JSON writes them: the report in memory equals the one read back
                  "generation_accuracy_best_of": {str(k): v for k, v in gen["generation_accuracy_best_of"].items()}

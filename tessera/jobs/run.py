@@ -34,6 +34,12 @@ STAGES = [
 ]
 
 
+# how the report names a best-of-n chooser (`EvalConfig.generation_chooser`); a report written before the
+# choice existed has none and kept by the caption's likelihood
+CHOOSER_WORDS = {"caption": "the model's caption likelihood", None: "the model's caption likelihood",
+                 "drawing": "the model's likelihood of the drawing"}
+
+
 def build_report(cfg, stages: dict, reports: dict, total_s: float) -> dict:
     """The run's report: stable, documented keys (README "Report keys") plus each stage's report path."""
     prep, tok, toks, bpe, tr, ev = (reports[n] for n, _, _ in STAGES)
@@ -70,7 +76,7 @@ def write_markdown(report: dict, path: str, ablation: dict | None = None) -> str
                   f"| POPE accuracy / F1 / yes-ratio | {figure(e['pope_accuracy'])} / {figure(e['pope_f1'])} / {figure(e['pope_yes_ratio'])} |",
                   f"| generation accuracy (analyser; caption-shuffled chance) | {figure(e['generation_accuracy'])} "
                   f"({figure(report['chance'].get('generation_accuracy'))}) |",
-                  *([f"| generation: best of {e['generation_candidates']} by the model's caption likelihood; one sample | "
+                  *([f"| generation: best of {e['generation_candidates']} by {CHOOSER_WORDS.get(e.get('generation_chooser'), 'the model')}; one sample | "
                      f"{figure(e['generation_accuracy'])}; {figure(e.get('generation_accuracy_single'))} |"]
                     if (e.get("generation_candidates") or 1) > 1 else []),
                   f"| generation ceiling (analyser on the tokenizer's round trip) | {figure(e.get('generation_ceiling'))} |",

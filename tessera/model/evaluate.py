@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tessera.config import GENERATION_CHOOSERS
 from tessera.model.generate import decode_pixels, generate_image, generate_text, text_log_prob
 from tessera.model.sequence import SequenceBuilder
 from tessera.model.unified import TesseraModel
@@ -164,7 +165,10 @@ class Evaluator:
     def prompt(self, image_path: str, question: str | None):
         """<bos> + the image [+ the question]: what training's first turn looks like; <bos> + the
         question + the image for a question the model reads first (`question_first`)."""
-        row = self.image_row(image_path)
+        return self.row_prompt(self.image_row(image_path), question)
+
+    def row_prompt(self, row: dict, question: str | None):
+        """`prompt` for an image already encoded as a token row (`encode_image`)."""
         if question and self.question_first is not None and self.question_first.search(question.strip()):
             return self.builder.question_prefix(row, self.encode_text(question))
         prefix = self.builder.image_prefix(row)
@@ -255,22 +259,51 @@ class Evaluator:
         prefix = self.builder.image_prefix(self.encode_image(pixels, "candidate"))
         return text_log_prob(self.model, prefix.ids, self.encode_text(caption), prefix.codes, prefix.cells)
 
+    @torch.no_grad()
+    def image_log_prob(self, pixels: np.ndarray, caption: str | None) -> float:
+        """log p(the image's tokens | <bos> + caption) under the model, summed over its visual tokens (and
+        its markers), the image uint8 (R, R, 3) encoded as any held-out image is; `caption` None: the
+        unconditional log p(image | <bos>) that classifier-free guidance's second branch learns."""
+        from tessera.model.packing import collate, pack
+
+        image = self.encode_image(pixels, "candidate")
+        row = {"sample_id": "candidate", "kind": "image_text", "is_image": [False, True], "meta": "",
+               "text_ids": [self.encode_text(caption or ""), []], "grid_shapes": [[0, 0, 0], image["grid_shapes"][0]],
+               **{f"{name}_codes": [[], image[f"{name}_codes"][0]] for name in ("pixel", "semantic") if image[f"{name}_codes"]}}
+        seq = self.builder.build(row, "image", t2i_rate=1.0, cfg_text_dropout=0.0 if caption is not None else 1.0)
+        (batch,), _ = pack([seq], len(seq), self.model.vocab.pad_id)
+        batch = {k: v.to(self.device) for k, v in collate([batch]).items()}
+        return -float(self.model(**batch).image_loss_sum)
+
+    def choice_score(self, pixels: np.ndarray, caption: str, chooser: str) -> float:
+        """How much best-of-n wants this drawing of `caption` (the highest is kept): `caption`, the caption's
+        log-prob given the drawing (`caption_log_prob`: the model captions its own drawing); `drawing`, the
+        drawing's log-prob given the caption (`image_log_prob`: how likely the model finds what it drew)."""
+        if chooser == "caption":
+            return self.caption_log_prob(pixels, caption)
+        if chooser == "drawing":
+            return self.image_log_prob(pixels, caption)
+        raise ValueError(f"chooser must be one of {list(GENERATION_CHOOSERS)}, got {chooser!r}")
+
     def generation(self, limit: int, cfg_scale: float, temperature: float, top_k: int, seed: int,
-                   candidates: int = 1) -> dict:
+                   candidates: int = 1, chooser: str = "caption") -> dict:
         """Held-out captions -> images -> the analyser's match with their scenes (`generation_accuracy`),
         and the same images against the *next* scene's objects (`generation_chance`): the match a
         generator reaches without following its caption (the score ignores extra objects, so scattered
         coloured blobs score above 0). `found`: the analyser's objects in each generated image.
 
-        `candidates` n > 1: best-of-n. Each caption is drawn n times and the model keeps the image under
-        which it finds the caption most likely (`caption_log_prob`: it captions its own drawings; the
-        analyser never chooses). Beside the kept images' score: `generation_accuracy_single`, the mean
+        `candidates` n > 1: best-of-n. Each caption is drawn n times and the model keeps the image its
+        `chooser` scores highest (`choice_score`): `caption`, the one under which it finds the caption most
+        likely (it captions its own drawings); `drawing`, the one it finds most likely given the caption.
+        The analyser never chooses. Beside the kept images' score: `generation_accuracy_single`, the mean
         score over all n candidates (what one sample scores, on n times the images),
         `generation_accuracy_best_possible`, the best candidate's (what a perfect chooser would keep), and
         `generation_accuracy_best_of` {k: score}: what the same chooser keeps among each caption's first k
         candidates, for k = 1, 2, 4, ... and n, so one run shows what each doubling of the drawings buys."""
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if chooser not in GENERATION_CHOOSERS:
+            raise ValueError(f"chooser must be one of {list(GENERATION_CHOOSERS)}, got {chooser!r}")
         g = torch.Generator().manual_seed(seed)
         first = self.image_row(self.heldout.scenes[0]["image"])
         H, W = first["grid_shapes"][0][:2]
@@ -285,9 +318,9 @@ class Evaluator:
                 codes = generate_image(self.model, prompt, (H, W), bpe=self.builder.bpe, cfg_scale=cfg_scale,
                                        temperature=temperature, top_k=top_k, generator=g)
                 pixels = decode_pixels(self.tokenizer, codes, self.model.vocab.interface)
-                score = self.caption_log_prob(pixels, s["caption"]) if candidates > 1 else 0.0
+                score = self.choice_score(pixels, s["caption"], chooser) if candidates > 1 else 0.0
                 drawn.append((score, pixels, analyser.analyse(pixels)))
-            def chosen(k: int) -> int:  # the first k drawings' most likely one; the first on ties (and when k = 1)
+            def chosen(k: int) -> int:  # the first k drawings' best-scored one; the first on ties (and when k = 1)
                 return max(range(k), key=lambda i: drawn[i][0])
 
             kept = chosen(candidates)
@@ -303,7 +336,7 @@ class Evaluator:
         shuffled = [analyser.match_score(truths[(i + 1) % n], f) for i, f in enumerate(found)]
         return {"generation_accuracy": float(np.mean(scores)) if n else 0.0,
                 "generation_chance": float(np.mean(shuffled)) if n > 1 else None, "generated": n, "samples": samples,
-                "found": found, "candidates": candidates,
+                "found": found, "candidates": candidates, "chooser": chooser,
                 "generation_accuracy_single": float(np.mean(single)) if n else 0.0,
                 "generation_accuracy_best_possible": float(np.mean(best_possible)) if n else 0.0,
                 "generation_accuracy_best_of": {k: float(np.mean(v)) if n else 0.0 for k, v in best_of.items()}}

@@ -21,7 +21,7 @@ E2E_TRAIN = [
     "'{root}/synth/heldout/vqa.jsonl'}, {name: captions, kind: captions, uri: '{root}/synth/heldout/captions.jsonl', limit: 4}]",
 ]
 KEYS = ["eval.caption_accuracy", "eval.vqa_accuracy", "eval.pope_accuracy", "eval.pope_f1", "eval.generation_accuracy",
-        "eval.analyser_accuracy", "eval.generation_ceiling", "eval.generation_candidates", "eval.generation_accuracy_single", "chance.generation_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
+        "eval.analyser_accuracy", "eval.generation_ceiling", "eval.generation_candidates", "eval.generation_chooser", "eval.generation_accuracy_single", "chance.generation_accuracy", "tokenizer.psnr", "bpe.tokens_per_image_before", "bpe.tokens_per_image_after", "time.total_s",
         "time.train", "time.eval", "time.prepare"]
 
 
@@ -180,6 +180,50 @@ def test_best_of_n_keeps_the_drawing_under_which_the_model_finds_its_caption_mos
     one = ev.generation(n, 3.0, 0.7, 0, 0)
     assert not asked and one["generation_accuracy_single"] == pytest.approx(one["generation_accuracy"])
     assert run_report["eval"]["generation_candidates"] == 1
+
+
+def test_the_drawing_chooser_keeps_the_drawing_the_model_finds_most_likely_after_its_caption(run_report, world_root,
+                                                                                               monkeypatch):
+    """`Evaluator.image_log_prob(pixels, caption)` is log p(the drawing's tokens | <bos> + caption), summed
+    over the image span as the model's logits give it (the unconditional branch's <bos> alone for
+    caption None), and `generation(chooser="drawing")` keeps the drawing with the highest; the report
+    names the chooser, `caption` unless told."""
+    import numpy as np
+    import torch
+
+    from tessera.config import load_config
+    from tessera.jobs.eval import _evaluator
+    from tessera.model.packing import collate, pack
+
+    argv = [*TINY, *TINY_TOKENIZER, *TINY_BPE, *E2E_TRAIN, f"run.root={world_root}"]
+    cfg = load_config(None, argv)
+    ev, held = _evaluator(cfg, cfg.resolve(cfg.eval.model))
+    s = held.scenes[0]
+    built, build = [], ev.builder.build
+    monkeypatch.setattr(ev.builder, "build", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    for caption in (s["caption"], held.scenes[1]["caption"], None):
+        logp = ev.image_log_prob(held.images[s["image"]], caption)
+        seq = built[-1]
+        text = ev.encode_text(caption) if caption is not None else []
+        span = ev.image_row(s["image"])
+        span_ids = ev.builder.image_prefix(span).ids[1:]  # the held-out image's own span, as captioning reads it
+        assert seq.ids.tolist() == [ev.model.vocab.bos_id, *text, *span_ids, ev.model.vocab.eos_id]
+        assert seq.loss.tolist() == [False] * (1 + len(text)) + [True] * len(span_ids) + [False]
+        (batch,), _ = pack([seq], len(seq), ev.model.vocab.pad_id)
+        with torch.no_grad():
+            logits = ev.model(**collate([batch])).logits[0].float()
+        at = np.flatnonzero(seq.loss)  # each target predicted from the position before it
+        expected = torch.log_softmax(logits[at - 1], -1)[torch.arange(len(at)), torch.from_numpy(seq.ids[at])].sum()
+        assert logp == pytest.approx(float(expected), rel=1e-4) and logp < 0
+
+    scores = []
+    monkeypatch.setattr(ev, "image_log_prob", lambda pixels, caption: scores.append(float(pixels.mean())) or scores[-1])
+    gen = ev.generation(2, 3.0, 0.7, 0, 0, candidates=3, chooser="drawing")
+    assert len(scores) == 6 and gen["chooser"] == "drawing"
+    assert [np.mean(p) for _, p in gen["samples"]] == pytest.approx([max(scores[:3]), max(scores[3:])])
+    with pytest.raises(ValueError, match="chooser"):
+        ev.generation(1, 3.0, 0.7, 0, 0, candidates=2, chooser="analyser")
+    assert run_report["eval"]["generation_chooser"] == "caption"
 
 
 def test_trained_model_answers_heldout_questions_in_the_task_vocabulary(run_report, world_root):
