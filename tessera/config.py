@@ -777,8 +777,8 @@ class EvalConfig:
     top_k: int = 0
     seed: int = 0
     generation_candidates: int = 1
-    """Best-of-n text -> image: each caption drawn n times, the model keeping the drawing under which it
-    finds the caption most likely (it captions its own drawings; `Evaluator.generation`). 1 = one sample.
+    """Best-of-n text -> image: each caption drawn n times, the model keeping the drawing its
+    `generation_chooser` picks (`Evaluator.generation`). 1 = one sample.
     The report also gives one sample's score over all n (`generation_accuracy_single`)."""
     generation_chooser: str = "caption"
     """Which of the n drawings best-of-n keeps (`Evaluator.choice_score`; the analyser never chooses).
