@@ -47,12 +47,11 @@ def chosen(scores: np.ndarray, matches: np.ndarray, k: int) -> float:
 CHECKS = ("shape", "colour", "exists")
 
 
-def self_check(ev, pixels: np.ndarray, caption: str) -> dict[str, float]:
-    """The model asked about its own drawing: for each object the caption names, log p(its shape | "What
-    shape is at <its place>?"), log p(its colour | "What colour is the <shape> at <its place>?") and
-    log p(yes | "Is there a <colour> <shape> in the image?"), summed over the objects per question type (the
-    held-out VQA's own questions, asked after the drawing as the VQA asks them)."""
-    row = ev.encode_image(pixels, "candidate")
+def self_check(ev, row: dict, caption: str) -> dict[str, float]:
+    """The model asked about its own drawing (`row`: it encoded, `Evaluator.encode_image`): for each object the
+    caption names, log p(its shape | "What shape is at <its place>?"), log p(its colour | "What colour is the
+    <shape> at <its place>?") and log p(yes | "Is there a <colour> <shape> in the image?"), summed over the
+    objects per question type (the held-out VQA's own questions, asked after the drawing as the VQA asks them)."""
     objects = shapes.parse_caption(caption)
     scene = shapes.Scene(tuple(objects), (0, 0, 0), (0, 0, 0), False, 0)
     out = {name: 0.0 for name in CHECKS}
@@ -165,12 +164,13 @@ def main() -> None:
                                        temperature=a.temperature, top_k=0, generator=g)
                 pixels = decode_pixels(ev.tokenizer, codes, ev.model.vocab.interface)
                 matches[row, n] = analyser.match_score(truth, analyser.analyse(pixels))
-                prefix = ev.builder.image_prefix(ev.encode_image(pixels, "candidate"))
+                drawing = ev.encode_image(pixels, "candidate")  # once: every score reads these tokens
+                prefix = ev.builder.image_prefix(drawing)
                 logps = [text_log_prob(ev.model, prefix.ids, t, prefix.codes, prefix.cells) for t in texts]
                 own[row, n], others[row, n] = logps[0], logps[1:]
-                check = self_check(ev, pixels, s["caption"])
+                check = self_check(ev, drawing, s["caption"])
                 checks[row, n] = [check[name] for name in CHECKS]
-                image[row, n] = ev.image_log_prob(pixels, s["caption"]), ev.image_log_prob(pixels, None)
+                image[row, n] = ev.row_image_log_prob(drawing, s["caption"]), ev.row_image_log_prob(drawing, None)
         arrays.update({f"matches_{seed}": matches, f"own_{seed}": own, f"others_{seed}": others, f"checks_{seed}": checks,
                        f"image_{seed}": image})
     print(f"# {len(indices)} captions x {a.candidates} drawings x {a.seeds} seeds in {time.time() - t0:.0f} s", flush=True)

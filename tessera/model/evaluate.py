@@ -259,14 +259,17 @@ class Evaluator:
         prefix = self.builder.image_prefix(self.encode_image(pixels, "candidate"))
         return text_log_prob(self.model, prefix.ids, self.encode_text(caption), prefix.codes, prefix.cells)
 
-    @torch.no_grad()
     def image_log_prob(self, pixels: np.ndarray, caption: str | None) -> float:
         """log p(the image's tokens | <bos> + caption) under the model, summed over its visual tokens (and
         its markers), the image uint8 (R, R, 3) encoded as any held-out image is; `caption` None: the
         unconditional log p(image | <bos>) that classifier-free guidance's second branch learns."""
+        return self.row_image_log_prob(self.encode_image(pixels, "candidate"), caption)
+
+    @torch.no_grad()
+    def row_image_log_prob(self, image: dict, caption: str | None) -> float:
+        """`image_log_prob` for an image already encoded as a token row (`encode_image`)."""
         from tessera.model.packing import collate, pack
 
-        image = self.encode_image(pixels, "candidate")
         row = {"sample_id": "candidate", "kind": "image_text", "is_image": [False, True], "meta": "",
                "text_ids": [self.encode_text(caption or ""), []], "grid_shapes": [[0, 0, 0], image["grid_shapes"][0]],
                **{f"{name}_codes": [[], image[f"{name}_codes"][0]] for name in ("pixel", "semantic") if image[f"{name}_codes"]}}
